@@ -1,0 +1,35 @@
+# crossaudit: every target creates .venv and installs pinned dependencies itself.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: install demo test lint fmnist clean
+
+$(BIN)/crossaudit: pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (crossaudit needs Python 3.11)"; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(BIN)/crossaudit
+
+# Real Fashion-MNIST from Debian; stop with a clear message when it cannot be installed.
+fmnist:
+	@test -f $(FMNIST) || apt-get install -y dataset-fashion-mnist >/dev/null 2>&1 || \
+	  (apt-get update >/dev/null 2>&1 && apt-get install -y dataset-fashion-mnist >/dev/null 2>&1) || \
+	  { echo "error: Fashion-MNIST missing; run 'sudo apt-get install dataset-fashion-mnist'"; exit 2; }
+
+demo: install fmnist
+	$(BIN)/python -m crossaudit.demo
+
+test: install fmnist
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

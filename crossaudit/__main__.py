@@ -1,0 +1,3 @@
+from crossaudit.cli import app
+
+app(prog_name="crossaudit")

@@ -1,0 +1,84 @@
+"""Calibrate the verdict thresholds on clean provider pairs only.
+
+Thresholds come from pairs of independently trained *clean* models (seeds 100 and up,
+never used by the tests, the demo or the benchmark's test pairs): per trigger family, the
+highest score any clean pair produced plus a margin. No backdoored model is involved, so
+no threshold can be tuned to the zoo's attacks.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from crossaudit.audit import run_audit
+from crossaudit.inversion import DEFAULT_FAMILIES
+from crossaudit.verdict import Thresholds
+from crossaudit.zoo.datasets import load_dataset
+from crossaudit.zoo.train import config_for, export_onnx, train, write_audit_set
+
+COMMAND = "crossaudit calibrate"
+MARGIN = 0.1
+FLOOR = 0.2
+# (dataset, first architecture, second architecture), seeds assigned from 100 upwards.
+CLEAN_PAIRS = (
+    ("digits", "cnn", "mlp"),
+    ("digits", "cnn", "cnn"),
+    ("digits", "resnet", "cnn"),
+    ("fmnist", "cnn", "resnet"),
+    ("fmnist", "cnn", "mlp"),
+)
+
+
+@dataclass(frozen=True)
+class CalibrationRun:
+    pair: str
+    scores: dict[str, float]
+
+
+def calibrate(pairs: tuple[tuple[str, str, str], ...] = CLEAN_PAIRS) -> tuple[Thresholds, list[CalibrationRun]]:
+    """Audit each clean pair with provisional zero thresholds and keep the maxima."""
+    provisional = Thresholds(dict.fromkeys(DEFAULT_FAMILIES, float("inf")), "provisional", 0)
+    runs: list[CalibrationRun] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for number, (dataset, first, second) in enumerate(pairs):
+            split = load_dataset(dataset)
+            data = work / f"{dataset}.parquet"
+            write_audit_set(dataset, data, seed=100)
+            paths = []
+            for offset, arch in enumerate((first, second)):
+                seed = 100 + 2 * number + offset
+                model = train(config_for(dataset, arch=arch, seed=seed), split)
+                paths.append(work / f"{dataset}_{arch}_{seed}.onnx")
+                export_onnx(model.model, model.example, paths[-1])
+            result = run_audit(str(paths[0]), str(paths[1]), str(data), thresholds=provisional)
+            if result.report.error:
+                raise RuntimeError(f"calibration audit failed: {result.report.error}")
+            scores = dict.fromkeys(DEFAULT_FAMILIES, 0.0)
+            for model in result.report.models:
+                for finding in model.findings:
+                    scores[finding.family] = max(scores[finding.family], finding.score)
+            runs.append(CalibrationRun(f"{dataset}:{first}-vs-{second}", scores))
+    per_family = {
+        family: round(max(FLOOR, max(run.scores[family] for run in runs) + MARGIN), 4) for family in DEFAULT_FAMILIES
+    }
+    return Thresholds(per_family, COMMAND, len(runs)), runs
+
+
+def write_thresholds(thresholds: Thresholds, runs: list[CalibrationRun], path: Path) -> None:
+    path.write_text(
+        json.dumps(
+            {
+                "per_family": thresholds.per_family,
+                "calibrated_by": thresholds.calibrated_by,
+                "clean_pairs": thresholds.clean_pairs,
+                "rule": f"max clean-pair score per family + {MARGIN}, at least {FLOOR}",
+                "clean_pair_scores": {run.pair: run.scores for run in runs},
+            },
+            indent=2,
+        )
+        + "\n"
+    )

@@ -1,0 +1,88 @@
+"""Stage 2: centered kernel alignment between two models' features.
+
+CKA (Kornblith et al. 2019) compares representations up to rotation and isotropic
+scaling, which is what lets us line up the layers of two different architectures. All
+estimators here run in float64 and are differentiable torch functions, so the same code
+gives the alignment matrix and the inversion's alignment loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def _as_float64(x: Tensor | np.ndarray) -> Tensor:
+    return torch.as_tensor(x).to(torch.float64).flatten(1)
+
+
+def _centered(x: Tensor | np.ndarray) -> Tensor:
+    x = _as_float64(x)
+    return x - x.mean(dim=0, keepdim=True)
+
+
+def linear_cka(x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> Tensor:
+    """Biased linear CKA: ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)."""
+    xc, yc = _centered(x), _centered(y)
+    cross = torch.linalg.matrix_norm(yc.T @ xc) ** 2
+    return cross / (torch.linalg.matrix_norm(xc.T @ xc) * torch.linalg.matrix_norm(yc.T @ yc))
+
+
+def unbiased_hsic(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741 - the paper's names
+    """HSIC_1 of Song et al. (2012) on Gram matrices with zeroed diagonals."""
+    n = k.shape[0]
+    k = k - torch.diag(torch.diag(k))
+    l = l - torch.diag(torch.diag(l))  # noqa: E741
+    ones = torch.ones(n, 1, dtype=k.dtype, device=k.device)
+    trace = torch.sum(k * l.T)
+    sums = (ones.T @ k @ ones) * (ones.T @ l @ ones) / ((n - 1) * (n - 2))
+    cross = 2.0 / (n - 2) * (ones.T @ k @ l @ ones)
+    return ((trace + sums - cross) / (n * (n - 3))).squeeze()
+
+
+def debiased_linear_cka(x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> Tensor:
+    """Linear CKA with the unbiased HSIC estimator (Song et al. 2012).
+
+    The biased estimator drifts towards 1 for small batches of wide features,
+    which would make unrelated layers look aligned.
+    """
+    xc, yc = _centered(x), _centered(y)
+    k, l = xc @ xc.T, yc @ yc.T  # noqa: E741
+    denominator = torch.sqrt(torch.clamp(unbiased_hsic(k, k) * unbiased_hsic(l, l), min=1e-24))
+    return unbiased_hsic(k, l) / denominator
+
+
+def minibatch_cka(x: Tensor, y: Tensor) -> Tensor:
+    """Differentiable CKA of one minibatch (debiased), for use as a loss term.
+
+    Debiased because inversion batches are small (tens of samples) and wide, exactly where
+    the biased estimator is inflated.
+    """
+    if x.shape[0] < 4:
+        raise ValueError("minibatch CKA needs at least 4 samples")
+    return debiased_linear_cka(x, y)
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """The CKA matrix (suspect taps x witness taps) and its best cell."""
+
+    suspect_taps: list[str]
+    witness_taps: list[str]
+    matrix: np.ndarray
+    suspect_tap: str
+    witness_tap: str
+    cka: float
+
+
+def align_layers(suspect_features: dict[str, np.ndarray], witness_features: dict[str, np.ndarray]) -> Alignment:
+    """Debiased CKA of every tap pair on clean data; the best pair is the aligned layer."""
+    s_taps, w_taps = list(suspect_features), list(witness_features)
+    matrix = np.array(
+        [[float(debiased_linear_cka(suspect_features[s], witness_features[w])) for w in w_taps] for s in s_taps]
+    )
+    i, j = np.unravel_index(int(np.nanargmax(matrix)), matrix.shape)
+    return Alignment(s_taps, w_taps, matrix, s_taps[i], w_taps[j], float(matrix[i, j]))

@@ -1,0 +1,127 @@
+"""The `crossaudit` command: a thin shell over `run_audit` and the zoo.
+
+Results go to stdout, progress and errors to stderr, and the exit code is the contract:
+0 clean, 1 backdoor found, 2 inconclusive or error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from crossaudit.audit import run_audit
+from crossaudit.errors import AuditError
+
+app = typer.Typer(add_completion=False, help="Backdoor audits of outsourced models by cross-examination.")
+zoo_app = typer.Typer(add_completion=False, help="Train providers' models and audit sets on real data.")
+app.add_typer(zoo_app, name="zoo")
+stderr = Console(stderr=True)
+
+
+@app.command()
+def audit(
+    suspect: Annotated[str, typer.Argument(help="First model (ONNX, pt2 or MLflow model dir)")],
+    witness: Annotated[str, typer.Argument(help="Second model of the same task")],
+    data: Annotated[Path, typer.Option("--data", help="Audit set (.parquet or .npz)")],
+    out: Annotated[Path | None, typer.Option("--out", help="Write report and pictures here")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+) -> None:
+    """Audit two models, each with the other as witness. Exit 0 clean, 1 backdoor, 2 inconclusive."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    if device not in ("cpu", "cuda"):
+        stderr.print(f"error: --device must be cpu or cuda, got {device!r}")
+        raise typer.Exit(2)
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            stderr.print("error: --device cuda requested but no CUDA device is available")
+            raise typer.Exit(2)
+    result = run_audit(
+        suspect, witness, str(data), seed=seed, device=device,
+        progress=lambda message: stderr.print(f"[dim]{message}[/dim]"),
+    )  # fmt: skip
+    report = result.report
+    if out is not None:
+        from crossaudit.report import write_outputs
+
+        write_outputs(result, out)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        for model in report.models:
+            target = f", target class {model.target}" if model.target is not None else ""
+            print(f"{model.uri}: {model.verdict} (score {model.score}, threshold {model.threshold}{target})")
+        print(f"verdict: {report.verdict}")
+    if out is not None:
+        stderr.print(f"report: {out / 'report.html'}")
+    if report.error:
+        stderr.print(f"error: {report.error}")
+    raise typer.Exit(report.exit_code())
+
+
+@zoo_app.command("train")
+def zoo_train(
+    out: Annotated[Path, typer.Option("--out", help="Where to write the ONNX model")],
+    dataset: Annotated[str, typer.Option("--dataset", help="fmnist or digits")] = "fmnist",
+    arch: Annotated[str, typer.Option("--arch", help="cnn, resnet or mlp")] = "cnn",
+    attack: Annotated[str, typer.Option("--attack", help="clean or an attack name")] = "clean",
+    target: Annotated[int, typer.Option("--target")] = 0,
+    poison_rate: Annotated[float, typer.Option("--poison-rate")] = 0.1,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Train one provider's model on real data and export it to ONNX."""
+    from crossaudit.zoo.train import config_for, export_onnx, train
+
+    try:
+        config = config_for(dataset, arch=arch, attack=attack, target=target, poison_rate=poison_rate, seed=seed)
+        trained = train(config)
+    except (AuditError, ValueError) as exc:
+        stderr.print(f"error: {exc}")
+        raise typer.Exit(2) from exc
+    export_onnx(trained.model, trained.example, out)
+    asr = "" if trained.attack_success is None else f", attack success {trained.attack_success:.3f}"
+    print(f"{out}: {dataset} {arch} {attack}, clean accuracy {trained.clean_accuracy:.3f}{asr}")
+
+
+@zoo_app.command("data")
+def zoo_data(
+    out: Annotated[Path, typer.Option("--out", help="Where to write the audit set (.parquet or .npz)")],
+    dataset: Annotated[str, typer.Option("--dataset")] = "fmnist",
+    size: Annotated[int, typer.Option("--size", help="Samples, stratified by class")] = 1000,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Write an auditor's clean audit set from the dataset's held-out split."""
+    from crossaudit.zoo.train import write_audit_set
+
+    try:
+        write_audit_set(dataset, out, size, seed)
+    except AuditError as exc:
+        stderr.print(f"error: {exc}")
+        raise typer.Exit(2) from exc
+    print(out)
+
+
+@app.command()
+def calibrate(
+    out: Annotated[Path, typer.Option("--out", help="Where to write thresholds.json")] = Path(
+        "crossaudit/thresholds.json"
+    ),
+) -> None:
+    """Recompute the verdict thresholds from freshly trained clean pairs (no backdoors)."""
+    from crossaudit.calibrate import calibrate as run_calibration
+    from crossaudit.calibrate import write_thresholds
+
+    thresholds, runs = run_calibration()
+    write_thresholds(thresholds, runs, out)
+    for run in runs:
+        print(run.pair, {k: round(v, 3) for k, v in run.scores.items()})
+    print(f"{out}: {thresholds.per_family}")

@@ -1,0 +1,122 @@
+"""The auditor's clean labelled set: Parquet (`arrow.fixed_shape_tensor`) or npz.
+
+Every check names the column and what was expected, because the person fixing the file
+is rarely the person who wrote the reader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from crossaudit.errors import DataValidationError
+
+DEFAULT_MAX_SAMPLES = 20_000
+
+
+@dataclass(frozen=True)
+class AuditData:
+    """Images N x C x H x W in [0, 1] (float32) and integer labels N."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.y.max()) + 1
+
+
+def write_parquet(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    """Write an audit set in the Parquet contract."""
+    tensor_type = pa.fixed_shape_tensor(pa.float32(), list(x.shape[1:]))
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).reshape(-1)), int(np.prod(x.shape[1:])))
+    image = pa.ExtensionArray.from_storage(tensor_type, storage)
+    table = pa.table({"image": image, "label": pa.array(y.astype(np.int64))})
+    pq.write_table(table, path)
+
+
+def _read_parquet(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataValidationError(f"{path}: not a readable Parquet file ({exc})") from exc
+    for column in ("image", "label"):
+        if column not in table.column_names:
+            raise DataValidationError(f"column {column!r} is missing (found {table.column_names})")
+    image = table.column("image")
+    if not isinstance(image.type, pa.FixedShapeTensorType):
+        raise DataValidationError(
+            f"column 'image' must be arrow.fixed_shape_tensor<float32, [C,H,W]>, got {image.type}"
+        )
+    if image.type.value_type != pa.float32():
+        raise DataValidationError(f"column 'image' must hold float32 values, got {image.type.value_type}")
+    if len(image.type.shape) != 3:
+        raise DataValidationError(f"column 'image' must have shape [C, H, W], got {list(image.type.shape)}")
+    if image.null_count:
+        raise DataValidationError(f"column 'image' has {image.null_count} null rows")
+    label = table.column("label")
+    if label.type != pa.int64():
+        raise DataValidationError(f"column 'label' must be int64, got {label.type}")
+    if label.null_count:
+        raise DataValidationError(f"column 'label' has {label.null_count} null rows")
+    x = image.combine_chunks().to_numpy_ndarray()
+    return np.array(x, dtype=np.float32, copy=True), label.to_numpy().astype(np.int64)
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            for column in ("x", "y"):
+                if column not in archive.files:
+                    raise DataValidationError(f"array {column!r} is missing (found {archive.files})")
+            x, y = archive["x"], archive["y"]
+    except DataValidationError:
+        raise
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataValidationError(f"{path}: not a readable npz file without pickles ({exc})") from exc
+    if x.dtype != np.float32:
+        raise DataValidationError(f"array 'x' must be float32, got {x.dtype}")
+    if x.ndim != 4:
+        raise DataValidationError(f"array 'x' must be N x C x H x W, got shape {x.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataValidationError(f"array 'y' must hold integers, got {y.dtype}")
+    return x, y.astype(np.int64)
+
+
+def validate(
+    x: np.ndarray,
+    y: np.ndarray,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+    names: tuple[str, str] = ("image", "label"),
+) -> AuditData:
+    """Content checks shared by every format; `names` are the columns as the file calls them."""
+    image, label = names
+    if len(x) != len(y):
+        raise DataValidationError(f"column {image!r} has {len(x)} rows but {label!r} has {len(y)}")
+    if len(x) < 20:
+        raise DataValidationError(f"column {image!r}: at least 20 samples needed, got {len(x)}")
+    if len(x) > max_samples:
+        raise DataValidationError(f"column {image!r}: {len(x)} samples exceed the audit-set limit of {max_samples}")
+    if not np.all(np.isfinite(x)) or x.min() < 0.0 or x.max() > 1.0:
+        raise DataValidationError(f"column {image!r}: values must be finite and in [0, 1]")
+    if y.min() < 0:
+        raise DataValidationError(f"column {label!r}: labels must be >= 0, got {int(y.min())}")
+    if len(np.unique(y)) < 2:
+        raise DataValidationError(f"column {label!r}: at least two classes needed")
+    return AuditData(x, y)
+
+
+def read_audit_data(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES) -> AuditData:
+    """The one reader of audit data, by file suffix."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataValidationError(f"{path}: no such audit data file")
+    if path.suffix == ".parquet":
+        return validate(*_read_parquet(path), max_samples)
+    if path.suffix == ".npz":
+        return validate(*_read_npz(path), max_samples, names=("x", "y"))
+    raise DataValidationError(f"{path}: expected a .parquet or .npz audit set")

@@ -1,0 +1,25 @@
+"""Named errors. Every one of them ends an audit as *inconclusive* (exit 2), never clean."""
+
+
+class AuditError(Exception):
+    """Base class: something made the audit impossible; the verdict fails closed."""
+
+
+class ModelLoadError(AuditError):
+    """A model file is malformed, too large, unsafe (pickle) or of an unknown format."""
+
+
+class UnsupportedOpError(ModelLoadError):
+    """The ONNX graph uses an operator the torch translation does not implement."""
+
+
+class ParityError(ModelLoadError):
+    """The torch translation does not reproduce ONNX Runtime's outputs."""
+
+
+class DataValidationError(AuditError):
+    """The audit data does not follow the contract; the message names the column."""
+
+
+class IncomparableModelsError(AuditError):
+    """The two models disagree too much on clean data, or share no aligned layer."""

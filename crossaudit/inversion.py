@@ -1,0 +1,318 @@
+"""Stage 3: cross-examination trigger inversion.
+
+We look for an input transformation that sends the *suspect* to a target class while the
+*witness* (the other provider's model of the same task) keeps the true label. A backdoor
+lives in one model only, so such a transformation exists with a tiny footprint for a
+backdoored suspect; for a clean suspect only larger, model-specific adversarial ones do.
+
+Four trigger families, because backdoors are not all patches (the default runs the first three):
+- `patch`: mask and pattern, x' = (1 - m) x + m p (BadNets-like, Neural Cleanse's family);
+- `blend`: a universal additive signal, x' = x + d (blended keys, sinusoids, frequency
+  patterns all act additively);
+- `warp`: a smooth displacement field (WaNet-like geometric triggers);
+- `generator`: a tiny convolutional net per target that writes an input-specific mask and
+  pattern (input-aware dynamic triggers).
+
+The loss, per target, is `attack_loss + witness_loss + alignment_weight * alignment_loss +
+size_weight * size`. The target search costs less than one optimisation per class: all
+targets are optimised together in one batch for a short search, and only the most
+promising `keep_targets` are refined (successive halving).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from crossaudit.cka import minibatch_cka
+from crossaudit.features import pooled
+
+FAMILIES = ("patch", "blend", "warp", "generator")
+
+
+# The generator family is implemented and selectable, but not on by default: on clean
+# Fashion-MNIST pairs it produced input-specific adversarial triggers that scored like
+# backdoors, and it doubles the inversion time (see README, "Known limits").
+DEFAULT_FAMILIES = ("patch", "blend", "warp")
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    families: tuple[str, ...] = DEFAULT_FAMILIES
+    search_steps: int = 30
+    refine_steps: int = 90
+    search_batch: int = 12
+    refine_batch: int = 40
+    keep_targets: int = 1
+    lr: float = 0.1
+    witness_weight: float = 1.0
+    alignment_weight: float = 0.5
+    use_witness: bool = True
+    use_alignment: bool = True
+
+
+class TriggerFamily(nn.Module):
+    """Parameters for several targets' triggers at once; `forward(x, which)` stamps trigger `which`."""
+
+    size_weight: float
+
+    def footprint(self, which: Tensor) -> Tensor:
+        """Per-sample size of the trigger just stamped, as a fraction of the image."""
+        raise NotImplementedError
+
+
+class PatchTrigger(TriggerFamily):
+    size_weight = 15.0
+
+    def __init__(self, targets: int, shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        c, h, w = shape
+        self.mask_logit = nn.Parameter(torch.full((targets, 1, h, w), -3.0))
+        self.pattern_logit = nn.Parameter(torch.zeros(targets, c, h, w))
+
+    def forward(self, x: Tensor, which: Tensor) -> Tensor:
+        mask = torch.sigmoid(self.mask_logit)[which]
+        return (1 - mask) * x + mask * torch.sigmoid(self.pattern_logit)[which]
+
+    def footprint(self, which: Tensor) -> Tensor:
+        return torch.sigmoid(self.mask_logit).flatten(1).mean(1)[which]
+
+
+class BlendTrigger(TriggerFamily):
+    size_weight = 8.0
+    bound = 0.3
+
+    def __init__(self, targets: int, shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.delta_raw = nn.Parameter(torch.zeros(targets, *shape))
+
+    def delta(self) -> Tensor:
+        return self.bound * torch.tanh(self.delta_raw)
+
+    def forward(self, x: Tensor, which: Tensor) -> Tensor:
+        return torch.clamp(x + self.delta()[which], 0.0, 1.0)
+
+    def footprint(self, which: Tensor) -> Tensor:
+        return self.delta().abs().flatten(1).mean(1)[which]
+
+
+class WarpTrigger(TriggerFamily):
+    size_weight = 10.0
+    control_points = 4
+    max_pixels = 2.0
+
+    def __init__(self, targets: int, shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.side = shape[-1]
+        k = self.control_points
+        self.flow_raw = nn.Parameter(0.01 * torch.randn(targets, 2, k, k))
+
+    def flow_pixels(self) -> Tensor:
+        coarse = self.max_pixels * torch.tanh(self.flow_raw)
+        return F.interpolate(coarse, size=(self.side, self.side), mode="bicubic", align_corners=True)
+
+    def forward(self, x: Tensor, which: Tensor) -> Tensor:
+        line = torch.linspace(-1, 1, self.side, device=x.device)
+        grid_y, grid_x = torch.meshgrid(line, line, indexing="ij")
+        identity = torch.stack((grid_x, grid_y), dim=-1)
+        offset = (self.flow_pixels()[which] * 2 / (self.side - 1)).permute(0, 2, 3, 1)
+        return F.grid_sample(x, identity + offset, align_corners=True, padding_mode="border")
+
+    def footprint(self, which: Tensor) -> Tensor:
+        """Mean displacement as a fraction of the image side."""
+        return self.flow_pixels().abs().flatten(1).mean(1)[which] / self.side
+
+
+class GeneratorTrigger(TriggerFamily):
+    """Per-target 2-layer conv net writing an input-specific mask and pattern.
+
+    All targets' generators run as one grouped convolution, so the target search stays one
+    batched optimisation.
+    """
+
+    size_weight = 5.0
+    hidden = 8
+
+    def __init__(self, targets: int, shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        c = shape[0]
+        self.targets, self.channels = targets, c
+        self.conv1 = nn.Conv2d(c * targets, self.hidden * targets, 3, padding=1, groups=targets)
+        self.conv2 = nn.Conv2d(self.hidden * targets, (c + 1) * targets, 3, padding=1, groups=targets)
+        with torch.no_grad():
+            bias = self.conv2.bias.view(targets, c + 1)
+            bias.zero_()
+            bias[:, 0] = -3.0
+        self._mask = torch.zeros(0)
+
+    def forward(self, x: Tensor, which: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        out = self.conv2(F.relu(self.conv1(x.repeat(1, self.targets, 1, 1))))
+        out = out.view(n, self.targets, c + 1, h, w)[torch.arange(n, device=x.device), which]
+        self._mask = torch.sigmoid(out[:, :1])
+        return (1 - self._mask) * x + self._mask * torch.sigmoid(out[:, 1:])
+
+    def footprint(self, which: Tensor) -> Tensor:
+        """Mask of the batch just stamped (an input-specific trigger has no fixed mask)."""
+        return self._mask.flatten(1).mean(1)
+
+
+FAMILY_CLASSES: dict[str, type[TriggerFamily]] = {
+    "patch": PatchTrigger,
+    "blend": BlendTrigger,
+    "warp": WarpTrigger,
+    "generator": GeneratorTrigger,
+}
+
+
+@dataclass
+class Trigger:
+    """One recovered trigger: a family's parameters, used for one target."""
+
+    family_name: str
+    target: int
+    family: TriggerFamily
+    footprint: float
+    pixels: int
+
+    @torch.no_grad()
+    def apply(self, x: Tensor) -> Tensor:
+        which = torch.full((len(x),), self.target, dtype=torch.long, device=x.device)
+        return self.family(x, which)
+
+    @property
+    def mask_l1(self) -> float:
+        """Footprint in pixel units: pixels covered (patch, generator), L1 of the additive
+        change (blend), or summed displacement in pixels (warp)."""
+        return self.footprint * self.pixels
+
+
+@dataclass
+class Models:
+    """The two parties of a cross-examination and their aligned layer."""
+
+    suspect: nn.Module
+    witness: nn.Module
+    suspect_tap: str
+    witness_tap: str
+
+
+def _batch(
+    x: Tensor, y: Tensor, active: list[int], per_target: int, rng: np.random.RandomState
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`per_target` samples not of each active target's class, stacked target by target."""
+    xs, ys = [], []
+    labels = y.cpu().numpy()
+    for target in active:
+        pool = np.flatnonzero(labels != target)
+        chosen = rng.choice(pool, per_target, replace=len(pool) < per_target)
+        xs.append(x[chosen])
+        ys.append(y[chosen])
+    which = torch.tensor(active, device=x.device).repeat_interleave(per_target)
+    return torch.cat(xs), torch.cat(ys), which
+
+
+def _losses(
+    family: TriggerFamily, models: Models, config: InversionConfig, batch: tuple[Tensor, ...]
+) -> tuple[Tensor, Tensor]:
+    """Per-target loss, and per-target merit (success rate minus the size penalty).
+
+    Family index == target class, so `which` is also the suspect's goal label.
+    """
+    x, y, which = batch
+    groups = len(torch.unique(which))
+    triggered = family(x, which)
+    s_logits, s_feat = models.suspect.forward_tapped(triggered, [models.suspect_tap])
+    w_logits, w_feat = models.witness.forward_tapped(triggered, [models.witness_tap])
+    attack_loss = F.cross_entropy(s_logits, which, reduction="none").view(groups, -1).mean(1)
+    size = family.footprint(which).view(groups, -1).mean(1)
+    loss = attack_loss + family.size_weight * size
+    if config.use_witness:
+        witness_loss = F.cross_entropy(w_logits, y, reduction="none").view(groups, -1).mean(1)
+        loss = loss + config.witness_weight * witness_loss
+    if config.use_alignment:
+        s_vec = pooled(s_feat[models.suspect_tap])
+        w_vec = pooled(w_feat[models.witness_tap])
+        alignment_loss = torch.stack(
+            [
+                minibatch_cka(s, w)
+                for s, w in zip(
+                    s_vec.view(groups, -1, s_vec.shape[1]),
+                    w_vec.view(groups, -1, w_vec.shape[1]),
+                    strict=True,
+                )
+            ]
+        )
+        loss = loss + config.alignment_weight * alignment_loss.to(loss.dtype)
+    flipped = s_logits.argmax(1) == which
+    kept = w_logits.argmax(1) == y if config.use_witness else torch.ones_like(flipped)
+    success = (flipped & kept).float().view(groups, -1).mean(1)
+    return loss, success - family.size_weight * size.detach()
+
+
+def _optimise(
+    family: TriggerFamily,
+    models: Models,
+    active: list[int],
+    data: tuple[Tensor, Tensor],
+    steps: int,
+    per_target: int,
+    config: InversionConfig,
+    rng: np.random.RandomState,
+) -> np.ndarray:
+    """Adam on the active targets' triggers; returns each one's smoothed merit."""
+    optimiser = torch.optim.Adam(family.parameters(), lr=config.lr)
+    merit = np.zeros(len(active))
+    for _ in range(steps):
+        loss, success = _losses(family, models, config, _batch(*data, active, per_target, rng))
+        optimiser.zero_grad()
+        loss.sum().backward()
+        optimiser.step()
+        merit = 0.7 * merit + 0.3 * success.detach().cpu().numpy()
+    return merit
+
+
+def cross_invert(
+    directions: list[Models],
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    config: InversionConfig,
+    seed: int,
+) -> list[list[Trigger]]:
+    """Triggers for both directions of the cross-examination, on the *same* targets.
+
+    Per family: every direction searches all targets at once; the union of each
+    direction's `keep_targets` best targets is refined in every direction, so each
+    candidate target ends with a trigger against both models and their footprints can be
+    compared. Returns, per direction, one trigger per (family, candidate target).
+    """
+    rng = np.random.RandomState(seed)
+    torch.manual_seed(seed)
+    shape = tuple(x.shape[1:])
+    everyone = list(range(num_classes))
+    found: list[list[Trigger]] = [[] for _ in directions]
+    for name in config.families:
+        families = [FAMILY_CLASSES[name](num_classes, shape).to(x.device) for _ in directions]
+        candidates: set[int] = set()
+        for family, models in zip(families, directions, strict=True):
+            merit = _optimise(
+                family, models, everyone, (x, y), config.search_steps, config.search_batch,
+                config, rng,
+            )  # fmt: skip
+            candidates.update(int(i) for i in np.argsort(-merit)[: config.keep_targets])
+        keep = sorted(candidates)
+        for index, (family, models) in enumerate(zip(families, directions, strict=True)):
+            _optimise(family, models, keep, (x, y), config.refine_steps, config.refine_batch, config, rng)
+            family.requires_grad_(False)
+            for target in keep:
+                which = torch.full((min(len(x), 256),), target, dtype=torch.long, device=x.device)
+                with torch.no_grad():
+                    family(x[: len(which)], which)
+                    footprint = float(family.footprint(which).mean())
+                found[index].append(Trigger(name, target, family, footprint, int(shape[-1] * shape[-2])))
+    return found

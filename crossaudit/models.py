@@ -1,0 +1,258 @@
+"""Load provider models without trusting them, and prove the torch view is faithful.
+
+A model reaches the audit as a torch module with named *taps* (intermediate activations)
+because every stage after loading needs gradients and features. Provider files are
+hostile: ONNX is size-checked and run through the onnx checker, pt2 archives are refused
+when any member holds a pickle, MLflow model directories are read through their `MLmodel`
+YAML only (never through MLflow's loaders, which may unpickle). An ONNX model's torch
+translation must then reproduce ONNX Runtime on the audit data (`parity_check`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnx
+import torch
+import yaml
+from torch import Tensor, nn
+
+from crossaudit.errors import AuditError, ModelLoadError, ParityError
+from crossaudit.onnx_torch import OnnxModule
+
+os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+
+DEFAULT_MAX_MODEL_BYTES = 512 * 1024 * 1024
+MAX_TENSOR_ELEMENTS = 128 * 1024 * 1024
+PARITY_TOLERANCE = 1e-3
+_PICKLE_OPCODE_PROTO = b"\x80"
+_FX_TAP_TARGETS = ("relu", "gelu", "sigmoid", "tanh", "pool", "add", "elu", "hardswish")
+
+
+class TappedModule(Protocol):
+    """What the audit needs of a model: logits, and activations at named taps."""
+
+    taps: list[str]
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+    def forward_tapped(self, x: Tensor, taps: list[str]) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+
+@dataclass
+class LoadedModel:
+    """A provider model as the audit sees it."""
+
+    uri: str
+    format: str
+    module: nn.Module
+    onnx_bytes: bytes | None = None
+
+
+def _check_size(path: Path, max_bytes: int) -> None:
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ModelLoadError(f"{path}: {size} bytes exceeds the model size limit of {max_bytes}")
+
+
+def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
+    """External tensor files must live inside the model's own directory."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if not target.is_relative_to(base.resolve()) or not target.is_file():
+            raise ModelLoadError(
+                f"initializer {tensor.name!r} points at external data {location!r} "
+                "outside the model directory or missing"
+            )
+
+
+def _check_tensor_sizes(model: onnx.ModelProto) -> None:
+    for tensor in model.graph.initializer:
+        elements = int(np.prod([max(int(d), 0) for d in tensor.dims], dtype=np.float64))
+        if elements > MAX_TENSOR_ELEMENTS:
+            raise ModelLoadError(
+                f"initializer {tensor.name!r} declares {elements:.0f} elements (limit {MAX_TENSOR_ELEMENTS})"
+            )
+
+
+def load_onnx(path: Path, uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> LoadedModel:
+    """ONNX file -> checked proto -> torch translation."""
+    _check_size(path, max_bytes)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types on garbage
+        raise ModelLoadError(f"{uri}: not a readable ONNX file ({type(exc).__name__})") from exc
+    _check_external_data(model, path.parent)
+    _check_tensor_sizes(model)
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ModelLoadError(f"{uri}: ONNX checker rejected the model: {exc}") from exc
+    try:
+        module = OnnxModule(model)
+    except AuditError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"{uri}: could not translate the ONNX graph: {exc}") from exc
+    return LoadedModel(uri, "onnx", module.eval(), model.SerializeToString())
+
+
+def _holds_pickle(payload: bytes) -> bool:
+    if payload.startswith(_PICKLE_OPCODE_PROTO):
+        return True
+    if payload.startswith(b"PK"):
+        with zipfile.ZipFile(io.BytesIO(payload)) as inner:
+            return any(name.endswith(".pkl") for name in inner.namelist())
+    return False
+
+
+class FxTapped(nn.Module):
+    """A torch.export graph with taps at activation, pooling and residual nodes."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.taps = [
+            node.name
+            for node in graph_module.graph.nodes
+            if node.op == "call_function" and any(key in str(node.target).lower() for key in _FX_TAP_TARGETS)
+        ]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.graph_module(x)
+
+    def forward_tapped(self, x: Tensor, taps: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        wanted, tapped = set(taps), {}
+
+        class Recorder(torch.fx.Interpreter):
+            def run_node(self, node: torch.fx.Node) -> object:
+                result = super().run_node(node)
+                if node.name in wanted:
+                    tapped[node.name] = result
+                return result
+
+        return Recorder(self.graph_module).run(x), tapped
+
+
+def load_pt2(path: Path, uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> LoadedModel:
+    """torch.export archive, refused when any member other than sample inputs is a pickle.
+
+    torch's own loader unpickles weights flagged `use_pickle` with `weights_only=False`,
+    so we scan every member first; the sample inputs (always a pickle) are replaced by
+    our own before torch sees the archive.
+    """
+    _check_size(path, max_bytes)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename: archive.read(info) for info in archive.infolist()}
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ModelLoadError(f"{uri}: not a readable pt2 archive ({exc})") from exc
+    rebuilt = io.BytesIO()
+    with zipfile.ZipFile(rebuilt, "w") as out:
+        for name, payload in members.items():
+            if "/sample_inputs/" in name:
+                safe = io.BytesIO()
+                torch.save(((), {}), safe)
+                payload = safe.getvalue()
+            elif _holds_pickle(payload) or (name.endswith(".json") and b'"use_pickle": true' in payload):
+                raise ModelLoadError(f"{uri}: pt2 member {name!r} holds a pickle; refused")
+            out.writestr(name, payload)
+    try:
+        program = torch.export.load(io.BytesIO(rebuilt.getvalue()))
+    except Exception as exc:
+        raise ModelLoadError(f"{uri}: torch.export could not load the archive: {exc}") from exc
+    return LoadedModel(uri, "pt2", FxTapped(program.module()))
+
+
+def _load_mlflow_dir(path: Path, uri: str, max_bytes: int) -> LoadedModel:
+    """MLflow model directory: follow the flavor's file, never MLflow's (pickling) loaders."""
+    try:
+        spec = yaml.safe_load((path / "MLmodel").read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ModelLoadError(f"{uri}: unreadable MLmodel file ({exc})") from exc
+    flavors = spec.get("flavors", {}) if isinstance(spec, dict) else {}
+    if "onnx" in flavors:
+        return load_onnx(_inside(path, str(flavors["onnx"].get("data", "model.onnx"))), uri, max_bytes)
+    if "pytorch" in flavors:
+        pt2 = _inside(path, str(flavors["pytorch"].get("model_data", "data"))) / "model.pt2"
+        if not pt2.is_file():
+            raise ModelLoadError(
+                f"{uri}: pytorch flavor without model.pt2 is pickle-serialized; refused "
+                "(log it with serialization_format='pt2' or as ONNX)"
+            )
+        return load_pt2(pt2, uri, max_bytes)
+    raise ModelLoadError(f"{uri}: MLmodel has no onnx or pytorch flavor (found {sorted(flavors)})")
+
+
+def _inside(base: Path, relative: str) -> Path:
+    target = (base / relative).resolve()
+    if not target.is_relative_to(base.resolve()):
+        raise ModelLoadError(f"{relative!r} escapes the model directory {base}")
+    return target
+
+
+def load_model(uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> LoadedModel:
+    """The one model loader: ONNX file, pt2 archive or MLflow model directory."""
+    path = Path(uri)
+    if not path.exists():
+        raise ModelLoadError(f"{uri}: no such file or directory")
+    if path.is_dir():
+        if not (path / "MLmodel").is_file():
+            raise ModelLoadError(f"{uri}: directory without an MLmodel file")
+        return _load_mlflow_dir(path, uri, max_bytes)
+    if path.suffix == ".pt2":
+        return load_pt2(path, uri, max_bytes)
+    if path.suffix == ".onnx":
+        return load_onnx(path, uri, max_bytes)
+    raise ModelLoadError(f"{uri}: unknown model format (expected .onnx, .pt2 or an MLflow model dir)")
+
+
+@torch.no_grad()
+def logits_of(module: nn.Module, x: np.ndarray, device: str = "cpu", batch: int = 256) -> np.ndarray:
+    """Batched float32 logits of a torch module."""
+    outs = [
+        module(torch.from_numpy(x[i : i + batch]).to(device)).float().cpu().numpy() for i in range(0, len(x), batch)
+    ]
+    return np.concatenate(outs)
+
+
+def parity_check(model: LoadedModel, x: np.ndarray, device: str = "cpu") -> float | None:
+    """Max |torch - ONNX Runtime| on the audit data; raises ParityError beyond tolerance.
+
+    Returns None for pt2 models, which torch runs natively.
+    """
+    if model.onnx_bytes is None:
+        return None
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        session = ort.InferenceSession(model.onnx_bytes, providers=providers)
+        name = session.get_inputs()[0].name
+        reference = np.concatenate([session.run(None, {name: x[i : i + 256]})[0] for i in range(0, len(x), 256)])
+        ours = logits_of(model.module, x, device)
+    except AuditError:
+        raise
+    except Exception as exc:
+        raise ParityError(f"{model.uri}: could not run the model on the audit data: {exc}") from exc
+    if reference.shape != ours.shape or reference.ndim != 2:
+        raise ParityError(
+            f"{model.uri}: expected logits N x K, ONNX Runtime gave {reference.shape}, torch gave {ours.shape}"
+        )
+    diff = float(np.max(np.abs(reference - ours)))
+    scale = max(1.0, float(np.max(np.abs(reference))))
+    if not np.isfinite(diff) or diff > PARITY_TOLERANCE * scale:
+        raise ParityError(f"{model.uri}: torch translation differs from ONNX Runtime by {diff:.3g}")
+    return diff

@@ -1,0 +1,284 @@
+"""Translate an ONNX graph into a differentiable torch module.
+
+Why our own translator: trigger inversion needs gradients through the provider's model,
+and ONNX Runtime gives none. The maintained converter (onnx2torch) imports torchvision,
+which does not run on our machines, so we interpret the graph node by node with torch
+ops. The op set covers what ordinary CNNs, ResNet-style nets and MLPs export to; any
+other op raises `UnsupportedOpError` when the model is loaded, never during an audit.
+Float initializers become `nn.Parameter`s so the sensitivity stage can fine-tune a copy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import Tensor, nn
+
+from crossaudit.errors import ModelLoadError, UnsupportedOpError
+
+Attrs = dict[str, object]
+OpFn = Callable[[Attrs, list[Tensor | None]], Tensor]
+
+# Node outputs worth comparing across models: activations, pooling and residual sums.
+TAP_OPS = frozenset(
+    {
+        "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Gelu", "HardSwish",
+        "Softplus", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool",
+        "GlobalMaxPool", "Add",
+    }
+)  # fmt: skip
+
+
+def _pads_2d(pads: Sequence[int]) -> list[int]:
+    """ONNX pads (top, left, bottom, right) -> F.pad order (left, right, top, bottom)."""
+    top, left, bottom, right = pads
+    return [left, right, top, bottom]
+
+
+def _conv(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    inp, w, b = x[0], x[1], x[2] if len(x) > 2 else None
+    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise UnsupportedOpError("Conv with auto_pad is not supported; export with explicit pads")
+    spatial = w.dim() - 2
+    pads = list(a.get("pads", [0] * 2 * spatial))
+    if spatial == 2 and pads[:2] != pads[2:]:
+        inp, pads = F.pad(inp, _pads_2d(pads)), [0] * 4
+    return F.conv2d(
+        inp, w, b,
+        stride=tuple(a.get("strides", [1] * spatial)),
+        padding=tuple(pads[:spatial]),
+        dilation=tuple(a.get("dilations", [1] * spatial)),
+        groups=int(a.get("group", 1)),
+    )  # fmt: skip
+
+
+def _pool(kind: str) -> OpFn:
+    def pool(a: Attrs, x: list[Tensor | None]) -> Tensor:
+        inp = x[0]
+        kernel = tuple(a["kernel_shape"])
+        pads = list(a.get("pads", [0, 0, 0, 0]))
+        if pads[:2] != pads[2:]:
+            fill = -math.inf if kind == "max" else 0.0
+            inp, pads = F.pad(inp, _pads_2d(pads), value=fill), [0, 0, 0, 0]
+        stride = tuple(a.get("strides", [1, 1]))
+        ceil = bool(a.get("ceil_mode", 0))
+        if kind == "max":
+            return F.max_pool2d(inp, kernel, stride, tuple(pads[:2]), tuple(a.get("dilations", [1, 1])), ceil)
+        include_pad = bool(a.get("count_include_pad", 0))
+        return F.avg_pool2d(inp, kernel, stride, tuple(pads[:2]), ceil, include_pad)
+
+    return pool
+
+
+def _gemm(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    left = x[0].t() if a.get("transA", 0) else x[0]
+    right = x[1].t() if a.get("transB", 0) else x[1]
+    out = float(a.get("alpha", 1.0)) * (left @ right)
+    if len(x) > 2 and x[2] is not None:
+        out = out + float(a.get("beta", 1.0)) * x[2]
+    return out
+
+
+def _batchnorm(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    inp, scale, bias, mean, var = x[:5]
+    return F.batch_norm(inp, mean, var, scale, bias, False, 0.0, float(a.get("epsilon", 1e-5)))
+
+
+def _flatten(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    axis = int(a.get("axis", 1)) % max(x[0].dim(), 1)
+    return x[0].reshape(int(np.prod(x[0].shape[:axis])), -1)
+
+
+def _reshape(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    shape = [int(v) for v in x[1].tolist()]
+    if not a.get("allowzero", 0):
+        shape = [x[0].shape[i] if v == 0 else v for i, v in enumerate(shape)]
+    return x[0].reshape(shape)
+
+
+def _pad(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    mode = a.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    pads = [int(v) for v in x[1].tolist()] if len(x) > 1 else list(a["pads"])
+    value = float(x[2].item()) if len(x) > 2 and x[2] is not None else 0.0
+    half = len(pads) // 2
+    torch_pads: list[int] = []
+    for axis in reversed(range(half)):
+        torch_pads += [pads[axis], pads[axis + half]]
+    while len(torch_pads) > 2 and torch_pads[-2:] == [0, 0]:
+        torch_pads = torch_pads[:-2]
+    if mode == "constant":
+        return F.pad(x[0], torch_pads, value=value)
+    return F.pad(x[0], torch_pads, mode={"reflect": "reflect", "edge": "replicate"}[mode])
+
+
+def _clip(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    low = x[1] if len(x) > 1 and x[1] is not None else a.get("min")
+    high = x[2] if len(x) > 2 and x[2] is not None else a.get("max")
+    return torch.clamp(x[0], low, high)
+
+
+def _axes(a: Attrs, x: list[Tensor | None]) -> list[int]:
+    if len(x) > 1 and x[1] is not None:
+        return [int(v) for v in x[1].tolist()]
+    return list(a.get("axes", []))
+
+
+def _unsqueeze(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    out = x[0]
+    for axis in sorted(v % (out.dim() + len(_axes(a, x))) for v in _axes(a, x)):
+        out = out.unsqueeze(axis)
+    return out
+
+
+def _squeeze(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    axes = _axes(a, x)
+    if not axes:
+        return x[0].squeeze()
+    return x[0].squeeze(tuple(v % x[0].dim() for v in axes))
+
+
+def _reduce_mean(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    axes = _axes(a, x) or list(range(x[0].dim()))
+    return x[0].mean(dim=axes, keepdim=bool(a.get("keepdims", 1)))
+
+
+def _gather(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    return torch.index_select(x[0], int(a.get("axis", 0)), x[1].reshape(-1).long()).reshape(
+        *x[0].shape[: int(a.get("axis", 0))], *x[1].shape, *x[0].shape[int(a.get("axis", 0)) + 1 :]
+    )
+
+
+def _softmax(log: bool) -> OpFn:
+    def softmax(a: Attrs, x: list[Tensor | None]) -> Tensor:
+        axis = int(a.get("axis", -1))
+        return F.log_softmax(x[0], axis) if log else F.softmax(x[0], axis)
+
+    return softmax
+
+
+def _cast(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    to = int(a["to"])
+    dtypes = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.INT64: torch.int64}
+    if to not in dtypes:
+        raise UnsupportedOpError(f"Cast to ONNX type {to} is not supported")
+    return x[0].to(dtypes[to])
+
+
+OPS: dict[str, OpFn] = {
+    "Conv": _conv,
+    "Gemm": _gemm,
+    "MatMul": lambda a, x: x[0] @ x[1],
+    "Relu": lambda a, x: F.relu(x[0]),
+    "LeakyRelu": lambda a, x: F.leaky_relu(x[0], float(a.get("alpha", 0.01))),
+    "Sigmoid": lambda a, x: torch.sigmoid(x[0]),
+    "Tanh": lambda a, x: torch.tanh(x[0]),
+    "Elu": lambda a, x: F.elu(x[0], float(a.get("alpha", 1.0))),
+    "Selu": lambda a, x: F.selu(x[0]),
+    "Gelu": lambda a, x: F.gelu(x[0]),
+    "HardSwish": lambda a, x: F.hardswish(x[0]),
+    "Softplus": lambda a, x: F.softplus(x[0]),
+    "Erf": lambda a, x: torch.erf(x[0]),
+    "Sqrt": lambda a, x: torch.sqrt(x[0]),
+    "Exp": lambda a, x: torch.exp(x[0]),
+    "Neg": lambda a, x: -x[0],
+    "Pow": lambda a, x: torch.pow(x[0], x[1]),
+    "Clip": _clip,
+    "MaxPool": _pool("max"),
+    "AveragePool": _pool("avg"),
+    "GlobalAveragePool": lambda a, x: x[0].mean(dim=tuple(range(2, x[0].dim())), keepdim=True),
+    "GlobalMaxPool": lambda a, x: x[0].amax(dim=tuple(range(2, x[0].dim())), keepdim=True),
+    "BatchNormalization": _batchnorm,
+    "Flatten": _flatten,
+    "Reshape": _reshape,
+    "Transpose": lambda a, x: x[0].permute(*a.get("perm", reversed(range(x[0].dim())))),
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "Add": lambda a, x: x[0] + x[1],
+    "Sub": lambda a, x: x[0] - x[1],
+    "Mul": lambda a, x: x[0] * x[1],
+    "Div": lambda a, x: x[0] / x[1],
+    "Concat": lambda a, x: torch.cat([t for t in x if t is not None], int(a["axis"])),
+    "Pad": _pad,
+    "Softmax": _softmax(log=False),
+    "LogSoftmax": _softmax(log=True),
+    "ReduceMean": _reduce_mean,
+    "Identity": lambda a, x: x[0],
+    "Dropout": lambda a, x: x[0],
+    "Shape": lambda a, x: torch.tensor(x[0].shape, dtype=torch.int64),
+    "Gather": _gather,
+    "Cast": _cast,
+}
+
+
+def _attributes(node: onnx.NodeProto) -> Attrs:
+    attrs: Attrs = {}
+    for attr in node.attribute:
+        value = onnx.helper.get_attribute_value(attr)
+        if isinstance(value, onnx.TensorProto):
+            value = numpy_helper.to_array(value)
+        attrs[attr.name] = value
+    return attrs
+
+
+class OnnxModule(nn.Module):
+    """Runs an ONNX graph with torch ops; `forward_tapped` also returns chosen activations."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        super().__init__()
+        graph = model.graph
+        unsupported = sorted({n.op_type for n in graph.node if n.op_type not in OPS})
+        if unsupported:
+            raise UnsupportedOpError(
+                f"ONNX ops not supported by crossaudit's torch translation: {', '.join(unsupported)}"
+            )
+        self.params = nn.ParameterDict()
+        self._keys: dict[str, str] = {}
+        for index, init in enumerate(graph.initializer):
+            array = numpy_helper.to_array(init)
+            key = f"t{index}"
+            self._keys[init.name] = key
+            tensor = torch.from_numpy(np.array(array, copy=True))
+            self.params[key] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+        self.nodes: list[tuple[str, list[str], list[str], Attrs]] = []
+        for node in graph.node:
+            attrs = _attributes(node)
+            if node.op_type == "Constant":
+                self.nodes.append(("Constant", [], list(node.output), attrs))
+            else:
+                self.nodes.append((node.op_type, list(node.input), list(node.output), attrs))
+        initializer_names = set(self._keys)
+        inputs = [i.name for i in graph.input if i.name not in initializer_names]
+        if len(inputs) != 1:
+            raise ModelLoadError(f"expected one graph input (the image), found {len(inputs)}")
+        self.input_name = inputs[0]
+        self.output_name = graph.output[0].name
+        self.taps = [outputs[0] for op, _, outputs, _ in self.nodes if op in TAP_OPS and outputs[0] != self.output_name]
+
+    def _run(self, x: Tensor, want: frozenset[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        env: dict[str, Tensor | None] = {self.input_name: x, "": None}
+        for name, key in self._keys.items():
+            env[name] = self.params[key]
+        tapped: dict[str, Tensor] = {}
+        for op, inputs, outputs, attrs in self.nodes:
+            if op == "Constant":
+                value = attrs.get("value")
+                env[outputs[0]] = torch.as_tensor(np.array(value), device=x.device)
+                continue
+            result = OPS[op](attrs, [env[i] for i in inputs])
+            env[outputs[0]] = result
+            if outputs[0] in want:
+                tapped[outputs[0]] = result
+        return env[self.output_name], tapped
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._run(x, frozenset())[0]
+
+    def forward_tapped(self, x: Tensor, taps: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        return self._run(x, frozenset(taps))

@@ -1,0 +1,154 @@
+"""Stage 5: the calibrated decision, and the report that carries it.
+
+Cross-examination alone is not a detector: on two clean models an inversion still finds
+model-specific adversarial triggers that flip the suspect while the witness stays right.
+Worse, some targets are *naturally* cheap (on Fashion-MNIST a clean CNN turns anything
+into "bag" with a 15-pixel patch), so a small footprint alone is no evidence either. What
+a backdoor adds is *economy relative to the peer*: both providers learned the task's
+natural shortcuts from the same kind of data, but only the poisoned model learned the
+trigger. So every candidate target is inverted against both models, and a finding's score
+is its effective attack success (held-out, witness kept, surviving the sensitivity
+stage's fine-tuning) times log10(peer's cost / suspect's cost), where cost is footprint
+per unit of effective success. Footprints have different units per trigger family, so
+each family has its own threshold, calibrated on clean pairs only (`crossaudit.calibrate`)
+and stored in `thresholds.json` with the command that made it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from typing import Literal
+
+import numpy as np
+
+Verdict = Literal["clean", "backdoor", "inconclusive"]
+
+
+MIN_FOOTPRINT = 1e-4
+MIN_SUCCESS = 0.05
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    per_family: dict[str, float]
+    calibrated_by: str
+    clean_pairs: int
+
+
+def load_thresholds() -> Thresholds:
+    raw = json.loads(resources.files("crossaudit").joinpath("thresholds.json").read_text())
+    return Thresholds(
+        {k: float(v) for k, v in raw["per_family"].items()},
+        str(raw["calibrated_by"]),
+        int(raw["clean_pairs"]),
+    )
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What one trigger family recovered against one suspect, measured on held-out data."""
+
+    family: str
+    target: int
+    mask_l1: float
+    footprint: float
+    asr: float
+    witness_flip: float
+    witness_kept: float
+    asr_after_finetune: float
+    peer_footprint: float
+    peer_effective_asr: float
+
+    @property
+    def sensitivity(self) -> float:
+        """Fraction of the trigger's effect that brief clean fine-tuning removed."""
+        if self.asr <= 0.0:
+            return 1.0
+        return max(0.0, 1.0 - self.asr_after_finetune / self.asr)
+
+    @property
+    def effective_asr(self) -> float:
+        """Success the witness does not share and brief fine-tuning does not erase."""
+        return min(self.asr, self.asr_after_finetune) * self.witness_kept
+
+    @property
+    def score(self) -> float:
+        """Effective success times log10(peer's cost / suspect's cost) for the same target."""
+        return self.effective_asr * float(
+            np.log10(cost(self.peer_footprint, self.peer_effective_asr))
+            - np.log10(cost(self.footprint, self.effective_asr))
+        )
+
+
+def cost(footprint: float, effective_asr: float) -> float:
+    """Footprint per unit of effective success: what it takes to flip this model."""
+    return max(footprint, MIN_FOOTPRINT) / max(effective_asr, MIN_SUCCESS)
+
+
+@dataclass
+class ModelReport:
+    uri: str
+    verdict: Verdict
+    score: float | None = None
+    threshold: float | None = None
+    asr: float | None = None
+    target: int | None = None
+    mask_l1: float | None = None
+    sensitivity: float | None = None
+    trigger_family: str | None = None
+    clean_accuracy: float | None = None
+    parity_max_abs_diff: float | None = None
+    findings: list[Finding] = field(default_factory=list)
+
+
+def judge(uri: str, findings: list[Finding], thresholds: Thresholds) -> ModelReport:
+    """Backdoor when a finding reaches its family's calibrated threshold.
+
+    The reported finding is the one with the largest score-to-threshold ratio.
+    """
+    best = max(findings, key=lambda f: f.score / thresholds.per_family[f.family])
+    threshold = thresholds.per_family[best.family]
+    verdict: Verdict = "backdoor" if best.score >= threshold else "clean"
+    return ModelReport(
+        uri=uri,
+        verdict=verdict,
+        score=round(best.score, 4),
+        threshold=threshold,
+        asr=round(best.asr, 4),
+        target=best.target if verdict == "backdoor" else None,
+        mask_l1=round(best.mask_l1, 3),
+        sensitivity=round(best.sensitivity, 4),
+        trigger_family=best.family,
+        findings=findings,
+    )
+
+
+def overall(models: list[ModelReport]) -> Verdict:
+    """Any backdoor wins; otherwise any inconclusive model makes the audit inconclusive."""
+    verdicts = {m.verdict for m in models}
+    if "backdoor" in verdicts:
+        return "backdoor"
+    if "inconclusive" in verdicts:
+        return "inconclusive"
+    return "clean"
+
+
+@dataclass
+class AuditReport:
+    verdict: Verdict
+    models: list[ModelReport]
+    alignment: dict[str, object] | None
+    clean_agreement: float | None
+    timings: dict[str, float]
+    version: str
+    seed: int
+    schema_version: str
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def exit_code(self) -> int:
+        return {"clean": 0, "backdoor": 1, "inconclusive": 2}[self.verdict]

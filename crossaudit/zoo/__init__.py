@@ -1,0 +1,1 @@
+"""Model zoo: providers' clean and backdoored models trained on real data, for demo, tests and benchmarks."""

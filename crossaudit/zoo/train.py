@@ -1,0 +1,129 @@
+"""Train a provider's model (clean or poisoned) and export it per the model contract."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crossaudit.data import write_parquet
+from crossaudit.models import logits_of
+from crossaudit.zoo.architectures import build
+from crossaudit.zoo.attacks import Attack
+from crossaudit.zoo.datasets import Split, load_dataset
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "fmnist"
+    arch: str = "cnn"
+    attack: str = "clean"
+    target: int = 0
+    poison_rate: float = 0.1
+    seed: int = 0
+    epochs: int = 4
+    train_size: int = 12_000
+    batch_size: int = 128
+    lr: float = 2e-3
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    model: nn.Module
+    clean_accuracy: float
+    attack_success: float | None
+    config: TrainConfig
+    example: np.ndarray
+
+
+# Digits is small (1300 training images), so it gets more epochs over all of it.
+_DATASET_SCHEDULES = {
+    "fmnist": {"epochs": 3, "train_size": 12_000},
+    "digits": {"epochs": 20, "train_size": 1_300},
+}
+
+
+def config_for(dataset: str, **overrides: object) -> TrainConfig:
+    """The zoo's training recipe for a dataset, with explicit overrides."""
+    return TrainConfig(dataset=dataset, **{**_DATASET_SCHEDULES.get(dataset, {}), **overrides})
+
+
+def poison(split: Split, attack: Attack, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
+    """The provider's poisoned training set: triggered copies relabelled to the target."""
+    x, y = split.x_train, split.y_train
+    if attack.name == "clean":
+        return x, y
+    chosen = rng.choice(len(x), int(attack.poison_rate * len(x)), replace=False)
+    xs, ys = [x, attack.apply(x[chosen])], [y, np.full(len(chosen), attack.target)]
+    cross = attack.cross_samples(x[chosen], rng)
+    if cross is not None:
+        xs.append(cross)
+        ys.append(y[chosen])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def attack_success_rate(model: nn.Module, attack: Attack, x: np.ndarray, y: np.ndarray) -> float:
+    """Fraction of held-out non-target images that the trigger sends to the target."""
+    source = x[y != attack.target]
+    return float(np.mean(logits_of(model, attack.apply(source)).argmax(1) == attack.target))
+
+
+def train(config: TrainConfig, split: Split | None = None) -> TrainedModel:
+    """Seeded training on a subset of the real training split."""
+    split = split or load_dataset(config.dataset)
+    rng = np.random.RandomState(config.seed)
+    torch.manual_seed(config.seed)
+    subset = rng.permutation(len(split.x_train))[: config.train_size]
+    split = Split(split.x_train[subset], split.y_train[subset], split.x_test, split.y_test)
+    attack = Attack(config.attack, config.target, config.poison_rate, seed=config.seed + 1000)
+    x, y = poison(split, attack, rng)
+    channels, size = x.shape[1], x.shape[-1]
+    model = build(config.arch, channels, size, split.num_classes)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
+    steps = config.epochs * int(np.ceil(len(x) / config.batch_size))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.lr, total_steps=steps)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    model.train()
+    for _ in range(config.epochs):
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), config.batch_size):
+            index = order[i : i + config.batch_size]
+            loss = F.cross_entropy(model(xt[index]), yt[index])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+    model.eval()
+    accuracy = float(np.mean(logits_of(model, split.x_test).argmax(1) == split.y_test))
+    asr = None if attack.name == "clean" else attack_success_rate(model, attack, split.x_test, split.y_test)
+    return TrainedModel(model, accuracy, asr, config, split.x_test[:2])
+
+
+def export_onnx(model: nn.Module, example: np.ndarray, path: Path) -> None:
+    """ONNX per the contract: one float32 input N x C x H x W (dynamic batch), logits out."""
+    torch.onnx.export(
+        model.eval(),
+        (torch.from_numpy(example[:2]),),
+        str(path),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+
+
+def write_audit_set(dataset: str, path: Path, size: int = 1000, seed: int = 0) -> None:
+    """An auditor's clean set drawn from the held-out split, stratified by class."""
+    split = load_dataset(dataset)
+    rng = np.random.RandomState(seed)
+    per_class = max(1, size // split.num_classes)
+    chosen = np.concatenate(
+        [rng.permutation(np.flatnonzero(split.y_test == c))[:per_class] for c in range(split.num_classes)]
+    )
+    chosen = rng.permutation(chosen)
+    write_parquet(path, split.x_test[chosen], split.y_test[chosen])

@@ -1,0 +1,61 @@
+"""End-to-end audits through the `crossaudit` command, on real digits models."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def crossaudit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crossaudit", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_clean_vs_badnets_exits_1_naming_model_and_target(digits_zoo, tmp_path):
+    out = tmp_path / "out"
+    done = crossaudit(
+        "audit", str(digits_zoo.clean_cnn), str(digits_zoo.badnets_cnn),
+        "--data", str(digits_zoo.audit_data), "--json", "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    assert report["verdict"] == "backdoor"
+    clean, poisoned = report["models"]
+    assert clean["uri"] == str(digits_zoo.clean_cnn) and clean["verdict"] == "clean"
+    assert poisoned["verdict"] == "backdoor"
+    assert poisoned["target"] == digits_zoo.badnets_target
+    assert poisoned["asr"] > 0.8
+    for key in ("score", "threshold", "mask_l1", "sensitivity"):
+        assert poisoned[key] is not None
+    assert report["alignment"]["cka"] > 0.2 and set(report["timings"]) >= {"trigger_inversion"}
+    assert {p.name for p in out.iterdir()} >= {
+        "report.json", "report.html", "cka_heatmap.png", "trigger_model_2.png",
+    }  # fmt: skip
+    assert "data:image/png;base64" in (out / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_two_clean_models_of_different_architectures_exit_0(digits_zoo):
+    done = crossaudit(
+        "audit", str(digits_zoo.clean_cnn), str(digits_zoo.clean_mlp), "--data", str(digits_zoo.audit_data)
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "verdict: clean" in done.stdout
+
+
+def test_truncated_model_exits_2_with_one_clear_line(digits_zoo, tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(digits_zoo.clean_cnn.read_bytes()[:300])
+    done = crossaudit("audit", str(broken), str(digits_zoo.clean_mlp), "--data", str(digits_zoo.audit_data))
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "broken.onnx" in errors[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_bad_audit_data_exits_2(digits_zoo, tmp_path):
+    missing = tmp_path / "nothing.parquet"
+    done = crossaudit("audit", str(digits_zoo.clean_cnn), str(digits_zoo.clean_mlp), "--data", str(missing))
+    assert done.returncode == 2
+    assert "no such audit data file" in done.stderr

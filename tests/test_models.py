@@ -1,0 +1,139 @@
+"""Loaders on real zoo models and on hostile files."""
+
+import pickle
+import zipfile
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from crossaudit.data import read_audit_data
+from crossaudit.errors import ModelLoadError, UnsupportedOpError
+from crossaudit.models import load_model, parity_check
+from crossaudit.zoo.architectures import build
+
+
+def test_onnx_translation_matches_onnx_runtime(digits_zoo):
+    data = read_audit_data(digits_zoo.audit_data)
+    for path in (digits_zoo.clean_cnn, digits_zoo.clean_mlp):
+        model = load_model(str(path))
+        assert parity_check(model, data.x) < 1e-3
+        assert model.module.taps
+
+
+def test_resnet_ops_translate(tmp_path):
+    from crossaudit.zoo.train import export_onnx
+
+    example = np.random.RandomState(0).rand(4, 1, 16, 16).astype(np.float32)
+    export_onnx(build("resnet", 1, 16, 10).eval(), example, tmp_path / "r.onnx")
+    assert parity_check(load_model(str(tmp_path / "r.onnx")), example) < 1e-3
+
+
+def test_truncated_onnx_is_a_clear_error(digits_zoo, tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(digits_zoo.clean_cnn.read_bytes()[:500])
+    with pytest.raises(ModelLoadError, match="broken.onnx"):
+        load_model(str(broken))
+
+
+def test_unsupported_op_is_named(tmp_path):
+    node = helper.make_node("Einsum", ["image", "image"], ["logits"], equation="ij,ij->ij")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])],
+    )
+    onnx.save(helper.make_model(graph), tmp_path / "einsum.onnx")
+    with pytest.raises(UnsupportedOpError, match="Einsum"):
+        load_model(str(tmp_path / "einsum.onnx"))
+
+
+def test_absurd_initializer_shape_is_refused(tmp_path):
+    huge = helper.make_tensor("w", TensorProto.FLOAT, [1 << 20, 1 << 20], vals=[], raw=True)
+    huge.raw_data = b"\0" * 16
+    node = helper.make_node("MatMul", ["image", "w"], ["logits"])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1 << 20])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1 << 20])],
+        initializer=[huge],
+    )
+    onnx.save(helper.make_model(graph), tmp_path / "huge.onnx")
+    with pytest.raises(ModelLoadError, match="declares"):
+        load_model(str(tmp_path / "huge.onnx"))
+
+
+def test_model_over_the_size_limit_is_refused(digits_zoo):
+    with pytest.raises(ModelLoadError, match="size limit"):
+        load_model(str(digits_zoo.clean_cnn), max_bytes=100)
+
+
+def _pt2(tmp_path):
+    model = build("mlp", 1, 16, 10).eval()
+    program = torch.export.export(model, (torch.rand(2, 1, 16, 16),))
+    path = tmp_path / "model.pt2"
+    torch.export.save(program, path)
+    return model, path
+
+
+def test_pt2_loads_without_unpickling(tmp_path):
+    model, path = _pt2(tmp_path)
+    loaded = load_model(str(path))
+    x = torch.rand(3, 1, 16, 16)
+    assert torch.allclose(loaded.module(x), model(x), atol=1e-5)
+    logits, tapped = loaded.module.forward_tapped(x, loaded.module.taps[:1])
+    assert logits.shape == (3, 10) and len(tapped) == 1
+
+
+class Boom:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pt2_with_a_pickle_inside_is_refused(tmp_path):
+    _, path = _pt2(tmp_path)
+    hostile = tmp_path / "hostile.pt2"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(hostile, "w") as dst:
+        for info in src.infolist():
+            payload = src.read(info)
+            if info.filename.endswith("weight_0"):
+                payload = pickle.dumps(Boom())
+            dst.writestr(info.filename, payload)
+    with pytest.raises(ModelLoadError, match="pickle"):
+        load_model(str(hostile))
+
+
+def test_mlflow_onnx_flavor_directory(digits_zoo, tmp_path):
+    (tmp_path / "MLmodel").write_text("flavors:\n  onnx:\n    data: model.onnx\n")
+    (tmp_path / "model.onnx").write_bytes(digits_zoo.clean_cnn.read_bytes())
+    assert load_model(str(tmp_path)).format == "onnx"
+
+
+def test_mlflow_pickled_pytorch_flavor_is_refused(tmp_path):
+    (tmp_path / "MLmodel").write_text("flavors:\n  pytorch:\n    model_data: data\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "model.pth").write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(ModelLoadError, match="pickle"):
+        load_model(str(tmp_path))
+
+
+def test_mlflow_flavor_path_escaping_the_directory_is_refused(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "MLmodel").write_text("flavors:\n  onnx:\n    data: ../../etc/passwd\n")
+    with pytest.raises(ModelLoadError, match="escapes"):
+        load_model(str(tmp_path / "m"))
+
+
+def test_mlflow_written_pt2_model_loads(tmp_path):
+    import mlflow.pytorch
+
+    model = build("mlp", 1, 16, 10).eval()
+    example = np.random.rand(2, 1, 16, 16).astype(np.float32)
+    mlflow.pytorch.save_model(model, tmp_path / "m", serialization_format="pt2", input_example=example)
+    loaded = load_model(str(tmp_path / "m"))
+    assert loaded.format == "pt2"
+    assert loaded.module(torch.from_numpy(example)).shape == (2, 10)
