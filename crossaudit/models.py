@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,9 @@ DEFAULT_MAX_MODEL_BYTES = 512 * 1024 * 1024
 MAX_TENSOR_ELEMENTS = 128 * 1024 * 1024
 PARITY_TOLERANCE = 1e-3
 _PICKLE_OPCODE_PROTO = b"\x80"
+# Raw tensor bytes (any first byte); their configs say whether they are pickles instead.
+_RAW_TENSOR = re.compile(r"/data/(weights|constants)/(weight|constant|tensor)_\d+$")
+_USE_PICKLE = re.compile(rb'"use_pickle"\s*:\s*true')
 _FX_TAP_TARGETS = ("relu", "gelu", "sigmoid", "tanh", "pool", "add", "elu", "hardswish")
 
 
@@ -141,15 +145,18 @@ class FxTapped(nn.Module):
                     tapped[node.name] = result
                 return result
 
-        return Recorder(self.graph_module).run(x), tapped
+        outputs = Recorder(self.graph_module).run(x, enable_io_processing=False)
+        return (outputs[0] if isinstance(outputs, (tuple, list)) else outputs), tapped
 
 
 def load_pt2(path: Path, uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> LoadedModel:
     """torch.export archive, refused when any member other than sample inputs is a pickle.
 
     torch's own loader unpickles weights flagged `use_pickle` with `weights_only=False`,
-    so we scan every member first; the sample inputs (always a pickle) are replaced by
-    our own before torch sees the archive.
+    so we refuse any config that flags one and any other member that starts like a pickle
+    (raw tensor files are exempt: their config says they are raw); the sample inputs
+    (always a pickle) are replaced by
+    emptied (torch treats an empty entry as "no sample inputs") before torch sees it.
     """
     _check_size(path, max_bytes)
     try:
@@ -161,10 +168,8 @@ def load_pt2(path: Path, uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> 
     with zipfile.ZipFile(rebuilt, "w") as out:
         for name, payload in members.items():
             if "/sample_inputs/" in name:
-                safe = io.BytesIO()
-                torch.save(((), {}), safe)
-                payload = safe.getvalue()
-            elif _holds_pickle(payload) or (name.endswith(".json") and b'"use_pickle": true' in payload):
+                payload = b""
+            elif _USE_PICKLE.search(payload) or (not _RAW_TENSOR.search(name) and _holds_pickle(payload)):
                 raise ModelLoadError(f"{uri}: pt2 member {name!r} holds a pickle; refused")
             out.writestr(name, payload)
     try:

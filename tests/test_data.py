@@ -40,7 +40,7 @@ def test_image_that_is_not_a_fixed_shape_tensor_is_named(tmp_path):
     x, y = _images()
     table = pa.table({"image": pa.array(list(x.reshape(40, -1))), "label": pa.array(y)})
     pq.write_table(table, tmp_path / "a.parquet")
-    with pytest.raises(DataValidationError, match="'image' must be arrow.fixed_shape_tensor"):
+    with pytest.raises(DataValidationError, match=r"'image' must be arrow\.fixed_shape_tensor"):
         read_audit_data(tmp_path / "a.parquet")
 
 
