@@ -184,7 +184,7 @@ def run_audit(
         _run_stages(modules, data, seed, device, config, thresholds, clock, result)
     except AuditError as exc:
         result.report.error = str(exc)
-        log.error("audit inconclusive: %s", exc)
+        log.info("audit inconclusive: %s", exc)
     except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as exc:
         result.report.error = f"{type(exc).__name__} during the audit: {exc}"
         log.exception("audit failed")

