@@ -39,7 +39,7 @@ class CalibrationRun:
 
 
 def calibrate(pairs: tuple[tuple[str, str, str], ...] = CLEAN_PAIRS) -> tuple[Thresholds, list[CalibrationRun]]:
-    """Audit each clean pair with provisional zero thresholds and keep the maxima."""
+    """Audit each clean pair with unreachable thresholds (nothing is judged) and keep the maxima."""
     provisional = Thresholds(dict.fromkeys(DEFAULT_FAMILIES, float("inf")), "provisional", 0)
     runs: list[CalibrationRun] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -154,9 +154,9 @@ def load_pt2(path: Path, uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> 
 
     torch's own loader unpickles weights flagged `use_pickle` with `weights_only=False`,
     so we refuse any config that flags one and any other member that starts like a pickle
-    (raw tensor files are exempt: their config says they are raw); the sample inputs
-    (always a pickle) are replaced by
-    emptied (torch treats an empty entry as "no sample inputs") before torch sees it.
+    (raw tensor files are exempt: their config says they are raw, and torch reads them as
+    bytes). The sample inputs, always a pickle, are emptied before torch sees the archive;
+    torch treats an empty entry as "no sample inputs".
     """
     _check_size(path, max_bytes)
     try:

@@ -94,17 +94,31 @@ class Boom:
         return (print, ("pwned",))
 
 
-def test_pt2_with_a_pickle_inside_is_refused(tmp_path):
-    _, path = _pt2(tmp_path)
-    hostile = tmp_path / "hostile.pt2"
+def _tamper(path, hostile, flag_pickle: bool) -> None:
+    """Copy a pt2 archive with weight_0 replaced by a pickle (optionally flagged as one)."""
     with zipfile.ZipFile(path) as src, zipfile.ZipFile(hostile, "w") as dst:
         for info in src.infolist():
             payload = src.read(info)
             if info.filename.endswith("weight_0"):
                 payload = pickle.dumps(Boom())
+            if flag_pickle and info.filename.endswith("model_weights_config.json"):
+                payload = payload.replace(b'"use_pickle": false', b'"use_pickle": true', 1)
             dst.writestr(info.filename, payload)
-    with pytest.raises(ModelLoadError, match="pickle"):
-        load_model(str(hostile))
+
+
+def test_pt2_with_a_flagged_pickle_is_refused(tmp_path):
+    _, path = _pt2(tmp_path)
+    _tamper(path, tmp_path / "hostile.pt2", flag_pickle=True)
+    with pytest.raises(ModelLoadError, match=r"holds a pickle; refused"):
+        load_model(str(tmp_path / "hostile.pt2"))
+
+
+def test_pt2_pickle_in_a_raw_tensor_slot_is_never_unpickled(tmp_path, capsys):
+    _, path = _pt2(tmp_path)
+    _tamper(path, tmp_path / "hostile.pt2", flag_pickle=False)
+    with pytest.raises(ModelLoadError, match=r"could not load the archive"):
+        load_model(str(tmp_path / "hostile.pt2"))
+    assert "pwned" not in capsys.readouterr().out
 
 
 def test_mlflow_onnx_flavor_directory(digits_zoo, tmp_path):
