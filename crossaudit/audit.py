@@ -143,6 +143,120 @@ class _Clock:
             self.timings[name] = round(time.perf_counter() - start, 3)
 
 
+@dataclass
+class Pair:
+    """Two loaded, parity-checked, comparable models and the audit data split between
+    inversion and held-out samples (both models right on every kept sample).
+
+    Every stage starts from a Pair: the pipeline components rebuild it in their own
+    process from the same files and seed, so each stage checks the models it uses.
+    """
+
+    modules: list[nn.Module]
+    reports: list[ModelReport]
+    data: AuditData
+    agreement: float
+    inversion_idx: np.ndarray
+    held_idx: np.ndarray
+    device: str
+
+    def tensors(self, index: np.ndarray) -> tuple[Tensor, Tensor]:
+        return (
+            torch.from_numpy(self.data.x[index]).to(self.device),
+            torch.from_numpy(self.data.y[index]).to(self.device),
+        )
+
+    def directions(self, alignment: Alignment) -> list[Models]:
+        """Each model as suspect, the other as its witness."""
+        return [
+            Models(self.modules[0], self.modules[1], alignment.suspect_tap, alignment.witness_tap),
+            Models(self.modules[1], self.modules[0], alignment.witness_tap, alignment.suspect_tap),
+        ]
+
+
+def prepare_pair(uris: list[str], data_path: str, seed: int, device: str, config: AuditConfig) -> Pair:
+    """Load both models, prove their torch view matches ONNX Runtime, and refuse pairs too
+    different on clean data to cross-examine."""
+    data = read_audit_data(data_path)
+    modules, reports, labels = [], [], []
+    for uri in uris:
+        model, diff = _load_checked(uri, data, device)
+        logits = logits_of(model.module, data.x, device)
+        if logits.ndim != 2 or logits.shape[1] < data.num_classes:
+            raise IncomparableModelsError(
+                f"{uri}: expected logits N x K with K >= {data.num_classes} classes in "
+                f"the audit data, got {logits.shape}"
+            )
+        modules.append(model.module)
+        reports.append(
+            ModelReport(
+                uri,
+                "inconclusive",
+                clean_accuracy=round(float(np.mean(logits.argmax(1) == data.y)), 4),
+                parity_max_abs_diff=diff,
+            )
+        )
+        labels.append(logits.argmax(1))
+    agreement = float(np.mean(labels[0] == labels[1]))
+    weakest = min(r.clean_accuracy or 0.0 for r in reports)
+    if weakest < config.min_accuracy or agreement < config.min_agreement:
+        raise IncomparableModelsError(
+            f"models too different on clean data to cross-examine: accuracy {weakest:.2f} "
+            f"(need {config.min_accuracy}), agreement {agreement:.2f} (need {config.min_agreement})"
+        )
+    both_right = (labels[0] == data.y) & (labels[1] == data.y)
+    inversion_idx, held_idx = _split(data.y, config.holdout_fraction, seed)
+    return Pair(
+        modules, reports, data, round(agreement, 4),
+        inversion_idx[both_right[inversion_idx]], held_idx[both_right[held_idx]], device,
+    )  # fmt: skip
+
+
+def pair_features(pair: Pair, config: AuditConfig) -> list[dict[str, np.ndarray]]:
+    """Stage 1 on the pair: pooled clean features of both models at their candidate taps."""
+    sample = pair.inversion_idx[: config.feature_samples]
+    return [extract_features(m, pair.data.x[sample], candidate_taps(m), pair.device) for m in pair.modules]
+
+
+def pair_alignment(features: list[dict[str, np.ndarray]], config: AuditConfig) -> Alignment:
+    """Stage 2: the best-aligned layer pair; too little alignment is inconclusive."""
+    alignment = align_layers(*features)
+    if alignment.cka < config.min_cka:
+        raise IncomparableModelsError(f"no layer pair aligns: best CKA {alignment.cka:.3f} < {config.min_cka}")
+    return alignment
+
+
+def pair_triggers(pair: Pair, alignment: Alignment, config: AuditConfig, seed: int) -> list[list[Trigger]]:
+    """Stage 3: cross-examination in both directions."""
+    torch.manual_seed(seed)
+    x, y = pair.tensors(pair.inversion_idx)
+    return cross_invert(pair.directions(alignment), x, y, pair.data.num_classes, config.inversion, seed)
+
+
+def pair_findings(
+    pair: Pair, alignment: Alignment, triggers: list[list[Trigger]], config: AuditConfig, seed: int
+) -> list[list[Finding]]:
+    """Stage 4: held-out effects before and after fine-tuning, paired with the peer's."""
+    torch.manual_seed(seed)
+    return measure(
+        pair.directions(alignment), triggers, pair.tensors(pair.inversion_idx), pair.tensors(pair.held_idx),
+        config, seed,
+    )  # fmt: skip
+
+
+def pair_verdicts(
+    reports: list[ModelReport], findings: list[list[Finding]], thresholds: Thresholds
+) -> list[ModelReport]:
+    """Stage 5: each model judged on its own findings, keeping what loading measured."""
+    judged = []
+    for report, found in zip(reports, findings, strict=True):
+        verdict = judge(report.uri, found, thresholds)
+        verdict.clean_accuracy = report.clean_accuracy
+        verdict.parity_max_abs_diff = report.parity_max_abs_diff
+        judged.append(verdict)
+    return judged
+
+
 def _load_checked(uri: str, data: AuditData, device: str) -> tuple[LoadedModel, float | None]:
     model = load_model(uri)
     diff = parity_check(model, data.x, device)
@@ -164,96 +278,36 @@ def run_audit(
     config = config or AuditConfig()
     clock = _Clock(progress)
     uris = [suspect_uri, witness_uri]
-    reports = [ModelReport(uri, "inconclusive") for uri in uris]
-    result = AuditResult(
-        AuditReport(
-            "inconclusive", reports, None, None, clock.timings, __version__, seed,
-            REPORT_SCHEMA_VERSION,
-        )
+    report = AuditReport(
+        "inconclusive", [ModelReport(uri, "inconclusive") for uri in uris], None, None, clock.timings,
+        __version__, seed, REPORT_SCHEMA_VERSION,
     )  # fmt: skip
+    result = AuditResult(report)
     try:
         thresholds = thresholds or load_thresholds()
         torch.manual_seed(seed)
         with clock.stage("load"):
-            data = read_audit_data(data_path)
-            result.data = data
-            loaded = [_load_checked(uri, data, device) for uri in uris]
-        for report, (_, diff) in zip(reports, loaded, strict=True):
-            report.parity_max_abs_diff = diff
-        modules = [model.module for model, _ in loaded]
-        _run_stages(modules, data, seed, device, config, thresholds, clock, result)
+            pair = prepare_pair(uris, data_path, seed, device, config)
+        result.data = pair.data
+        report.models = list(pair.reports)
+        report.clean_agreement = pair.agreement
+        with clock.stage("features"):
+            features = pair_features(pair, config)
+        with clock.stage("cka_alignment"):
+            result.alignment = pair_alignment(features, config)
+        report.alignment = result.alignment.summary()
+        with clock.stage("trigger_inversion"):
+            triggers = pair_triggers(pair, result.alignment, config, seed)
+        with clock.stage("sensitivity_test"):
+            findings = pair_findings(pair, result.alignment, triggers, config, seed)
+        with clock.stage("verdict"):
+            report.models = pair_verdicts(pair.reports, findings, thresholds)
+        result.triggers = dict(enumerate(triggers))
     except AuditError as exc:
-        result.report.error = str(exc)
+        report.error = str(exc)
         log.info("audit inconclusive: %s", exc)
     except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as exc:
-        result.report.error = f"{type(exc).__name__} during the audit: {exc}"
+        report.error = f"{type(exc).__name__} during the audit: {exc}"
         log.exception("audit failed")
-    result.report.verdict = overall(result.report.models)
+    report.verdict = overall(report.models)
     return result
-
-
-def _run_stages(
-    modules: list[nn.Module],
-    data: AuditData,
-    seed: int,
-    device: str,
-    config: AuditConfig,
-    thresholds: Thresholds,
-    clock: _Clock,
-    result: AuditResult,
-) -> None:
-    reports = result.report.models
-    predictions = [logits_of(m, data.x, device) for m in modules]
-    for report, logits in zip(reports, predictions, strict=True):
-        if logits.ndim != 2 or logits.shape[1] < data.num_classes:
-            raise IncomparableModelsError(
-                f"{report.uri}: expected logits N x K with K >= {data.num_classes} classes in "
-                f"the audit data, got {logits.shape}"
-            )
-        report.clean_accuracy = round(float(np.mean(logits.argmax(1) == data.y)), 4)
-    labels = [p.argmax(1) for p in predictions]
-    agreement = float(np.mean(labels[0] == labels[1]))
-    result.report.clean_agreement = round(agreement, 4)
-    weakest = min(r.clean_accuracy or 0.0 for r in reports)
-    if weakest < config.min_accuracy or agreement < config.min_agreement:
-        raise IncomparableModelsError(
-            f"models too different on clean data to cross-examine: accuracy {weakest:.2f} "
-            f"(need {config.min_accuracy}), agreement {agreement:.2f} (need {config.min_agreement})"
-        )
-    both_right = (labels[0] == data.y) & (labels[1] == data.y)
-    inversion_idx, held_idx = _split(data.y, config.holdout_fraction, seed)
-    inversion_idx = inversion_idx[both_right[inversion_idx]]
-    held_idx = held_idx[both_right[held_idx]]
-
-    def tensors(index: np.ndarray) -> tuple[Tensor, Tensor]:
-        return torch.from_numpy(data.x[index]).to(device), torch.from_numpy(data.y[index]).to(device)
-
-    with clock.stage("features"):
-        sample = inversion_idx[: config.feature_samples]
-        features = [extract_features(m, data.x[sample], candidate_taps(m), device) for m in modules]
-    with clock.stage("cka_alignment"):
-        alignment = align_layers(*features)
-    result.alignment = alignment
-    result.report.alignment = {
-        "suspect_layer": alignment.suspect_tap,
-        "witness_layer": alignment.witness_tap,
-        "cka": round(alignment.cka, 4),
-    }
-    if alignment.cka < config.min_cka:
-        raise IncomparableModelsError(f"no layer pair aligns: best CKA {alignment.cka:.3f} < {config.min_cka}")
-    directions = [
-        Models(modules[0], modules[1], alignment.suspect_tap, alignment.witness_tap),
-        Models(modules[1], modules[0], alignment.witness_tap, alignment.suspect_tap),
-    ]
-    inversion_set, held_out = tensors(inversion_idx), tensors(held_idx)
-    with clock.stage("trigger_inversion"):
-        triggers = cross_invert(directions, *inversion_set, data.num_classes, config.inversion, seed)
-    with clock.stage("sensitivity_test"):
-        findings = measure(directions, triggers, inversion_set, held_out, config, seed)
-    with clock.stage("verdict"):
-        for index, report in enumerate(reports):
-            judged = judge(report.uri, findings[index], thresholds)
-            judged.clean_accuracy = report.clean_accuracy
-            judged.parity_max_abs_diff = report.parity_max_abs_diff
-            reports[index] = judged
-            result.triggers[index] = triggers[index]

@@ -2,7 +2,8 @@
 
 Thresholds come from pairs of independently trained *clean* models (seeds 100 and up,
 never used by the tests, the demo or the benchmark's test pairs): per trigger family, the
-highest score any clean pair produced plus a margin. No backdoored model is involved, so
+highest score any clean pair produced plus a margin, once over all pairs (profile `any`)
+and once per dataset (a task's own profile). No backdoored model is involved, so
 no threshold can be tuned to the zoo's attacks.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from crossaudit.audit import run_audit
 from crossaudit.inversion import DEFAULT_FAMILIES
-from crossaudit.verdict import Thresholds
+from crossaudit.verdict import DEFAULT_PROFILE, Thresholds
 from crossaudit.zoo.datasets import load_dataset
 from crossaudit.zoo.train import config_for, export_onnx, train, write_audit_set
 
@@ -38,7 +39,9 @@ class CalibrationRun:
     scores: dict[str, float]
 
 
-def calibrate(pairs: tuple[tuple[str, str, str], ...] = CLEAN_PAIRS) -> tuple[Thresholds, list[CalibrationRun]]:
+def calibrate(
+    pairs: tuple[tuple[str, str, str], ...] = CLEAN_PAIRS,
+) -> tuple[list[Thresholds], list[CalibrationRun]]:
     """Audit each clean pair with unreachable thresholds (nothing is judged) and keep the maxima."""
     provisional = Thresholds(dict.fromkeys(DEFAULT_FAMILIES, float("inf")), "provisional", 0)
     runs: list[CalibrationRun] = []
@@ -62,23 +65,26 @@ def calibrate(pairs: tuple[tuple[str, str, str], ...] = CLEAN_PAIRS) -> tuple[Th
                 for finding in model.findings:
                     scores[finding.family] = max(scores[finding.family], finding.score)
             runs.append(CalibrationRun(f"{dataset}:{first}-vs-{second}", scores))
+    return [profile(DEFAULT_PROFILE, runs)] + [
+        profile(dataset, [run for run in runs if run.pair.startswith(f"{dataset}:")])
+        for dataset in sorted({dataset for dataset, _, _ in pairs})
+    ], runs
+
+
+def profile(name: str, runs: list[CalibrationRun]) -> Thresholds:
+    """Per family: the highest clean-pair score of these runs plus a margin."""
     per_family = {
         family: round(max(FLOOR, max(run.scores[family] for run in runs) + MARGIN), 4) for family in DEFAULT_FAMILIES
     }
-    return Thresholds(per_family, COMMAND, len(runs)), runs
+    return Thresholds(per_family, COMMAND, len(runs), name)
 
 
-def write_thresholds(thresholds: Thresholds, runs: list[CalibrationRun], path: Path) -> None:
-    path.write_text(
-        json.dumps(
-            {
-                "per_family": thresholds.per_family,
-                "calibrated_by": thresholds.calibrated_by,
-                "clean_pairs": thresholds.clean_pairs,
-                "rule": f"max clean-pair score per family + {MARGIN}, at least {FLOOR}",
-                "clean_pair_scores": {run.pair: run.scores for run in runs},
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+def write_thresholds(thresholds: list[Thresholds], runs: list[CalibrationRun], path: Path) -> None:
+    profiles = {t.profile: {"per_family": t.per_family, "clean_pairs": t.clean_pairs} for t in thresholds}
+    record = {
+        "calibrated_by": COMMAND,
+        "rule": f"per profile and family: max clean-pair score + {MARGIN}, at least {FLOOR}",
+        "profiles": profiles,
+        "clean_pair_scores": {run.pair: run.scores for run in runs},
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")

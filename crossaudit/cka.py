@@ -77,6 +77,10 @@ class Alignment:
     witness_tap: str
     cka: float
 
+    def summary(self) -> dict[str, object]:
+        """The report's `alignment` entry."""
+        return {"suspect_layer": self.suspect_tap, "witness_layer": self.witness_tap, "cka": round(self.cka, 4)}
+
 
 def align_layers(suspect_features: dict[str, np.ndarray], witness_features: dict[str, np.ndarray]) -> Alignment:
     """Debiased CKA of every tap pair on clean data; the best pair is the aligned layer."""

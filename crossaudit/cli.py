@@ -17,6 +17,7 @@ from rich.console import Console
 
 from crossaudit.audit import run_audit
 from crossaudit.errors import AuditError
+from crossaudit.verdict import DEFAULT_PROFILE, load_thresholds
 
 app = typer.Typer(add_completion=False, help="Backdoor audits of outsourced models by cross-examination.")
 zoo_app = typer.Typer(add_completion=False, help="Train providers' models and audit sets on real data.")
@@ -33,6 +34,10 @@ def audit(
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+    profile: Annotated[
+        str,
+        typer.Option("--profile", help="Threshold profile: 'any' (default) or a task calibrated on its clean pairs"),
+    ] = DEFAULT_PROFILE,
 ) -> None:
     """Audit two models, each with the other as witness. Exit 0 clean, 1 backdoor, 2 inconclusive."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
@@ -45,8 +50,13 @@ def audit(
         if not torch.cuda.is_available():
             stderr.print("error: --device cuda requested but no CUDA device is available")
             raise typer.Exit(2)
+    try:
+        thresholds = load_thresholds(profile)
+    except ValueError as exc:
+        stderr.print(f"error: {exc}")
+        raise typer.Exit(2) from exc
     result = run_audit(
-        suspect, witness, str(data), seed=seed, device=device,
+        suspect, witness, str(data), seed=seed, device=device, thresholds=thresholds,
         progress=lambda message: stderr.print(f"[dim]{message}[/dim]"),
     )  # fmt: skip
     report = result.report
@@ -120,8 +130,49 @@ def calibrate(
     from crossaudit.calibrate import calibrate as run_calibration
     from crossaudit.calibrate import write_thresholds
 
-    thresholds, runs = run_calibration()
-    write_thresholds(thresholds, runs, out)
+    profiles, runs = run_calibration()
+    write_thresholds(profiles, runs, out)
     for run in runs:
         print(run.pair, {k: round(v, 3) for k, v in run.scores.items()})
-    print(f"{out}: {thresholds.per_family}")
+    for thresholds in profiles:
+        print(f"{out}: profile {thresholds.profile}: {thresholds.per_family}")
+
+
+@app.command("audit-version")
+def audit_version(
+    uri: Annotated[str, typer.Argument(help="models:/NAME/VERSION or models:/NAME@ALIAS")],
+    tracking_uri: Annotated[str, typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI")],
+    kfp_host: Annotated[str | None, typer.Option("--kfp-host", help="Submit to this Kubeflow Pipelines host")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+    alias: Annotated[str, typer.Option("--alias", help="Promotion alias the gate may set")] = "production",
+) -> None:
+    """Audit a registered version against its peers through the pipeline (kfp.local, or a
+    cluster with --kfp-host). Exit 0 passed, 1 failed, 2 anything else (or submitted)."""
+    from pipelines.runner import audit_version as run_pipeline
+
+    try:
+        submission = run_pipeline(uri, tracking_uri, kfp_host, seed, device, alias)
+    except AuditError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from exc
+    run = f" (KFP run {submission.kfp_run_id})" if submission.kfp_run_id else ""
+    print(f"{submission.version.uri}: {submission.status}{run}; peers {', '.join(submission.peers) or 'none'}")
+    raise typer.Exit({"passed": 0, "failed": 1}.get(submission.status, 2))
+
+
+@app.command()
+def check(
+    uri: Annotated[str, typer.Argument(help="models:/NAME@production or models:/NAME/VERSION")],
+    tracking_uri: Annotated[str, typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI")],
+) -> None:
+    """For deploy scripts: exit 0 only when the version behind URI passed its audit."""
+    from crossaudit import registry
+
+    try:
+        passed, line = registry.check(registry.client(tracking_uri), uri)
+    except AuditError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from exc
+    print(line)
+    raise typer.Exit(0 if passed else 1)

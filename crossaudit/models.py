@@ -11,7 +11,6 @@ translation must then reproduce ONNX Runtime on the audit data (`parity_check`).
 from __future__ import annotations
 
 import io
-import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -26,8 +25,6 @@ from torch import Tensor, nn
 
 from crossaudit.errors import AuditError, ModelLoadError, ParityError
 from crossaudit.onnx_torch import OnnxModule
-
-os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
 
 DEFAULT_MAX_MODEL_BYTES = 512 * 1024 * 1024
 MAX_TENSOR_ELEMENTS = 128 * 1024 * 1024

@@ -30,19 +30,41 @@ MIN_FOOTPRINT = 1e-4
 MIN_SUCCESS = 0.05
 
 
+DEFAULT_PROFILE = "any"
+
+
 @dataclass(frozen=True)
 class Thresholds:
+    """Per-family thresholds of one calibration profile.
+
+    A profile is the set of clean pairs it was calibrated on: `any` takes every task's
+    clean pairs (the conservative default for a task never calibrated), a task's own
+    profile only that task's. How far clean pairs spread depends on the task (Fashion-MNIST
+    has natural shortcuts that digits lacks), so a task's own profile detects more at the
+    same false-positive rate on that task.
+    """
+
     per_family: dict[str, float]
     calibrated_by: str
     clean_pairs: int
+    profile: str = DEFAULT_PROFILE
 
 
-def load_thresholds() -> Thresholds:
+def profiles() -> list[str]:
     raw = json.loads(resources.files("crossaudit").joinpath("thresholds.json").read_text())
+    return sorted(raw["profiles"])
+
+
+def load_thresholds(profile: str = DEFAULT_PROFILE) -> Thresholds:
+    raw = json.loads(resources.files("crossaudit").joinpath("thresholds.json").read_text())
+    if profile not in raw["profiles"]:
+        raise ValueError(f"unknown threshold profile {profile!r}; calibrated profiles: {sorted(raw['profiles'])}")
+    chosen = raw["profiles"][profile]
     return Thresholds(
-        {k: float(v) for k, v in raw["per_family"].items()},
+        {k: float(v) for k, v in chosen["per_family"].items()},
         str(raw["calibrated_by"]),
-        int(raw["clean_pairs"]),
+        int(chosen["clean_pairs"]),
+        profile,
     )
 
 
@@ -93,6 +115,7 @@ class ModelReport:
     verdict: Verdict
     score: float | None = None
     threshold: float | None = None
+    threshold_profile: str | None = None
     asr: float | None = None
     target: int | None = None
     mask_l1: float | None = None
@@ -116,6 +139,7 @@ def judge(uri: str, findings: list[Finding], thresholds: Thresholds) -> ModelRep
         verdict=verdict,
         score=round(best.score, 4),
         threshold=threshold,
+        threshold_profile=thresholds.profile,
         asr=round(best.asr, 4),
         target=best.target if verdict == "backdoor" else None,
         mask_l1=round(best.mask_l1, 3),

@@ -1,0 +1,36 @@
+"""Stage 5: verdict over every peer, the audit run in MLflow, version tags, promotion gate."""
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Output
+
+from components import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def gate(
+    model_uri: str,
+    tracking_uri: str,
+    audit_data_uri: str,
+    promotion_alias: str,
+    threshold_profile: str,
+    pair_results: Input[list[Dataset]],
+    report: Output[HTML],
+) -> str:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from crossaudit.steps import gate_step
+
+    with tempfile.TemporaryDirectory() as out:
+        status = gate_step(
+            model_uri,
+            tracking_uri,
+            audit_data_uri,
+            [Path(a.path) for a in pair_results],
+            promotion_alias,
+            threshold_profile,
+            Path(out),
+        )
+        shutil.copy(Path(out) / "peer_1" / "report.html", report.path)
+    return status

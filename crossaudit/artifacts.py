@@ -1,0 +1,123 @@
+"""What one audit stage hands to the next, on disk, without pickle.
+
+The pipeline runs each stage in its own process (a KFP component, possibly on another
+node), so every intermediate result has a file form: features and trigger parameters as
+`.npz` (numpy arrays, loaded with `allow_pickle=False`), everything else as JSON. A stage's
+output folder carries its upstream's files forward, so the last one holds the whole story
+of a pair: `pair.json`, `alignment.json`, `triggers.npz` + `triggers.json`, `findings.json`.
+An error is carried forward the same way, so a pair that could not be audited reaches the
+gate as an error, never as silence.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crossaudit.cka import Alignment
+from crossaudit.inversion import FAMILY_CLASSES, Trigger, TriggerFamily
+from crossaudit.verdict import Finding
+
+PAIR = "pair.json"
+
+
+@dataclass
+class PairRecord:
+    """The pair as the first stage saw it: what later stages must find unchanged."""
+
+    uris: list[str]
+    clean_accuracy: list[float | None]
+    parity_max_abs_diff: list[float | None]
+    clean_agreement: float | None
+    seed: int
+    error: str | None = None
+
+
+def carry(upstream: Path, out: Path) -> None:
+    """Start a stage's output folder with everything its upstream produced."""
+    shutil.copytree(upstream, out, dirs_exist_ok=True)
+
+
+def write_pair(record: PairRecord, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PAIR).write_text(json.dumps(asdict(record), indent=1))
+
+
+def read_pair(folder: Path) -> PairRecord:
+    return PairRecord(**json.loads((folder / PAIR).read_text()))
+
+
+def write_features(features: list[dict[str, np.ndarray]], out: Path) -> None:
+    arrays = {f"{index}/{tap}": values for index, taps in enumerate(features) for tap, values in taps.items()}
+    order = [list(taps) for taps in features]
+    np.savez(out / "features.npz", **arrays)
+    (out / "features.json").write_text(json.dumps(order))
+
+
+def read_features(folder: Path) -> list[dict[str, np.ndarray]]:
+    order = json.loads((folder / "features.json").read_text())
+    with np.load(folder / "features.npz", allow_pickle=False) as arrays:
+        return [{tap: arrays[f"{index}/{tap}"] for tap in taps} for index, taps in enumerate(order)]
+
+
+def write_alignment(alignment: Alignment, out: Path) -> None:
+    record = asdict(alignment)
+    record["matrix"] = alignment.matrix.tolist()
+    (out / "alignment.json").write_text(json.dumps(record, indent=1))
+
+
+def read_alignment(folder: Path) -> Alignment:
+    record = json.loads((folder / "alignment.json").read_text())
+    record["matrix"] = np.array(record["matrix"], dtype=np.float64)
+    return Alignment(**record)
+
+
+def write_triggers(triggers: list[list[Trigger]], shape: tuple[int, ...], out: Path) -> None:
+    """Each direction's trigger families (their parameters) and which targets were kept."""
+    arrays: dict[str, np.ndarray] = {}
+    listing = []
+    for index, found in enumerate(triggers):
+        for trigger in found:
+            prefix = f"{index}/{trigger.family_name}"
+            for name, value in trigger.family.state_dict().items():
+                arrays[f"{prefix}/{name}"] = value.detach().cpu().numpy()
+            listing.append(
+                {"direction": index, "family": trigger.family_name, "target": trigger.target,
+                 "footprint": trigger.footprint, "pixels": trigger.pixels}
+            )  # fmt: skip
+    np.savez(out / "triggers.npz", **arrays)
+    (out / "triggers.json").write_text(json.dumps({"shape": list(shape), "triggers": listing}, indent=1))
+
+
+def read_triggers(folder: Path, num_classes: int, device: str = "cpu") -> list[list[Trigger]]:
+    meta = json.loads((folder / "triggers.json").read_text())
+    shape = tuple(meta["shape"])
+    families: dict[tuple[int, str], TriggerFamily] = {}
+    found: list[list[Trigger]] = [[], []]
+    with np.load(folder / "triggers.npz", allow_pickle=False) as arrays:
+        for entry in meta["triggers"]:
+            key = (int(entry["direction"]), str(entry["family"]))
+            if key not in families:
+                family = FAMILY_CLASSES[key[1]](num_classes, shape)
+                prefix = f"{key[0]}/{key[1]}/"
+                family.load_state_dict(
+                    {name[len(prefix) :]: torch.from_numpy(arrays[name]) for name in arrays if name.startswith(prefix)}
+                )
+                families[key] = family.to(device).requires_grad_(False)
+            found[key[0]].append(
+                Trigger(key[1], int(entry["target"]), families[key], float(entry["footprint"]), int(entry["pixels"]))
+            )
+    return found
+
+
+def write_findings(findings: list[list[Finding]], out: Path) -> None:
+    (out / "findings.json").write_text(json.dumps([[asdict(f) for f in found] for found in findings], indent=1))
+
+
+def read_findings(folder: Path) -> list[list[Finding]]:
+    return [[Finding(**f) for f in found] for found in json.loads((folder / "findings.json").read_text())]

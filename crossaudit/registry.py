@@ -1,0 +1,250 @@
+"""MLflow: resolve registered versions, record audits, and gate the promotion alias.
+
+Provider files come out of MLflow as *files* (`download_artifacts`), never through a
+flavor's loader, so nothing a provider uploaded is unpickled. The gate is the only code
+that sets the promotion alias, and only on a version whose latest audit passed; every
+other outcome (failed, inconclusive, error, awaiting a peer) leaves production alone.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from crossaudit.errors import AuditError
+from crossaudit.verdict import DEFAULT_PROFILE
+
+EXPERIMENT = "crossaudit"
+PROVIDER_TAG = "provider"
+AUDIT_DATA_TAG = "crossaudit.audit_data"
+PROFILE_TAG = "crossaudit.threshold_profile"
+STATUS = "crossaudit.status"
+VERDICT = "crossaudit.verdict"
+SCORE = "crossaudit.score"
+RUN_ID = "crossaudit.run_id"
+AUDITED_AT = "crossaudit.audited_at"
+PEERS = "crossaudit.peers"
+ERROR = "crossaudit.error"
+DEFAULT_ALIAS = "production"
+FINAL = ("passed", "failed", "inconclusive")
+STATUSES = ("pending", "running", "passed", "failed", "inconclusive", "awaiting-peer", "error")
+_REMOTE = re.compile(r"^(models|runs|mlflow-artifacts|s3|gs|wasbs|https?):")
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+
+
+class RegistryError(AuditError):
+    """The registry could not answer: unknown model, bad URI, server down."""
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    name: str
+    version: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def client(tracking_uri: str | None = None) -> MlflowClient:
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    return MlflowClient()
+
+
+def resolve(mlflow_client: MlflowClient, uri: str) -> ModelVersion:
+    """`models:/NAME/VERSION` or `models:/NAME@ALIAS` to the registered version."""
+    match = _MODELS_URI.match(uri)
+    if match is None:
+        raise RegistryError(f"{uri!r}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    try:
+        if match["version"]:
+            return mlflow_client.get_model_version(match["name"], match["version"])
+        return mlflow_client.get_model_version_by_alias(match["name"], match["alias"])
+    except MlflowException as exc:
+        raise RegistryError(f"{uri}: {exc.message}") from exc
+
+
+def peers_of(mlflow_client: MlflowClient, version: ModelVersion) -> list[ModelVersion]:
+    """The latest version of every *other* provider of the same registered model."""
+    provider = version.tags.get(PROVIDER_TAG)
+    if not provider:
+        raise RegistryError(f"models:/{version.name}/{version.version} has no {PROVIDER_TAG!r} tag")
+    latest: dict[str, ModelVersion] = {}
+    for candidate in mlflow_client.search_model_versions(f"name='{version.name}'"):
+        other = candidate.tags.get(PROVIDER_TAG)
+        if not other or other == provider:
+            continue
+        if other not in latest or int(candidate.version) > int(latest[other].version):
+            latest[other] = candidate
+    return [latest[p] for p in sorted(latest)]
+
+
+def audit_data_uri(mlflow_client: MlflowClient, name: str) -> str:
+    model = mlflow_client.get_registered_model(name)
+    uri = model.tags.get(AUDIT_DATA_TAG)
+    if not uri:
+        raise RegistryError(f"registered model {name!r} has no {AUDIT_DATA_TAG!r} tag pointing at its audit set")
+    return uri
+
+
+def threshold_profile(mlflow_client: MlflowClient, name: str) -> str:
+    """The registered model's calibration profile (`any` unless the task has its own)."""
+    return mlflow_client.get_registered_model(name).tags.get(PROFILE_TAG, DEFAULT_PROFILE)
+
+
+def materialize(uri: str, dest: Path) -> Path:
+    """Copy a model or audit set (local path, `models:/`, `runs:/`, `mlflow-artifacts:/`)
+    into `dest` as plain files and return the path the loaders should open."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if not _REMOTE.match(uri):
+        local = Path(uri.removeprefix("file://"))
+        if not local.exists():
+            raise RegistryError(f"{uri}: no such file or directory")
+        target = dest / local.name
+        if local.is_dir():
+            shutil.copytree(local, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(local, target)
+        return target
+    staging = dest / ".download"
+    try:
+        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging)))
+    except (MlflowException, OSError) as exc:
+        raise RegistryError(f"{uri}: could not download ({exc})") from exc
+    target = dest / (downloaded.name if downloaded.is_file() else "model")
+    downloaded.rename(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def set_status(mlflow_client: MlflowClient, version: VersionRef, status: str, **tags: str) -> None:
+    """Write `crossaudit.status` (and any other audit tags) on a version."""
+    if status not in STATUSES:
+        raise ValueError(f"unknown audit status {status!r}")
+    for key, value in {STATUS: status, **tags}.items():
+        mlflow_client.set_model_version_tag(version.name, version.version, key, value)
+
+
+def append_description(mlflow_client: MlflowClient, version: VersionRef, line: str) -> None:
+    """Add one line to the version's description; the provider's text is kept."""
+    current = mlflow_client.get_model_version(version.name, version.version).description or ""
+    text = f"{current.rstrip()}\n\n{line}" if current.strip() else line
+    mlflow_client.update_model_version(version.name, version.version, description=text)
+
+
+def status_of(mlflow_client: MlflowClient, version: ModelVersion) -> str | None:
+    return version.tags.get(STATUS)
+
+
+def gate(mlflow_client: MlflowClient, version: VersionRef, alias: str = DEFAULT_ALIAS) -> bool:
+    """Point `alias` at `version` when its latest audit passed; never away from a passed
+    version to anything else. Returns whether the alias now points at `version`."""
+    current = mlflow_client.get_model_version(version.name, version.version)
+    if status_of(mlflow_client, current) != "passed":
+        return False
+    try:
+        holder = mlflow_client.get_model_version_by_alias(version.name, alias)
+    except MlflowException:
+        holder = None
+    newer_passed = (
+        holder is not None
+        and int(holder.version) > int(version.version)
+        and status_of(mlflow_client, holder) == "passed"
+    )
+    if newer_passed:
+        return False
+    mlflow_client.set_registered_model_alias(version.name, alias, version.version)
+    return True
+
+
+def check(mlflow_client: MlflowClient, uri: str) -> tuple[bool, str]:
+    """Whether the version behind `uri` passed its audit, and a line saying so."""
+    version = resolve(mlflow_client, uri)
+    status = status_of(mlflow_client, version) or "never audited"
+    return status == "passed", f"{uri} -> version {version.version}: {status}"
+
+
+def record_run(
+    mlflow_client: MlflowClient,
+    version: VersionRef,
+    params: dict[str, str],
+    metrics: dict[str, float],
+    artifacts: Path,
+) -> str:
+    """One MLflow run in experiment `crossaudit` per audit of a version; returns its id."""
+    experiment = mlflow_client.get_experiment_by_name(EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else mlflow_client.create_experiment(EXPERIMENT)
+    run = mlflow_client.create_run(
+        experiment_id,
+        tags={"mlflow.runName": f"audit {version.name} v{version.version}", "crossaudit.model_version": version.uri},
+    )
+    run_id = run.info.run_id
+    try:
+        for key, value in params.items():
+            mlflow_client.log_param(run_id, key, value)
+        for key, value in metrics.items():
+            mlflow_client.log_metric(run_id, key, value)
+        mlflow_client.log_artifacts(run_id, str(artifacts))
+    except Exception:
+        mlflow_client.set_terminated(run_id, "FAILED")
+        raise
+    mlflow_client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def run_link(mlflow_client: MlflowClient, run_id: str) -> str:
+    """The audit run's page in the MLflow UI."""
+    run = mlflow_client.get_run(run_id)
+    return f"{mlflow.get_tracking_uri().rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+def register_version(
+    mlflow_client: MlflowClient, name: str, onnx_path: Path, provider: str, description: str = ""
+) -> VersionRef:
+    """What a provider does: log an ONNX model, register it under `name`, tag its provider.
+
+    The version is created with its `provider` tag in one call, so an audit triggered by
+    the registration always knows who sent it.
+    """
+    import onnx
+
+    mlflow.set_experiment(f"{name}-providers")
+    with mlflow.start_run(run_name=f"{provider} delivery"):
+        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model")
+    try:
+        mlflow_client.get_registered_model(name)
+    except MlflowException:
+        mlflow_client.create_registered_model(name)
+    version = mlflow_client.create_model_version(
+        name, info.model_uri, run_id=info.run_id, tags={PROVIDER_TAG: provider}, description=description,
+        model_id=info.model_id,
+    )  # fmt: skip
+    return VersionRef(name, str(version.version))
+
+
+def publish_audit_data(mlflow_client: MlflowClient, name: str, path: Path) -> str:
+    """Store the auditor's set as a run artifact and point the registered model at it."""
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name=f"audit set for {name}") as run:
+        mlflow.log_artifact(str(path))
+    uri = f"runs:/{run.info.run_id}/{path.name}"
+    try:
+        mlflow_client.get_registered_model(name)
+    except MlflowException:
+        mlflow_client.create_registered_model(name)
+    mlflow_client.set_registered_model_tag(name, AUDIT_DATA_TAG, uri)
+    return uri
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

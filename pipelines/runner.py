@@ -1,0 +1,72 @@
+"""Start the audit pipeline for one registered version: locally (`kfp.local`) or on a cluster.
+
+This is what `crossaudit audit-version` and the webhook receiver call. It pairs the
+version with its peers (the latest version of every other provider), marks it `running`,
+and either runs the pipeline in this machine's Python (SubprocessRunner) or submits the
+compiled IR to Kubeflow Pipelines. A version with no peer yet is `awaiting-peer`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+
+from mlflow.tracking import MlflowClient
+
+from crossaudit import registry
+from pipelines.audit_pipeline import COMPILED, audit_pipeline
+
+
+@dataclass(frozen=True)
+class Submission:
+    version: registry.VersionRef
+    peers: list[str]
+    status: str
+    kfp_run_id: str | None = None
+
+
+def pipeline_arguments(
+    mlflow_client: MlflowClient, uri: str, tracking_uri: str, seed: int, device: str, alias: str
+) -> dict[str, object]:
+    """The pipeline's parameters for one version, read from the registry."""
+    version = registry.resolve(mlflow_client, uri)
+    ref = registry.VersionRef(version.name, version.version)
+    peers = [registry.VersionRef(p.name, p.version).uri for p in registry.peers_of(mlflow_client, version)]
+    return {
+        "model_uri": ref.uri, "peer_uris": peers,
+        "audit_data_uri": registry.audit_data_uri(mlflow_client, version.name),
+        "tracking_uri": tracking_uri, "seed": seed, "device": device, "promotion_alias": alias,
+        "threshold_profile": registry.threshold_profile(mlflow_client, version.name),
+    }  # fmt: skip
+
+
+def audit_version(
+    uri: str,
+    tracking_uri: str,
+    kfp_host: str | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    alias: str = registry.DEFAULT_ALIAS,
+) -> Submission:
+    """Audit `uri` (models:/NAME/VERSION or @ALIAS) against its peers; see module docstring."""
+    mlflow_client = registry.client(tracking_uri)
+    arguments = pipeline_arguments(mlflow_client, uri, tracking_uri, seed, device, alias)
+    ref = registry.VersionRef(*arguments["model_uri"].removeprefix("models:/").split("/"))
+    if not arguments["peer_uris"]:
+        registry.set_status(mlflow_client, ref, "awaiting-peer")
+        return Submission(ref, [], "awaiting-peer")
+    registry.set_status(mlflow_client, ref, "running")
+    if kfp_host:
+        import kfp
+
+        run = kfp.Client(host=kfp_host).create_run_from_pipeline_package(
+            str(COMPILED), arguments=arguments, run_name=f"crossaudit {ref.name} v{ref.version}"
+        )
+        return Submission(ref, arguments["peer_uris"], "running", run.run_id)
+    from kfp import local
+
+    with tempfile.TemporaryDirectory(prefix="crossaudit-kfp-") as root:
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root, raise_on_error=False)
+        audit_pipeline(**arguments)
+    version = mlflow_client.get_model_version(ref.name, ref.version)
+    return Submission(ref, arguments["peer_uris"], registry.status_of(mlflow_client, version) or "error")
