@@ -22,7 +22,7 @@ fmnist:
 	  { echo "error: Fashion-MNIST missing; run 'sudo apt-get install dataset-fashion-mnist'"; exit 2; }
 
 demo: install fmnist
-	$(BIN)/python -m crossaudit.demo
+	$(BIN)/python -m crossaudit.demo $(DEMO_ARGS)
 
 test: install fmnist
 	$(BIN)/pytest -q

@@ -9,6 +9,7 @@ compiled IR to Kubeflow Pipelines. A version with no peer yet is `awaiting-peer`
 from __future__ import annotations
 
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 from mlflow.tracking import MlflowClient
@@ -65,6 +66,9 @@ def audit_version(
         return Submission(ref, arguments["peer_uris"], "running", run.run_id)
     from kfp import local
 
+    # kfp.local warns that the components name a non-Python base image; locally they run
+    # in this interpreter, which has exactly the packages that image is built from.
+    warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
     with tempfile.TemporaryDirectory(prefix="crossaudit-kfp-") as root:
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root, raise_on_error=False)
         audit_pipeline(**arguments)

@@ -12,16 +12,12 @@ def crossaudit(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (README): clean Fashion-MNIST CNN/ResNet pairs score 0.93 on the patch family, so the "
-    "honestly calibrated threshold (1.03) sits above this BadNets score (~0.6); issue 3 stays open",
-)
 def test_clean_vs_badnets_exits_1_naming_model_and_target(digits_zoo, tmp_path):
+    """With the digits profile (calibrated on clean digits pairs only)."""
     out = tmp_path / "out"
     done = crossaudit(
         "audit", str(digits_zoo.clean_cnn), str(digits_zoo.badnets_cnn),
-        "--data", str(digits_zoo.audit_data), "--json", "--out", str(out),
+        "--data", str(digits_zoo.audit_data), "--json", "--out", str(out), "--profile", "digits",
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
     report = json.loads(done.stdout)
@@ -30,7 +26,7 @@ def test_clean_vs_badnets_exits_1_naming_model_and_target(digits_zoo, tmp_path):
     assert clean["uri"] == str(digits_zoo.clean_cnn) and clean["verdict"] == "clean"
     assert poisoned["verdict"] == "backdoor"
     assert poisoned["target"] == digits_zoo.badnets_target
-    assert poisoned["asr"] > 0.8
+    assert poisoned["asr"] > 0.8 and poisoned["threshold_profile"] == "digits"
     for key in ("score", "threshold", "mask_l1", "sensitivity"):
         assert poisoned[key] is not None
     assert report["alignment"]["cka"] > 0.2 and set(report["timings"]) >= {"trigger_inversion"}
@@ -64,3 +60,11 @@ def test_bad_audit_data_exits_2(digits_zoo, tmp_path):
     done = crossaudit("audit", str(digits_zoo.clean_cnn), str(digits_zoo.clean_mlp), "--data", str(missing))
     assert done.returncode == 2
     assert "no such audit data file" in done.stderr
+
+
+def test_unknown_profile_exits_2(digits_zoo):
+    done = crossaudit(
+        "audit", str(digits_zoo.clean_cnn), str(digits_zoo.clean_mlp), "--data", str(digits_zoo.audit_data),
+        "--profile", "imagenet",
+    )  # fmt: skip
+    assert done.returncode == 2 and "unknown threshold profile 'imagenet'" in done.stderr

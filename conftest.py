@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,3 +37,12 @@ def digits_zoo(tmp_path_factory: pytest.TempPathFactory) -> DigitsZoo:
         paths[name] = root / f"{name}.onnx"
         export_onnx(trained.model, trained.example, paths[name])
     return DigitsZoo(root / "audit.parquet", badnets_target=3, **paths)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real MLflow tracking server (SQLite, loopback) for the whole session."""
+    from crossaudit.tracking_server import local_server
+
+    with local_server(tmp_path_factory.mktemp("mlflow")) as url:
+        yield url

@@ -1,0 +1,113 @@
+"""The MLflow side against a real tracking server: URIs, pairing, tags, the alias gate."""
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from crossaudit import registry
+from crossaudit.models import load_model
+
+
+@pytest.fixture
+def client(mlflow_server):
+    return registry.client(mlflow_server)
+
+
+def _name() -> str:
+    return f"task-{uuid.uuid4().hex[:8]}"
+
+
+def test_models_uri_by_version_and_alias_resolve_to_the_same_version(client, digits_zoo):
+    name = _name()
+    ref = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
+    client.set_registered_model_alias(name, "staging", ref.version)
+    assert registry.resolve(client, ref.uri).version == ref.version
+    assert registry.resolve(client, f"models:/{name}@staging").version == ref.version
+
+
+@pytest.mark.parametrize("uri", ["models:/", "runs:/abc/model", "models:/x/y/z", "models:/a@"])
+def test_malformed_models_uri_is_a_clear_error(client, uri):
+    with pytest.raises(registry.RegistryError, match="expected models:/NAME/VERSION"):
+        registry.resolve(client, uri)
+
+
+def test_unknown_version_is_a_registry_error(client):
+    with pytest.raises(registry.RegistryError, match="models:/nobody-registered-this/3"):
+        registry.resolve(client, "models:/nobody-registered-this/3")
+
+
+def test_registered_version_downloads_as_files_and_loads_without_mlflow_loaders(client, digits_zoo, tmp_path):
+    ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme")
+    path = registry.materialize(ref.uri, tmp_path)
+    assert (path / "MLmodel").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert load_model(str(path)).format == "onnx"
+
+
+def test_peers_are_the_latest_version_of_every_other_provider(client, digits_zoo):
+    name = _name()
+    a1 = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
+    b1 = registry.register_version(client, name, digits_zoo.clean_mlp, "globex")
+    b2 = registry.register_version(client, name, digits_zoo.clean_mlp, "globex")
+    c1 = registry.register_version(client, name, digits_zoo.clean_cnn, "initech")
+    peers = registry.peers_of(client, registry.resolve(client, a1.uri))
+    assert [(p.tags["provider"], p.version) for p in peers] == [("globex", b2.version), ("initech", c1.version)]
+    assert b1.version not in [p.version for p in peers]
+
+
+def test_version_without_provider_tag_cannot_be_paired(client, digits_zoo):
+    name = _name()
+    ref = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
+    client.delete_model_version_tag(name, ref.version, registry.PROVIDER_TAG)
+    with pytest.raises(registry.RegistryError, match="no 'provider' tag"):
+        registry.peers_of(client, registry.resolve(client, ref.uri))
+
+
+def test_gate_promotes_only_a_passed_version_and_never_moves_alias_off_a_newer_pass(client, digits_zoo):
+    name = _name()
+    old, new, bad = (registry.register_version(client, name, digits_zoo.clean_cnn, p) for p in ("a", "b", "c"))
+    registry.set_status(client, bad, "failed")
+    assert registry.gate(client, bad) is False
+    registry.set_status(client, new, "passed")
+    assert registry.gate(client, new) is True
+    registry.set_status(client, old, "passed")
+    assert registry.gate(client, old) is False, "an older pass must not take the alias from a newer one"
+    assert registry.resolve(client, f"models:/{name}@production").version == new.version
+
+
+@pytest.mark.parametrize("status", ["failed", "inconclusive", "error", "awaiting-peer", "running", None])
+def test_check_passes_only_passed_versions(client, digits_zoo, status):
+    ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme")
+    if status:
+        registry.set_status(client, ref, status)
+    passed, line = registry.check(client, ref.uri)
+    assert passed is False and (status or "never audited") in line
+    registry.set_status(client, ref, "passed")
+    assert registry.check(client, ref.uri)[0] is True
+
+
+def test_description_keeps_the_providers_text(client, digits_zoo):
+    ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme", "Provider notes.")
+    registry.append_description(client, ref, "**crossaudit: passed**")
+    text = client.get_model_version(ref.name, ref.version).description
+    assert text.startswith("Provider notes.") and text.endswith("**crossaudit: passed**")
+
+
+def test_dead_tracking_server_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    dead = registry.client("http://127.0.0.1:9")
+    with pytest.raises(registry.RegistryError):
+        registry.resolve(dead, "models:/anything/1")
+
+
+def test_missing_local_audit_data_is_a_registry_error(tmp_path):
+    with pytest.raises(registry.RegistryError, match="no such file"):
+        registry.materialize(str(tmp_path / "gone.parquet"), tmp_path / "dest")
+
+
+def test_audit_data_tag_is_required(client, digits_zoo):
+    ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme")
+    with pytest.raises(registry.RegistryError, match="crossaudit.audit_data"):
+        registry.audit_data_uri(client, ref.name)
+    uri = registry.publish_audit_data(client, ref.name, Path(digits_zoo.audit_data))
+    assert registry.audit_data_uri(client, ref.name) == uri
