@@ -46,3 +46,42 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     with local_server(tmp_path_factory.mktemp("mlflow")) as url:
         yield url
+
+
+@dataclass(frozen=True)
+class StageFolders:
+    """Every stage's output for one clean digits pair, made by the library in-process."""
+
+    suspect: Path
+    witness: Path
+    data: Path
+    features: Path
+    alignment: Path
+    triggers: Path
+    findings: Path
+    uris: list[str]
+
+
+@pytest.fixture(scope="session")
+def stage_folders(digits_zoo: DigitsZoo, tmp_path_factory: pytest.TempPathFactory) -> StageFolders:
+    from crossaudit import steps
+
+    root = tmp_path_factory.mktemp("stages")
+    uris = [str(digits_zoo.clean_cnn), str(digits_zoo.clean_mlp)]
+    inputs = [root / "suspect", root / "witness", root / "data"]
+    steps.fetch_inputs(*uris, str(digits_zoo.audit_data), "", *inputs)
+    outs = [root / name for name in ("features", "alignment", "triggers", "findings")]
+    steps.extract_step(uris, *inputs, 0, "cpu", outs[0])
+    steps.alignment_step(outs[0], outs[1])
+    steps.inversion_step(outs[1], *inputs, "cpu", outs[2])
+    steps.sensitivity_step(outs[2], *inputs, "cpu", outs[3])
+    return StageFolders(*inputs, *outs, uris)
+
+
+@pytest.fixture
+def kfp_local(tmp_path: Path) -> Path:
+    """kfp.local in this interpreter (the image's packages), outputs under tmp_path."""
+    from kfp import local
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    return tmp_path / "kfp"

@@ -60,7 +60,8 @@ def _pair(record: PairRecord, suspect: Path, witness: Path, data: Path, device: 
 def fetch_inputs(
     suspect_uri: str, witness_uri: str, data_uri: str, tracking_uri: str, suspect: Path, witness: Path, data: Path
 ) -> None:
-    """Bring both models and the audit set out of MLflow (or the file system) as files."""
+    """Bring both models and the audit set out of MLflow (or the file system) as files.
+    An empty `tracking_uri` keeps MLflow's own default (environment or local)."""
     if tracking_uri:
         registry.client(tracking_uri)
     for uri, dest in ((suspect_uri, suspect), (witness_uri, witness), (data_uri, data)):

@@ -107,7 +107,7 @@ def test_missing_local_audit_data_is_a_registry_error(tmp_path):
 
 def test_audit_data_tag_is_required(client, digits_zoo):
     ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme")
-    with pytest.raises(registry.RegistryError, match="crossaudit.audit_data"):
+    with pytest.raises(registry.RegistryError, match=r"crossaudit\.audit_data"):
         registry.audit_data_uri(client, ref.name)
     uri = registry.publish_audit_data(client, ref.name, Path(digits_zoo.audit_data))
     assert registry.audit_data_uri(client, ref.name) == uri
