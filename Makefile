@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install demo test lint fmnist clean
+.PHONY: install demo test bench lint fmnist clean
 
 $(BIN)/crossaudit: pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (crossaudit needs Python 3.11)"; exit 2; }
@@ -26,6 +26,9 @@ demo: install fmnist
 
 test: install fmnist
 	$(BIN)/pytest -q
+
+bench: install fmnist
+	$(BIN)/python -m benchmarks.pipeline_overhead
 
 lint: install
 	$(BIN)/ruff check .
