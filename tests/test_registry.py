@@ -111,3 +111,22 @@ def test_audit_data_tag_is_required(client, digits_zoo):
         registry.audit_data_uri(client, ref.name)
     uri = registry.publish_audit_data(client, ref.name, Path(digits_zoo.audit_data))
     assert registry.audit_data_uri(client, ref.name) == uri
+
+
+def test_check_command_exit_codes_for_deploy_scripts(client, mlflow_server, digits_zoo):
+    import subprocess
+    import sys
+
+    ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme")
+
+    def check(uri: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "crossaudit", "check", uri, "--tracking-uri", mlflow_server]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    registry.set_status(client, ref, "failed")
+    assert check(ref.uri).returncode == 1
+    registry.set_status(client, ref, "passed")
+    assert registry.gate(client, ref)
+    done = check(f"models:/{ref.name}@production")
+    assert done.returncode == 0 and "passed" in done.stdout
+    assert check("models:/no-such-model@production").returncode == 2
