@@ -167,6 +167,19 @@ def gate(mlflow_client: MlflowClient, version: VersionRef, alias: str = DEFAULT_
     return True
 
 
+def revoke(mlflow_client: MlflowClient, version: VersionRef, alias: str = DEFAULT_ALIAS) -> bool:
+    """Take `alias` off `version` when it holds it (a re-audit that did not pass).
+    Returns whether it was removed."""
+    try:
+        holder = mlflow_client.get_model_version_by_alias(version.name, alias)
+    except MlflowException:
+        return False
+    if holder.version != version.version:
+        return False
+    mlflow_client.delete_registered_model_alias(version.name, alias)
+    return True
+
+
 def check(mlflow_client: MlflowClient, uri: str) -> tuple[bool, str]:
     """Whether the version behind `uri` passed its audit, and a line saying so."""
     version = resolve(mlflow_client, uri)

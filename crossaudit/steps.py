@@ -192,7 +192,8 @@ def gate_step(
     model_uri: str, tracking_uri: str, data_uri: str, pair_folders: list[Path], alias: str, profile: str, out: Path
 ) -> str:
     """Stage 5: judge every peer's audit of the version, record it in MLflow as one run,
-    tag the version, and move the promotion alias only when it passed. Returns the status."""
+    tag the version, and move the promotion alias only when it passed; a version that
+    holds the alias and no longer passes loses it. Returns the status."""
     mlflow_client = registry.client(tracking_uri)
     version = registry.resolve(mlflow_client, model_uri)
     ref = registry.VersionRef(version.name, version.version)
@@ -220,6 +221,8 @@ def gate_step(
         mlflow_client, ref, f"**crossaudit: {status}** ([audit run]({registry.run_link(mlflow_client, run_id)}))"
     )
     promoted = registry.gate(mlflow_client, ref, alias)
+    if status != "passed":
+        registry.revoke(mlflow_client, ref, alias)
     (out / "gate.json").write_text(json.dumps({"status": status, "promoted": promoted, "run_id": run_id}))
     return status
 

@@ -75,6 +75,17 @@ def test_gate_promotes_only_a_passed_version_and_never_moves_alias_off_a_newer_p
     assert registry.resolve(client, f"models:/{name}@production").version == new.version
 
 
+def test_revoke_takes_the_alias_only_from_its_holder(client, digits_zoo):
+    name = _name()
+    holder, other = (registry.register_version(client, name, digits_zoo.clean_cnn, p) for p in ("a", "b"))
+    registry.set_status(client, holder, "passed")
+    assert registry.gate(client, holder)
+    assert registry.revoke(client, other) is False
+    assert registry.revoke(client, holder) is True
+    with pytest.raises(registry.RegistryError):
+        registry.resolve(client, f"models:/{name}@production")
+
+
 @pytest.mark.parametrize("status", ["failed", "inconclusive", "error", "awaiting-peer", "running", None])
 def test_check_passes_only_passed_versions(client, digits_zoo, status):
     ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme")
