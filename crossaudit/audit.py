@@ -259,9 +259,8 @@ def pair_verdicts(
 
 def _load_checked(uri: str, data: AuditData, device: str) -> tuple[LoadedModel, float | None]:
     model = load_model(uri)
-    diff = parity_check(model, data.x, device)
     model.module.to(device).requires_grad_(False).eval()
-    return model, diff
+    return model, parity_check(model, data.x, device)
 
 
 def run_audit(
