@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,3 +86,17 @@ def kfp_local(tmp_path: Path) -> Path:
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
     return tmp_path / "kfp"
+
+
+@pytest.fixture
+def fetch_clean_pair(digits_zoo: DigitsZoo) -> Callable[[], Any]:
+    """Inside a test pipeline (or alone): the feature_extraction task for the clean digits pair."""
+    from components.feature_extraction.component import feature_extraction
+
+    def fetch() -> Any:
+        return feature_extraction(
+            model_uri=str(digits_zoo.clean_cnn), peer_uri=str(digits_zoo.clean_mlp),
+            audit_data_uri=str(digits_zoo.audit_data), tracking_uri="", seed=0, device="cpu",
+        )  # fmt: skip
+
+    return fetch

@@ -49,6 +49,10 @@ class VersionRef:
     name: str
     version: str
 
+    @classmethod
+    def of(cls, version: ModelVersion) -> VersionRef:
+        return cls(version.name, str(version.version))
+
     @property
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
@@ -142,7 +146,7 @@ def append_description(mlflow_client: MlflowClient, version: VersionRef, line: s
     mlflow_client.update_model_version(version.name, version.version, description=text)
 
 
-def status_of(mlflow_client: MlflowClient, version: ModelVersion) -> str | None:
+def status_of(version: ModelVersion) -> str | None:
     return version.tags.get(STATUS)
 
 
@@ -150,17 +154,13 @@ def gate(mlflow_client: MlflowClient, version: VersionRef, alias: str = DEFAULT_
     """Point `alias` at `version` when its latest audit passed; never away from a passed
     version to anything else. Returns whether the alias now points at `version`."""
     current = mlflow_client.get_model_version(version.name, version.version)
-    if status_of(mlflow_client, current) != "passed":
+    if status_of(current) != "passed":
         return False
     try:
         holder = mlflow_client.get_model_version_by_alias(version.name, alias)
     except MlflowException:
         holder = None
-    newer_passed = (
-        holder is not None
-        and int(holder.version) > int(version.version)
-        and status_of(mlflow_client, holder) == "passed"
-    )
+    newer_passed = holder is not None and int(holder.version) > int(version.version) and status_of(holder) == "passed"
     if newer_passed:
         return False
     mlflow_client.set_registered_model_alias(version.name, alias, version.version)
@@ -183,7 +183,7 @@ def revoke(mlflow_client: MlflowClient, version: VersionRef, alias: str = DEFAUL
 def check(mlflow_client: MlflowClient, uri: str) -> tuple[bool, str]:
     """Whether the version behind `uri` passed its audit, and a line saying so."""
     version = resolve(mlflow_client, uri)
-    status = status_of(mlflow_client, version) or "never audited"
+    status = status_of(version) or "never audited"
     return status == "passed", f"{uri} -> version {version.version}: {status}"
 
 

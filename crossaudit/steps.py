@@ -42,7 +42,7 @@ from crossaudit.audit import (
     pair_verdicts,
     prepare_pair,
 )
-from crossaudit.data import read_audit_data
+from crossaudit.data import AuditData, read_audit_data
 from crossaudit.errors import AuditError
 from crossaudit.report import write_outputs
 from crossaudit.verdict import AuditReport, ModelReport, Thresholds, load_thresholds, overall
@@ -51,7 +51,9 @@ log = logging.getLogger(__name__)
 
 
 def _pair(record: PairRecord, suspect: Path, witness: Path, data: Path, device: str) -> Pair:
-    pair = prepare_pair([str(suspect), str(witness)], str(data), record.seed, device, AuditConfig())
+    """The pair rebuilt from the fetched folders, reported under the URIs it came from."""
+    entries = [str(_only_entry(folder)) for folder in (suspect, witness, data)]
+    pair = prepare_pair(entries[:2], entries[2], record.seed, device, AuditConfig())
     for report, uri in zip(pair.reports, record.uris, strict=True):
         report.uri = uri
     return pair
@@ -76,13 +78,20 @@ def _only_entry(folder: Path) -> Path:
     return entries[0]
 
 
+def _resume(upstream: Path, out: Path) -> PairRecord | None:
+    """Start a stage from its upstream's files; None when the pair already carries an error."""
+    carry(upstream, out)
+    record = read_pair(out)
+    return None if record.error else record
+
+
 def extract_step(
     uris: list[str], suspect: Path, witness: Path, data: Path, seed: int, device: str, out: Path
 ) -> float | None:
     """Stage 1. Returns the clean agreement, or None when the pair cannot be audited."""
     record = PairRecord(uris, [None, None], [None, None], None, seed)
     try:
-        pair = _pair(record, _only_entry(suspect), _only_entry(witness), _only_entry(data), device)
+        pair = _pair(record, suspect, witness, data, device)
         record.clean_accuracy = [r.clean_accuracy for r in pair.reports]
         record.parity_max_abs_diff = [r.parity_max_abs_diff for r in pair.reports]
         record.clean_agreement = pair.agreement
@@ -96,9 +105,8 @@ def extract_step(
 
 def alignment_step(features: Path, out: Path) -> float | None:
     """Stage 2. Returns the best CKA, or None when the pair carries an error."""
-    carry(features, out)
-    record = read_pair(out)
-    if record.error:
+    record = _resume(features, out)
+    if record is None:
         return None
     try:
         alignment = pair_alignment(read_features(features), AuditConfig())
@@ -112,11 +120,10 @@ def alignment_step(features: Path, out: Path) -> float | None:
 
 def inversion_step(alignment: Path, suspect: Path, witness: Path, data: Path, device: str, out: Path) -> int:
     """Stage 3. Returns how many triggers were recovered."""
-    carry(alignment, out)
-    record = read_pair(out)
-    if record.error:
+    record = _resume(alignment, out)
+    if record is None:
         return 0
-    pair = _pair(record, _only_entry(suspect), _only_entry(witness), _only_entry(data), device)
+    pair = _pair(record, suspect, witness, data, device)
     triggers = pair_triggers(pair, read_alignment(out), AuditConfig(), record.seed)
     write_triggers(triggers, tuple(pair.data.x.shape[1:]), out)
     return sum(len(found) for found in triggers)
@@ -124,18 +131,17 @@ def inversion_step(alignment: Path, suspect: Path, witness: Path, data: Path, de
 
 def sensitivity_step(triggers: Path, suspect: Path, witness: Path, data: Path, device: str, out: Path) -> int:
     """Stage 4. Returns how many findings were measured."""
-    carry(triggers, out)
-    record = read_pair(out)
-    if record.error:
+    record = _resume(triggers, out)
+    if record is None:
         return 0
-    pair = _pair(record, _only_entry(suspect), _only_entry(witness), _only_entry(data), device)
+    pair = _pair(record, suspect, witness, data, device)
     found = read_triggers(out, pair.data.num_classes, device)
     findings = pair_findings(pair, read_alignment(out), found, AuditConfig(), record.seed)
     write_findings(findings, out)
     return sum(len(f) for f in findings)
 
 
-def pair_result(folder: Path, data_path: Path | None, thresholds: Thresholds) -> AuditResult:
+def pair_result(folder: Path, data: AuditData | None, thresholds: Thresholds) -> AuditResult:
     """Stage 5 for one pair: judge its findings and rebuild the full audit result."""
     record = read_pair(folder)
     reports = [
@@ -151,9 +157,9 @@ def pair_result(folder: Path, data_path: Path | None, thresholds: Thresholds) ->
         result.alignment = read_alignment(folder)
         report.alignment = result.alignment.summary()
         report.models = pair_verdicts(reports, read_findings(folder), thresholds)
-        if data_path is not None:
-            result.data = read_audit_data(data_path)
-            result.triggers = dict(enumerate(read_triggers(folder, result.data.num_classes)))
+        if data is not None:
+            result.data = data
+            result.triggers = dict(enumerate(read_triggers(folder, data.num_classes)))
     report.verdict = overall(report.models)
     return result
 
@@ -196,11 +202,11 @@ def gate_step(
     holds the alias and no longer passes loses it. Returns the status."""
     mlflow_client = registry.client(tracking_uri)
     version = registry.resolve(mlflow_client, model_uri)
-    ref = registry.VersionRef(version.name, version.version)
+    ref = registry.VersionRef.of(version)
     with tempfile.TemporaryDirectory() as tmp:
-        data_path = registry.materialize(data_uri, Path(tmp))
-        thresholds = load_thresholds(profile)
-        results = [pair_result(folder, data_path, thresholds) for folder in pair_folders]
+        data = read_audit_data(registry.materialize(data_uri, Path(tmp)))
+    thresholds = load_thresholds(profile)
+    results = [pair_result(folder, data, thresholds) for folder in pair_folders]
     status = version_status(results)
     for index, result in enumerate(results):
         write_outputs(result, out / f"peer_{index + 1}")
@@ -232,12 +238,12 @@ def close_audit(model_uri: str, tracking_uri: str, state: str, message: str) -> 
     the version `error` (fail closed: a missing result never reads as passed)."""
     mlflow_client = registry.client(tracking_uri)
     version = registry.resolve(mlflow_client, model_uri)
-    status = registry.status_of(mlflow_client, version)
+    status = registry.status_of(version)
     if state == "SUCCEEDED" and status in registry.FINAL:
         return status
     reason = message or f"audit pipeline ended {state} without a verdict"
     registry.set_status(
-        mlflow_client, registry.VersionRef(version.name, version.version), "error",
+        mlflow_client, registry.VersionRef.of(version), "error",
         **{registry.ERROR: reason[:4000], registry.AUDITED_AT: registry.now()},
     )  # fmt: skip
     return "error"

@@ -50,11 +50,6 @@ class Thresholds:
     profile: str = DEFAULT_PROFILE
 
 
-def profiles() -> list[str]:
-    raw = json.loads(resources.files("crossaudit").joinpath("thresholds.json").read_text())
-    return sorted(raw["profiles"])
-
-
 def load_thresholds(profile: str = DEFAULT_PROFILE) -> Thresholds:
     raw = json.loads(resources.files("crossaudit").joinpath("thresholds.json").read_text())
     if profile not in raw["profiles"]:

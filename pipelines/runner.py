@@ -12,6 +12,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from crossaudit import registry
@@ -27,14 +28,12 @@ class Submission:
 
 
 def pipeline_arguments(
-    mlflow_client: MlflowClient, uri: str, tracking_uri: str, seed: int, device: str, alias: str
+    mlflow_client: MlflowClient, version: ModelVersion, tracking_uri: str, seed: int, device: str, alias: str
 ) -> dict[str, object]:
     """The pipeline's parameters for one version, read from the registry."""
-    version = registry.resolve(mlflow_client, uri)
-    ref = registry.VersionRef(version.name, version.version)
-    peers = [registry.VersionRef(p.name, p.version).uri for p in registry.peers_of(mlflow_client, version)]
+    peers = [registry.VersionRef.of(p).uri for p in registry.peers_of(mlflow_client, version)]
     return {
-        "model_uri": ref.uri, "peer_uris": peers,
+        "model_uri": registry.VersionRef.of(version).uri, "peer_uris": peers,
         "audit_data_uri": registry.audit_data_uri(mlflow_client, version.name),
         "tracking_uri": tracking_uri, "seed": seed, "device": device, "promotion_alias": alias,
         "threshold_profile": registry.threshold_profile(mlflow_client, version.name),
@@ -51,8 +50,9 @@ def audit_version(
 ) -> Submission:
     """Audit `uri` (models:/NAME/VERSION or @ALIAS) against its peers; see module docstring."""
     mlflow_client = registry.client(tracking_uri)
-    arguments = pipeline_arguments(mlflow_client, uri, tracking_uri, seed, device, alias)
-    ref = registry.VersionRef(*arguments["model_uri"].removeprefix("models:/").split("/"))
+    version = registry.resolve(mlflow_client, uri)
+    ref = registry.VersionRef.of(version)
+    arguments = pipeline_arguments(mlflow_client, version, tracking_uri, seed, device, alias)
     if not arguments["peer_uris"]:
         registry.set_status(mlflow_client, ref, "awaiting-peer")
         return Submission(ref, [], "awaiting-peer")
@@ -72,5 +72,5 @@ def audit_version(
     with tempfile.TemporaryDirectory(prefix="crossaudit-kfp-") as root:
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root, raise_on_error=False)
         audit_pipeline(**arguments)
-    version = mlflow_client.get_model_version(ref.name, ref.version)
-    return Submission(ref, arguments["peer_uris"], registry.status_of(mlflow_client, version) or "error")
+    finished = mlflow_client.get_model_version(ref.name, ref.version)
+    return Submission(ref, arguments["peer_uris"], registry.status_of(finished) or "error")

@@ -5,7 +5,6 @@ from kfp import dsl
 from kfp.dsl import Dataset, Metrics
 
 from components.cka_alignment.component import cka_alignment
-from components.feature_extraction.component import feature_extraction
 
 
 def test_python_func_picks_the_best_aligned_layer_pair(stage_folders, tmp_path):
@@ -17,13 +16,10 @@ def test_python_func_picks_the_best_aligned_layer_pair(stage_folders, tmp_path):
     assert record["cka"] == max(max(row) for row in record["matrix"]) == metrics.metadata["cka"]
 
 
-def test_kfp_local_run(digits_zoo, kfp_local):
+def test_kfp_local_run(fetch_clean_pair, kfp_local):
     @dsl.pipeline
     def align_only() -> Dataset:
-        fetched = feature_extraction(
-            model_uri=str(digits_zoo.clean_cnn), peer_uri=str(digits_zoo.clean_mlp),
-            audit_data_uri=str(digits_zoo.audit_data), tracking_uri="", seed=0, device="cpu",
-        )  # fmt: skip
+        fetched = fetch_clean_pair()
         return cka_alignment(features=fetched.outputs["features"]).outputs["alignment"]
 
     assert (Path(align_only().output.path) / "alignment.json").is_file()

@@ -30,9 +30,6 @@ def test_unloadable_model_is_carried_as_an_error_not_a_crash(digits_zoo, tmp_pat
     assert "broken.onnx" in (tmp_path / "f" / "pair.json").read_text()
 
 
-def test_kfp_local_run(digits_zoo, kfp_local):
-    task = feature_extraction(
-        model_uri=str(digits_zoo.clean_cnn), peer_uri=str(digits_zoo.clean_mlp),
-        audit_data_uri=str(digits_zoo.audit_data), tracking_uri="", seed=0, device="cpu",
-    )  # fmt: skip
+def test_kfp_local_run(fetch_clean_pair, kfp_local):
+    task = fetch_clean_pair()
     assert (Path(task.outputs["features"].path) / "features.npz").is_file()

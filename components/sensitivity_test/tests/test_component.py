@@ -5,7 +5,6 @@ from kfp import dsl
 from kfp.dsl import Dataset, Model
 
 from components.cka_alignment.component import cka_alignment
-from components.feature_extraction.component import feature_extraction
 from components.sensitivity_test.component import sensitivity_test
 from components.trigger_inversion.component import trigger_inversion
 
@@ -21,13 +20,10 @@ def test_python_func_measures_every_trigger_before_and_after_fine_tuning(stage_f
     assert all(0.0 <= f["asr_after_finetune"] <= 1.0 for found in findings for f in found)
 
 
-def test_kfp_local_run(digits_zoo, kfp_local):
+def test_kfp_local_run(fetch_clean_pair, kfp_local):
     @dsl.pipeline
     def measure_only() -> Dataset:
-        fetched = feature_extraction(
-            model_uri=str(digits_zoo.clean_cnn), peer_uri=str(digits_zoo.clean_mlp),
-            audit_data_uri=str(digits_zoo.audit_data), tracking_uri="", seed=0, device="cpu",
-        )  # fmt: skip
+        fetched = fetch_clean_pair()
         models = {k: fetched.outputs[k] for k in ("suspect_model", "witness_model", "audit_data")}
         aligned = cka_alignment(features=fetched.outputs["features"])
         inverted = trigger_inversion(alignment=aligned.outputs["alignment"], device="cpu", **models)

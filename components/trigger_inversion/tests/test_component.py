@@ -5,7 +5,6 @@ from kfp import dsl
 from kfp.dsl import Dataset, Model
 
 from components.cka_alignment.component import cka_alignment
-from components.feature_extraction.component import feature_extraction
 from components.trigger_inversion.component import trigger_inversion
 
 
@@ -19,13 +18,10 @@ def test_python_func_recovers_triggers_for_both_directions(stage_folders, tmp_pa
     assert count == len(listing) > 0 and {t["direction"] for t in listing} == {0, 1}
 
 
-def test_kfp_local_run(digits_zoo, kfp_local):
+def test_kfp_local_run(fetch_clean_pair, kfp_local):
     @dsl.pipeline
     def invert_only() -> Dataset:
-        fetched = feature_extraction(
-            model_uri=str(digits_zoo.clean_cnn), peer_uri=str(digits_zoo.clean_mlp),
-            audit_data_uri=str(digits_zoo.audit_data), tracking_uri="", seed=0, device="cpu",
-        )  # fmt: skip
+        fetched = fetch_clean_pair()
         aligned = cka_alignment(features=fetched.outputs["features"])
         return trigger_inversion(
             alignment=aligned.outputs["alignment"], suspect_model=fetched.outputs["suspect_model"],
