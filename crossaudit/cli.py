@@ -1,4 +1,4 @@
-"""The `crossaudit` command: a thin shell over `run_audit` and the zoo.
+"""The `crossaudit` command: a thin shell over `run_audit`, the zoo, the pipeline runner and the receiver.
 
 Results go to stdout, progress and errors to stderr, and the exit code is the contract:
 0 clean, 1 backdoor found, 2 inconclusive or error.
@@ -22,6 +22,8 @@ from crossaudit.verdict import DEFAULT_PROFILE, load_thresholds
 app = typer.Typer(add_completion=False, help="Backdoor audits of outsourced models by cross-examination.")
 zoo_app = typer.Typer(add_completion=False, help="Train providers' models and audit sets on real data.")
 app.add_typer(zoo_app, name="zoo")
+webhook_app = typer.Typer(add_completion=False, help="The MLflow webhook that starts audits.")
+app.add_typer(webhook_app, name="webhook")
 stderr = Console(stderr=True)
 
 
@@ -176,3 +178,77 @@ def check(
         raise typer.Exit(2) from exc
     print(line)
     raise typer.Exit(0 if passed else 1)
+
+
+@app.command()
+def serve(
+    tracking_uri: Annotated[str, typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI")],
+    queue: Annotated[Path, typer.Option("--queue", help="SQLite queue file")] = Path("crossaudit-queue.db"),
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8765,
+    workers: Annotated[int, typer.Option("--workers", help="Audits run at once")] = 2,
+    alias: Annotated[str, typer.Option("--alias", help="Promotion alias to guard and re-audit")] = "production",
+    cron: Annotated[str, typer.Option("--cron", help="Re-audit schedule (5-field cron, UTC)")] = "0 3 * * 1",
+    reconcile_every: Annotated[float, typer.Option("--reconcile-every", help="Seconds between sweeps")] = 300.0,
+    audit_timeout: Annotated[float, typer.Option("--audit-timeout", help="Seconds one audit may take")] = 3600.0,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+) -> None:
+    """Webhook receiver: audit every registered version, guard the alias, re-audit on a
+    schedule. The webhook secret comes from CROSSAUDIT_WEBHOOK_SECRET."""
+    from crossaudit.receiver import ReceiverConfig
+    from crossaudit.receiver import serve as run_receiver
+    from crossaudit.schedule import Cron, CronError
+    from crossaudit.webhook import WebhookRejectedError, secret_from_env
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        secret = secret_from_env()
+        Cron.parse(cron)
+    except (WebhookRejectedError, CronError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from exc
+    config = ReceiverConfig(
+        tracking_uri, secret, queue, workers=workers, alias=alias, cron=cron, reconcile_every_s=reconcile_every,
+        audit_timeout_s=audit_timeout, device=device,
+    )  # fmt: skip
+    run_receiver(config, host, port)
+
+
+@webhook_app.command("install")
+def webhook_install(
+    url: Annotated[str, typer.Option("--url", help="The receiver's /webhook URL, as MLflow reaches it")],
+    tracking_uri: Annotated[str, typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI")],
+) -> None:
+    """Register the crossaudit webhook in MLflow (secret from CROSSAUDIT_WEBHOOK_SECRET) and
+    send it a test delivery. Exit 0 when the receiver answered it."""
+    from mlflow.exceptions import MlflowException
+
+    from crossaudit import registry
+    from crossaudit.webhook import WebhookRejectedError, install, secret_from_env
+
+    try:
+        webhook_id, ok, detail = install(registry.client(tracking_uri), url, secret_from_env())
+    except (WebhookRejectedError, MlflowException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from exc
+    print(f"webhook {webhook_id} -> {url}: test delivery {'ok' if ok else 'FAILED'} ({detail})")
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def schedule(
+    kfp_host: Annotated[str, typer.Option("--kfp-host", help="Kubeflow Pipelines API, reachable from its pods")],
+    tracking_uri: Annotated[str, typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI")],
+    cron: Annotated[str, typer.Option("--cron", help="5-field cron (UTC)")] = "0 3 * * 1",
+    alias: Annotated[str, typer.Option("--alias")] = "production",
+) -> None:
+    """Create a Kubeflow recurring run that re-audits every promoted version."""
+    from crossaudit.schedule import CronError
+    from pipelines.runner import schedule_reaudits
+
+    try:
+        recurring_id = schedule_reaudits(kfp_host, cron, tracking_uri, alias)
+    except CronError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from exc
+    print(f"recurring run {recurring_id}: re-audit {alias!r} versions on '{cron}'")

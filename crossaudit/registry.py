@@ -11,12 +11,14 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.store.entities.paged_list import PagedList
 from mlflow.tracking import MlflowClient
 
 from crossaudit.errors import AuditError
@@ -33,6 +35,7 @@ RUN_ID = "crossaudit.run_id"
 AUDITED_AT = "crossaudit.audited_at"
 PEERS = "crossaudit.peers"
 ERROR = "crossaudit.error"
+INCIDENT = "crossaudit.incident"
 DEFAULT_ALIAS = "production"
 FINAL = ("passed", "failed", "inconclusive")
 STATUSES = ("pending", "running", "passed", "failed", "inconclusive", "awaiting-peer", "error")
@@ -178,6 +181,73 @@ def revoke(mlflow_client: MlflowClient, version: VersionRef, alias: str = DEFAUL
         return False
     mlflow_client.delete_registered_model_alias(version.name, alias)
     return True
+
+
+def guard_alias(mlflow_client: MlflowClient, version: VersionRef, alias: str = DEFAULT_ALIAS) -> str | None:
+    """The alias guard: when `alias` points at `version` and that version has not passed,
+    take the alias off, give it back to the newest passed version (if any), and tag and
+    describe the incident on the offending version. Returns the incident, or None when
+    there was nothing to undo (the alias moved on since, or the version passed)."""
+    try:
+        holder = mlflow_client.get_model_version_by_alias(version.name, alias)
+    except MlflowException:
+        return None
+    if holder.version != version.version or status_of(holder) == "passed":
+        return None
+    mlflow_client.delete_registered_model_alias(version.name, alias)
+    passed = [
+        v for v in mlflow_client.search_model_versions(f"name='{version.name}'")
+        if status_of(v) == "passed" and v.version != version.version
+    ]  # fmt: skip
+    restored = max(passed, key=lambda v: int(v.version), default=None)
+    if restored is not None:
+        mlflow_client.set_registered_model_alias(version.name, alias, restored.version)
+    back = f"; restored to version {restored.version}" if restored else "; no passed version to restore"
+    status = status_of(holder) or "none"
+    incident = f"{now()}: alias {alias!r} set on a version whose audit status is {status}: removed{back}"
+    mlflow_client.set_model_version_tag(version.name, version.version, INCIDENT, incident)
+    append_description(mlflow_client, version, f"**crossaudit incident:** {incident}")
+    return incident
+
+
+def promoted_versions(mlflow_client: MlflowClient, alias: str = DEFAULT_ALIAS) -> list[VersionRef]:
+    """Every version that holds `alias`, one per registered model (for re-audits)."""
+    return [
+        VersionRef(model.name, str(model.aliases[alias]))
+        for model in _all(mlflow_client.search_registered_models)
+        if alias in model.aliases
+    ]
+
+
+def unaudited_versions(mlflow_client: MlflowClient) -> list[VersionRef]:
+    """Versions a provider delivered (they carry the provider tag) with no audit status:
+    what a lost webhook leaves behind."""
+    return [
+        VersionRef.of(v) for v in _all(mlflow_client.search_model_versions)
+        if v.tags.get(PROVIDER_TAG) and not status_of(v)
+    ]  # fmt: skip
+
+
+def waiting_for(mlflow_client: MlflowClient, version: VersionRef) -> list[VersionRef]:
+    """Versions of the same model, from another provider, still `awaiting-peer`: the
+    delivery of `version` gives them the peer they were waiting for."""
+    current = mlflow_client.get_model_version(version.name, version.version)
+    provider = current.tags.get(PROVIDER_TAG)
+    return [
+        VersionRef.of(v) for v in mlflow_client.search_model_versions(f"name='{version.name}'")
+        if status_of(v) == "awaiting-peer" and v.tags.get(PROVIDER_TAG) not in (None, provider)
+    ]  # fmt: skip
+
+
+def _all(search: Callable[..., PagedList]) -> list:
+    """Every page of an MLflow search."""
+    items, token = [], None
+    while True:
+        page = search(max_results=1000, page_token=token)
+        items.extend(page)
+        token = page.token
+        if not token:
+            return items
 
 
 def check(mlflow_client: MlflowClient, uri: str) -> tuple[bool, str]:

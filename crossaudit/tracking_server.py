@@ -1,11 +1,21 @@
 """A local MLflow tracking server (SQLite, loopback, free port): the embedded default.
 
 `make demo` and the tests use the real server, not a file store, so the registry, tags,
-aliases and artifact uploads go through the same REST API a team's server exposes.
+aliases, webhooks and artifact uploads go through the same REST API a team's server exposes.
+
+Webhook settings (see README, "Automation"): MLflow only delivers to public `https` URLs
+unless told otherwise, so this loopback server allows `http` and private addresses; it
+keeps webhook secrets encrypted under a key stored beside its database (without one, MLflow
+makes a new key per process and cannot read its secrets after a restart); and it caches
+the webhook list for 1 s instead of 60 s, so a webhook installed just now sees the next
+registration.
 """
 
 from __future__ import annotations
 
+import base64
+import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -35,6 +45,20 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def webhook_settings(root: Path) -> dict[str, str]:
+    """The environment a loopback MLflow server needs to deliver webhooks to a local receiver."""
+    key_file = root / "webhook-secret-encryption.key"
+    if not key_file.exists():
+        key_file.write_bytes(base64.urlsafe_b64encode(secrets.token_bytes(32)))
+        key_file.chmod(0o600)
+    return {
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": key_file.read_text(),
+        "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+    }
+
+
 @contextmanager
 def local_server(root: Path, port: int | None = None) -> Iterator[str]:
     """Run `mlflow server` on loopback with its store under `root`; yields its URL."""
@@ -48,7 +72,7 @@ def local_server(root: Path, port: int | None = None) -> Iterator[str]:
             "--backend-store-uri", f"sqlite:///{(root / 'mlflow.db').resolve()}",
             "--artifacts-destination", str((root / "mlartifacts").resolve()),
         ],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **webhook_settings(root)},
     )  # fmt: skip
     try:
         deadline = time.monotonic() + STARTUP_SECONDS

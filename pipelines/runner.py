@@ -16,6 +16,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from crossaudit import registry
+from crossaudit.schedule import Cron
 from pipelines.audit_pipeline import COMPILED, audit_pipeline
 
 
@@ -74,3 +75,34 @@ def audit_version(
         audit_pipeline(**arguments)
     finished = mlflow_client.get_model_version(ref.name, ref.version)
     return Submission(ref, arguments["peer_uris"], registry.status_of(finished) or "error")
+
+
+def reaudit_promoted(
+    tracking_uri: str, alias: str = registry.DEFAULT_ALIAS, kfp_host: str | None = None, seed: int = 0,
+    device: str = "cpu",
+) -> dict[str, str]:  # fmt: skip
+    """Audit again every version holding `alias`; returns each version's status (or, on a
+    cluster, `running` with the child run). A version that fails loses the alias (gate)."""
+    mlflow_client = registry.client(tracking_uri)
+    statuses = {}
+    for ref in registry.promoted_versions(mlflow_client, alias):
+        submission = audit_version(ref.uri, tracking_uri, kfp_host, seed, device, alias)
+        statuses[ref.uri] = submission.status
+    return statuses
+
+
+def schedule_reaudits(kfp_host: str, cron: str, tracking_uri: str, alias: str = registry.DEFAULT_ALIAS) -> str:
+    """Create the Kubeflow recurring run of the re-audit pipeline; returns its id. The
+    re-audit task submits its child audits to the same KFP API (`kfp_host`)."""
+    import kfp
+
+    from pipelines.reaudit_pipeline import COMPILED as REAUDIT
+
+    client = kfp.Client(host=kfp_host)
+    experiment = client.create_experiment("crossaudit")
+    recurring = client.create_recurring_run(
+        experiment.experiment_id, "crossaudit-reaudit", description=f"re-audit every {alias!r} version: {cron}",
+        cron_expression=Cron.parse(cron).kubeflow(), pipeline_package_path=str(REAUDIT), no_catchup=True,
+        params={"tracking_uri": tracking_uri, "kfp_host": kfp_host, "promotion_alias": alias},
+    )  # fmt: skip
+    return recurring.recurring_run_id

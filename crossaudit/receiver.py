@@ -1,0 +1,289 @@
+"""`crossaudit serve`: audits that start by themselves when a version is registered.
+
+MLflow posts model-registry events to `POST /webhook`. A delivery is verified (`webhook`),
+turned into jobs and committed to the SQLite queue (`event_queue`) *before* it is
+answered, so an acknowledged event survives a crash. Behind the queue:
+- audit workers (a bounded pool) run each version's audit pipeline in its own process
+  (`crossaudit audit-version`, i.e. the same KFP pipeline as by hand), with a time budget;
+- a guard worker answers `model_version_alias.created` for the promotion alias at once:
+  an alias on a version that has not passed is removed (`registry.guard_alias`);
+- a reconciler lists registered versions with no audit status, on start and then
+  periodically, and queues them: MLflow's delivery is fire-and-forget, so a lost webhook
+  still ends in an audit;
+- a scheduler re-audits every promoted version on a cron schedule (default weekly).
+Every way an audit can go wrong ends in a retry or in a non-passing status on the
+version, never in a promotion.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from crossaudit import registry
+from crossaudit.errors import AuditError
+from crossaudit.event_queue import EventQueue, Job, NewJob, ReplayedDeliveryError
+from crossaudit.schedule import DEFAULT_CRON, Cron
+from crossaudit.webhook import Delivery, WebhookRejectedError, verify
+
+log = logging.getLogger(__name__)
+ENDED = ("passed", "failed", "inconclusive", "awaiting-peer", "error")
+_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    tracking_uri: str
+    secret: str
+    queue_path: Path
+    workers: int = 2
+    alias: str = registry.DEFAULT_ALIAS
+    tolerance_s: int = 300
+    reconcile_every_s: float = 300.0
+    cron: str = DEFAULT_CRON
+    audit_timeout_s: float = 3600.0
+    max_attempts: int = 3
+    retry_delay_s: float = 30.0
+    device: str = "cpu"
+
+
+def jobs_for(delivery: Delivery, alias: str) -> list[NewJob]:
+    """The work an event asks for. A registration is audited once (its key is the version);
+    setting the provider tag later audits it again under that provider; the promotion
+    alias landing on a version is checked by the guard. Everything else (our own tags,
+    other aliases) asks for nothing."""
+    data = delivery.data
+    name, version = str(data.get("name", "")), str(data.get("version", ""))
+    if not name or not version.isdigit():
+        return []
+    if delivery.event == "model_version.created":
+        return [NewJob(f"audit:{name}/{version}", "audit", name, version, delivery.delivery_id)]
+    if delivery.event == "model_version_tag.set" and data.get("key") == registry.PROVIDER_TAG:
+        key = f"audit:{name}/{version}:provider:{data.get('value')}"
+        return [NewJob(key, "audit", name, version, delivery.delivery_id)]
+    if delivery.event == "model_version_alias.created" and data.get("alias") == alias:
+        return [NewJob(f"guard:{delivery.delivery_id}", "guard", name, version, delivery.delivery_id)]
+    return []
+
+
+class Receiver:
+    """The queue and the threads that work it; `app()` is the HTTP side."""
+
+    def __init__(self, config: ReceiverConfig) -> None:
+        self.config = config
+        self.queue = EventQueue(config.queue_path)
+        self.cron = Cron.parse(config.cron)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def _client(self) -> MlflowClient:
+        return registry.client(self.config.tracking_uri)
+
+    def start(self) -> None:
+        recovered = self.queue.recover()
+        if recovered:
+            log.warning("queued again %d job(s) left running by a previous receiver", recovered)
+        loops: list[tuple[str, Callable[[], None]]] = [
+            *((f"audit-worker-{i}", self._audit_loop) for i in range(self.config.workers)),
+            ("alias-guard", self._guard_loop),
+            ("reconciler", self._reconcile_loop),
+            ("scheduler", self._schedule_loop),
+        ]
+        for name, loop in loops:
+            thread = threading.Thread(target=loop, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.queue.close()
+
+    # -- the HTTP side ---------------------------------------------------------------
+
+    async def receive(self, request: Request) -> JSONResponse:
+        body = await request.body()
+        try:
+            delivery = verify(self.config.secret, dict(request.headers), body, time.time(), self.config.tolerance_s)
+        except WebhookRejectedError as exc:
+            log.warning("webhook rejected from %s: %s", request.client.host if request.client else "?", exc)
+            return JSONResponse({"error": str(exc)}, status_code=401)
+        jobs = jobs_for(delivery, self.config.alias)
+        try:
+            added = await run_in_threadpool(
+                self.queue.accept, delivery.delivery_id, delivery.event, delivery.timestamp, jobs
+            )
+        except ReplayedDeliveryError:
+            return JSONResponse({"status": "duplicate", "delivery_id": delivery.delivery_id})
+        return JSONResponse({"status": "queued" if added else "ignored", "jobs": added})
+
+    async def health(self, _: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "jobs": await run_in_threadpool(self.queue.counts)})
+
+    async def list_jobs(self, _: Request) -> JSONResponse:
+        return JSONResponse(await run_in_threadpool(self.queue.jobs))
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/webhook", self.receive, methods=["POST"]),
+            Route("/healthz", self.health, methods=["GET"]),
+            Route("/jobs", self.list_jobs, methods=["GET"]),
+        ]
+        return Starlette(routes=routes, lifespan=self._lifespan)
+
+    @asynccontextmanager
+    async def _lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        self.start()
+        try:
+            yield
+        finally:
+            self.stop()
+
+    # -- the workers -----------------------------------------------------------------
+
+    def _work(self, kinds: tuple[str, ...], handle: Callable[[Job], tuple[str, str]]) -> None:
+        while not self._stop.is_set():
+            job = self.queue.claim(kinds)
+            if job is None:
+                self._stop.wait(_POLL_S)
+                continue
+            try:
+                state, outcome = handle(job)
+            except (MlflowException, AuditError, OSError) as exc:
+                self._retry_or_fail(job, f"{type(exc).__name__}: {exc}")
+                continue
+            self.queue.finish(job, state, outcome)
+            log.info("%s %s: %s (%s)", job.kind, job.uri, state, outcome)
+
+    def _retry_or_fail(self, job: Job, reason: str) -> None:
+        if job.attempts < self.config.max_attempts:
+            log.warning("%s %s: attempt %d failed (%s); retrying", job.kind, job.uri, job.attempts, reason)
+            self.queue.retry(job, self.config.retry_delay_s * job.attempts, reason)
+            return
+        log.error("%s %s: giving up after %d attempts: %s", job.kind, job.uri, job.attempts, reason)
+        self.queue.finish(job, "failed", reason)
+        self._mark_error(job, f"audit could not run after {job.attempts} attempts: {reason}")
+
+    def _mark_error(self, job: Job, reason: str) -> None:
+        """Best effort: the version says `error` (never promoted); when MLflow itself is the
+        problem, the reconciler finds the version again once it is back."""
+        try:
+            registry.set_status(
+                self._client(), registry.VersionRef(job.name, job.version), "error",
+                **{registry.ERROR: reason[:4000], registry.AUDITED_AT: registry.now()},
+            )  # fmt: skip
+        except (MlflowException, OSError) as exc:
+            log.error("could not mark %s error: %s", job.uri, exc)
+
+    def _audit_loop(self) -> None:
+        self._work(("audit",), self.audit)
+
+    def _guard_loop(self) -> None:
+        self._work(("guard",), self.guard)
+
+    def audit(self, job: Job) -> tuple[str, str]:
+        """Run the version's audit pipeline in its own process, within the time budget."""
+        client = self._client()
+        try:
+            client.get_model_version(job.name, job.version)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return "dropped", f"no such version: {exc.message}"
+            raise
+        command = [
+            sys.executable, "-m", "crossaudit", "audit-version", job.uri, "--tracking-uri", self.config.tracking_uri,
+            "--alias", self.config.alias, "--device", self.config.device,
+        ]  # fmt: skip
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=self.config.audit_timeout_s)
+        except subprocess.TimeoutExpired:
+            reason = f"audit exceeded its time budget of {self.config.audit_timeout_s:.0f}s"
+            self._mark_error(job, reason)
+            return "failed", reason
+        status = registry.status_of(client.get_model_version(job.name, job.version))
+        if status in ENDED:
+            self._queue_waiting_peers(client, job)
+            return "done", status
+        message = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        if done.returncode == 2 and message.startswith("error:"):
+            self._mark_error(job, message.removeprefix("error:").strip())
+            return "done", f"error: {message}"
+        raise AuditError(f"audit process ended {done.returncode} with status {status!r}: {message}")
+
+    def _queue_waiting_peers(self, client: MlflowClient, job: Job) -> None:
+        """A new delivery is the peer that earlier versions of other providers waited for."""
+        waiting = registry.waiting_for(client, registry.VersionRef(job.name, job.version))
+        self.queue.enqueue(
+            [NewJob(f"audit:{v.name}/{v.version}:peer:{job.version}", "audit", v.name, v.version, job.key)
+             for v in waiting]
+        )  # fmt: skip
+
+    def guard(self, job: Job) -> tuple[str, str]:
+        incident = registry.guard_alias(self._client(), registry.VersionRef(job.name, job.version), self.config.alias)
+        if incident:
+            log.warning("alias guard on %s: %s", job.uri, incident)
+        return "done", incident or "alias holder has passed (or the alias moved on)"
+
+    # -- reconciliation and the schedule ---------------------------------------------
+
+    def reconcile(self) -> int:
+        """Queue every delivered version that has no audit status; returns how many were new."""
+        versions = registry.unaudited_versions(self._client())
+        added = self.queue.enqueue(
+            [NewJob(f"audit:{v.name}/{v.version}", "audit", v.name, v.version, "reconcile") for v in versions]
+        )
+        if added:
+            log.warning("reconciliation queued %d version(s) whose webhook never arrived", added)
+        self.queue.forget_deliveries(older_than=time.time() - 2 * self.config.tolerance_s)
+        return added
+
+    def _reconcile_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.reconcile()
+            except (MlflowException, OSError) as exc:
+                log.error("reconciliation could not reach MLflow: %s", exc)
+            self._stop.wait(self.config.reconcile_every_s)
+
+    def reaudit_promoted(self, tick: datetime) -> int:
+        """Queue a re-audit of every version holding the promotion alias."""
+        promoted = registry.promoted_versions(self._client(), self.config.alias)
+        stamp = tick.strftime("%Y-%m-%dT%H:%M")
+        return self.queue.enqueue(
+            [NewJob(f"audit:{v.name}/{v.version}:reaudit:{stamp}", "audit", v.name, v.version, "schedule")
+             for v in promoted]
+        )  # fmt: skip
+
+    def _schedule_loop(self) -> None:
+        tick = self.cron.next_after(datetime.now(UTC))
+        while not self._stop.wait(max(0.0, min(60.0, (tick - datetime.now(UTC)).total_seconds()))):
+            if datetime.now(UTC) < tick:
+                continue
+            try:
+                log.info("scheduled re-audit at %s: %d version(s) queued", tick, self.reaudit_promoted(tick))
+            except (MlflowException, OSError) as exc:
+                log.error("scheduled re-audit could not reach MLflow: %s", exc)
+            tick = self.cron.next_after(tick)
+
+
+def serve(config: ReceiverConfig, host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(Receiver(config).app(), host=host, port=port, log_level="info")

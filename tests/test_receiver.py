@@ -1,0 +1,259 @@
+"""`crossaudit serve` as a real process, fed by a real MLflow server's webhooks on loopback.
+
+The receiver runs as `python -m crossaudit serve` in its own process group, so a test can
+kill it (and the audits it started) the way a node failure would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from crossaudit import registry
+from crossaudit.tracking_server import free_port, local_server
+from crossaudit.webhook import DELIVERY_ID_HEADER, SECRET_ENV, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+
+SECRET = "test-secret-0123456789abcdef"
+
+
+class ReceiverProcess:
+    """`crossaudit serve` in its own session; `kill()` takes its audits down with it."""
+
+    def __init__(self, tracking_uri: str, queue: Path, log: Path, workers: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        command = [
+            sys.executable, "-m", "crossaudit", "serve", "--tracking-uri", tracking_uri, "--queue", str(queue),
+            "--port", str(self.port), "--workers", str(workers), "--reconcile-every", "3",
+        ]  # fmt: skip
+        with log.open("ab") as sink:
+            self.process = subprocess.Popen(
+                command, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, SECRET_ENV: SECRET},
+                start_new_session=True,
+            )  # fmt: skip
+        wait_for(lambda: self._healthy(), 60, f"receiver did not start; see {log}")
+
+    def _healthy(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"receiver exited {self.process.returncode}: {self.log.read_text()[-3000:]}")
+        try:
+            return requests.get(f"{self.url}/healthz", timeout=2).ok
+        except requests.ConnectionError:
+            return False
+
+    def jobs(self) -> list[dict]:
+        return requests.get(f"{self.url}/jobs", timeout=10).json()
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float, message: str) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s: {message}")
+
+
+def post(url: str, event: str, data: dict, delivery_id: str | None = None, timestamp: int | None = None,
+         secret: str = SECRET) -> requests.Response:  # fmt: skip
+    """A delivery exactly as MLflow sends it (signed unless `secret` is wrong)."""
+    entity, action = event.rsplit(".", 1)
+    body = json.dumps({"entity": entity, "action": action, "timestamp": "2026-11-25T00:00:00Z", "data": data})
+    delivery_id = delivery_id or str(uuid.uuid4())
+    stamp = str(int(time.time()) if timestamp is None else timestamp)
+    headers = {
+        "Content-Type": "application/json", DELIVERY_ID_HEADER: delivery_id, TIMESTAMP_HEADER: stamp,
+        SIGNATURE_HEADER: sign(secret, delivery_id, stamp, body.encode()),
+    }  # fmt: skip
+    return requests.post(f"{url}/webhook", data=body.encode(), headers=headers, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def hooked_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Its own MLflow server: the receiver reconciles every version it holds."""
+    with local_server(tmp_path_factory.mktemp("hooked-mlflow")) as url:
+        yield url
+
+
+@pytest.fixture
+def start_receiver(hooked_mlflow: str, tmp_path: Path) -> Iterator[Callable[..., ReceiverProcess]]:
+    started: list[ReceiverProcess] = []
+
+    def start(workers: int = 2) -> ReceiverProcess:
+        receiver = ReceiverProcess(hooked_mlflow, tmp_path / "queue.db", tmp_path / "receiver.log", workers)
+        started.append(receiver)
+        return receiver
+
+    yield start
+    for receiver in started:
+        receiver.stop()
+
+
+def _ghost() -> dict:
+    return {"name": f"ghost-{uuid.uuid4().hex[:6]}", "version": "1", "source": "models:/m-1", "tags": {}}
+
+
+def test_forged_signature_is_rejected(start_receiver):
+    receiver = start_receiver()
+    response = post(receiver.url, "model_version.created", _ghost(), secret="not-the-secret-at-all")
+    assert response.status_code == 401 and "signature" in response.json()["error"]
+    assert receiver.jobs() == []
+
+
+def test_stale_timestamp_is_rejected(start_receiver):
+    receiver = start_receiver()
+    response = post(receiver.url, "model_version.created", _ghost(), timestamp=int(time.time()) - 3600)
+    assert response.status_code == 401 and "tolerance" in response.json()["error"]
+    unsigned = requests.post(f"{receiver.url}/webhook", json={"entity": "model_version"}, timeout=10)
+    assert unsigned.status_code == 401
+    assert receiver.jobs() == []
+
+
+def test_replayed_and_duplicate_deliveries_start_one_audit(start_receiver):
+    receiver = start_receiver()
+    ghost = _ghost()
+    first = post(receiver.url, "model_version.created", ghost, delivery_id="delivery-1")
+    replay = post(receiver.url, "model_version.created", ghost, delivery_id="delivery-1")
+    duplicate = post(receiver.url, "model_version.created", ghost, delivery_id="delivery-2")
+    assert first.json() == {"status": "queued", "jobs": 1}
+    assert replay.json()["status"] == "duplicate"
+    assert duplicate.json() == {"status": "ignored", "jobs": 0}
+    jobs = wait_for(lambda: [j for j in receiver.jobs() if j["state"] != "queued"], 30, "job never ran")
+    assert len(receiver.jobs()) == 1
+    assert jobs[0]["state"] == "dropped" and "no such version" in jobs[0]["outcome"]
+
+
+def test_events_that_ask_for_nothing_queue_nothing(start_receiver):
+    receiver = start_receiver()
+    tag = {"name": "m", "version": "1", "key": registry.STATUS, "value": "running"}
+    other_alias = {"name": "m", "alias": "staging", "version": "1"}
+    assert post(receiver.url, "model_version_tag.set", tag).json()["status"] == "ignored"
+    assert post(receiver.url, "model_version_alias.created", other_alias).json()["status"] == "ignored"
+    assert receiver.jobs() == []
+
+
+def _task(client, digits_zoo, prefix: str) -> str:
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    registry.publish_audit_data(client, name, Path(digits_zoo.audit_data))
+    client.set_registered_model_tag(name, registry.PROFILE_TAG, "digits")
+    return name
+
+
+def _finished(receiver: ReceiverProcess, name: str) -> list[dict]:
+    """The model's audit jobs, once none is queued or running (else empty)."""
+    audits = [j for j in receiver.jobs() if j["kind"] == "audit" and j["name"] == name]
+    return [] if any(j["state"] in ("queued", "running") for j in audits) else audits
+
+
+def _status(client, name: str, version: str) -> str | None:
+    return registry.status_of(client.get_model_version(name, version))
+
+
+@pytest.mark.slow
+def test_registration_alone_audits_both_providers_and_the_guard_reverts_a_manual_promotion(
+    start_receiver, hooked_mlflow, digits_zoo
+):
+    receiver = start_receiver()
+    client = registry.client(hooked_mlflow)
+    installed = subprocess.run(
+        [sys.executable, "-m", "crossaudit", "webhook", "install", "--url", f"{receiver.url}/webhook",
+         "--tracking-uri", hooked_mlflow],
+        env={**os.environ, SECRET_ENV: SECRET}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    name = _task(client, digits_zoo, "auto")
+
+    clean = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
+    wait_for(lambda: _status(client, name, clean.version) == "awaiting-peer", 60, "first version never audited")
+    poisoned = registry.register_version(client, name, digits_zoo.badnets_cnn, "globex")
+    wait_for(lambda: _status(client, name, poisoned.version) == "failed", 240, "backdoored version not failed")
+    wait_for(lambda: _status(client, name, clean.version) == "passed", 240, "clean version not re-audited")
+    wait_for(lambda: registry.promoted_versions(client), 30, "clean version not promoted")
+    assert registry.resolve(client, f"models:/{name}@production").version == clean.version
+
+    client.set_registered_model_alias(name, "production", poisoned.version)
+    wait_for(
+        lambda: registry.resolve(client, f"models:/{name}@production").version == clean.version,
+        30, "manual promotion of the backdoored version was not reverted",
+    )  # fmt: skip
+    incident = client.get_model_version(name, poisoned.version).tags[registry.INCIDENT]
+    assert "status is failed" in incident and f"restored to version {clean.version}" in incident
+    audits = wait_for(lambda: _finished(receiver, name), 60, "audit jobs did not finish")
+    assert sorted((j["version"], j["state"]) for j in audits) == [
+        (clean.version, "done"),
+        (clean.version, "done"),
+        (poisoned.version, "done"),
+    ], "one audit per registration, plus the re-audit of the version that awaited a peer"
+
+
+@pytest.mark.slow
+def test_lost_webhooks_and_a_killed_receiver_still_end_in_one_audit_each(start_receiver, hooked_mlflow, digits_zoo):
+    client = registry.client(hooked_mlflow)
+    name = _task(client, digits_zoo, "lost")
+    # Registered while no receiver runs: their webhooks are lost.
+    first = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
+    second = registry.register_version(client, name, digits_zoo.clean_mlp, "globex")
+
+    receiver = start_receiver(workers=1)
+    wait_for(
+        lambda: "running" in {_status(client, name, v.version) for v in (first, second)},
+        120, "reconciliation did not start an audit",
+    )  # fmt: skip
+    queued = [j for j in receiver.jobs() if j["name"] == name]
+    assert {j["source"] for j in queued} == {"reconcile"} and {j["state"] for j in queued} == {"running", "queued"}
+    receiver.kill()
+
+    receiver = start_receiver(workers=1)
+    for version in (first.version, second.version):
+        wait_for(lambda v=version: _status(client, name, v) == "passed", 300, f"version {version} not audited")
+    jobs = wait_for(lambda: _finished(receiver, name), 60, "audit jobs did not finish")
+    assert sorted((j["version"], j["state"]) for j in jobs) == [(first.version, "done"), (second.version, "done")]
+    runs = client.search_runs(
+        [client.get_experiment_by_name(registry.EXPERIMENT).experiment_id],
+        f"tags.`crossaudit.model_version` LIKE 'models:/{name}/%'",
+    )
+    assert len(runs) == 2, "each version's audit recorded once"
+
+
+def test_scheduled_tick_queues_a_reaudit_of_each_promoted_version_once(hooked_mlflow, digits_zoo, tmp_path):
+    from datetime import UTC, datetime
+
+    from crossaudit.receiver import Receiver, ReceiverConfig
+
+    client = registry.client(hooked_mlflow)
+    name = _task(client, digits_zoo, "promoted")
+    ref = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
+    client.set_registered_model_alias(name, "production", ref.version)
+    receiver = Receiver(ReceiverConfig(hooked_mlflow, SECRET, tmp_path / "queue.db"))
+    tick = datetime(2026, 11, 30, 3, 0, tzinfo=UTC)
+    assert receiver.reaudit_promoted(tick) >= 1
+    assert receiver.reaudit_promoted(tick) == 0, "one re-audit per version per tick"
+    mine = [j for j in receiver.queue.jobs() if j["name"] == name]
+    assert [(j["key"], j["source"]) for j in mine] == [
+        (f"audit:{name}/{ref.version}:reaudit:2026-11-30T03:00", "schedule")
+    ]
+    receiver.queue.close()
