@@ -1,24 +1,37 @@
 """`make demo`: the main job end to end on the embedded default.
 
-A local MLflow server (SQLite, loopback) holds a registered model that two providers
-deliver; one of them poisoned its training data (BadNets). Each registration is audited
-by the KFP pipeline run locally (`kfp.local`); the gate promotes only the version that
-passed. Everything lands in the MLflow UI, which stays up until Ctrl-C (`--no-serve` to
+A local MLflow server (SQLite, loopback) and the crossaudit receiver (`crossaudit serve`)
+start; the receiver's webhook is installed in MLflow. Two providers then register their
+versions of one model; one of them poisoned its training data (BadNets). Nothing else is
+run by hand: each registration's webhook makes the receiver run the KFP audit pipeline
+(`kfp.local`); the first version waits for a peer and is audited again when the second
+arrives; the gate promotes only the version that passed. Then someone sets the
+`production` alias on the backdoored version by hand, and the receiver's alias guard takes
+it back. Everything lands in the MLflow UI, which stays up until Ctrl-C (`--no-serve` to
 exit at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import secrets
 import time
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
 from crossaudit import registry
+from crossaudit.errors import AuditError
+from crossaudit.receiver_process import ReceiverProcess, wait_for
 from crossaudit.tracking_server import local_server
+from crossaudit.webhook import install
 from crossaudit.zoo.datasets import load_dataset
 from crossaudit.zoo.train import config_for, export_onnx, train, write_audit_set
 
 MODEL_NAME = "digits-classifier"
+ALIAS = registry.DEFAULT_ALIAS
+AUDIT_WAIT_S = 900
 
 
 def _train_providers(dataset: str, out: Path) -> dict[str, Path]:
@@ -37,9 +50,18 @@ def _train_providers(dataset: str, out: Path) -> dict[str, Path]:
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipelines.runner import audit_version
+def _status(client: MlflowClient, ref: registry.VersionRef) -> str | None:
+    return registry.status_of(client.get_model_version(ref.name, ref.version))
 
+
+def _holder(client: MlflowClient, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(MODEL_NAME, alias).version)
+    except MlflowException:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dataset", default="digits", choices=["digits", "fmnist"])
     parser.add_argument("--out", type=Path, default=Path("demo-output"))
@@ -49,35 +71,61 @@ def main(argv: list[str] | None = None) -> int:
     models = _train_providers(args.dataset, args.out)
     data = args.out / "audit.parquet"
     write_audit_set(args.dataset, data)
+    secret = secrets.token_urlsafe(32)
     with local_server(args.out / "mlflow") as url:
         print(f"MLflow server: {url}")
         client = registry.client(url)
-        registry.publish_audit_data(client, MODEL_NAME, data)
-        client.set_registered_model_tag(MODEL_NAME, registry.PROFILE_TAG, args.dataset)
-        statuses = {}
-        for provider, path in models.items():
-            version = registry.register_version(client, MODEL_NAME, path, provider, f"Delivered by {provider}.")
-            start = time.perf_counter()
-            submission = audit_version(version.uri, url)
-            statuses[version.uri] = submission.status
-            print(f"{version.uri} ({provider}): {submission.status} in {time.perf_counter() - start:.0f}s")
-        for uri, status in list(statuses.items()):
-            if status == "awaiting-peer":
-                statuses[uri] = audit_version(uri, url).status
-                print(f"{uri}: re-audited now that a peer exists: {statuses[uri]}")
-        for uri in statuses:
-            version = registry.resolve(client, uri)
-            print(f"{uri}: provider {version.tags.get('provider')}, status {version.tags.get(registry.STATUS)}, "
-                  f"score {version.tags.get(registry.SCORE)}, aliases {version.aliases}")  # fmt: skip
-        print(f"MLflow UI: {url}/#/models/{MODEL_NAME}")
-        if not args.no_serve:
-            print("serving the MLflow UI; Ctrl-C to stop")
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
+        receiver = ReceiverProcess(url, secret, args.out / "queue.db", args.out / "receiver.log")
+        try:
+            _automatic_path(client, receiver, models, data, args.dataset, secret)
+            print(f"MLflow UI: {url}/#/models/{MODEL_NAME}")
+            if not args.no_serve:
+                print("serving the MLflow UI and the receiver; Ctrl-C to stop")
+                try:
+                    while True:
+                        time.sleep(3600)
+                except KeyboardInterrupt:
+                    pass
+        finally:
+            receiver.stop()
     return 0
+
+
+def _automatic_path(
+    client: MlflowClient, receiver: ReceiverProcess, models: dict[str, Path], data: Path, dataset: str, secret: str
+) -> None:
+    """Install the webhook, register both deliveries, and only watch: every audit and the
+    alias guard are the receiver's doing."""
+    webhook_id, ok, detail = install(client, f"{receiver.url}/webhook", secret)
+    print(f"receiver: {receiver.url} (log {receiver.log}); webhook {webhook_id} test delivery: {detail}")
+    if not ok:
+        raise AuditError(f"MLflow could not deliver to the receiver: {detail}")
+    registry.publish_audit_data(client, MODEL_NAME, data)
+    client.set_registered_model_tag(MODEL_NAME, registry.PROFILE_TAG, dataset)
+    start = time.perf_counter()
+    refs = {
+        p: registry.register_version(client, MODEL_NAME, path, p, f"Delivered by {p}.") for p, path in models.items()
+    }
+    for provider, ref in refs.items():
+        print(f"registered {ref.uri} ({provider}); no audit command is run")
+    finals = ("passed", "failed", "inconclusive", "error")
+    wait_for(lambda: all(_status(client, r) in finals for r in refs.values()), AUDIT_WAIT_S, "both audits")
+    print(f"both audited by the receiver in {time.perf_counter() - start:.0f}s:")
+    _show(client, refs)
+    poisoned = refs["globex"]
+    print(f"someone sets {ALIAS!r} on {poisoned.uri} by hand...")
+    client.set_registered_model_alias(MODEL_NAME, ALIAS, poisoned.version)
+    wait_for(lambda: _holder(client, ALIAS) != poisoned.version, 60, "the alias guard")
+    incident = client.get_model_version(MODEL_NAME, poisoned.version).tags.get(registry.INCIDENT)
+    print(f"alias guard: {incident}")
+    _show(client, refs)
+
+
+def _show(client: MlflowClient, refs: dict[str, registry.VersionRef]) -> None:
+    for provider, ref in refs.items():
+        version = client.get_model_version(ref.name, ref.version)
+        print(f"  {ref.uri} ({provider}): status {version.tags.get(registry.STATUS)}, "
+              f"score {version.tags.get(registry.SCORE)}, aliases {version.aliases}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ version, never in a promotion.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -212,7 +213,9 @@ class Receiver:
             "--alias", self.config.alias, "--device", self.config.device,
         ]  # fmt: skip
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=self.config.audit_timeout_s)
+            done = subprocess.run(
+                command, capture_output=True, text=True, timeout=self.config.audit_timeout_s, env=self._audit_env()
+            )
         except subprocess.TimeoutExpired:
             reason = f"audit exceeded its time budget of {self.config.audit_timeout_s:.0f}s"
             self._mark_error(job, reason)
@@ -226,6 +229,12 @@ class Receiver:
             self._mark_error(job, message.removeprefix("error:").strip())
             return "done", f"error: {message}"
         raise AuditError(f"audit process ended {done.returncode} with status {status!r}: {message}")
+
+    def _audit_env(self) -> dict[str, str]:
+        """Share the cores between the workers: audits running side by side with a full
+        thread pool each oversubscribe the CPU and all slow down several times."""
+        threads = max(1, (os.cpu_count() or 1) // self.config.workers)
+        return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
     def _queue_waiting_peers(self, client: MlflowClient, job: Job) -> None:
         """A new delivery is the peer that earlier versions of other providers waited for."""

@@ -1,14 +1,14 @@
 """`crossaudit serve` as a real process, fed by a real MLflow server's webhooks on loopback.
 
-The receiver runs as `python -m crossaudit serve` in its own process group, so a test can
-kill it (and the audits it started) the way a node failure would.
+The receiver runs as `python -m crossaudit serve` in its own process group
+(`ReceiverProcess`, as in `make demo`), so a test can kill it and the audits it started
+the way a node failure would.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,62 +20,11 @@ import pytest
 import requests
 
 from crossaudit import registry
-from crossaudit.tracking_server import free_port, local_server
+from crossaudit.receiver_process import ReceiverProcess, wait_for
+from crossaudit.tracking_server import local_server
 from crossaudit.webhook import DELIVERY_ID_HEADER, SECRET_ENV, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 SECRET = "test-secret-0123456789abcdef"
-
-
-class ReceiverProcess:
-    """`crossaudit serve` in its own session; `kill()` takes its audits down with it."""
-
-    def __init__(self, tracking_uri: str, queue: Path, log: Path, workers: int) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        command = [
-            sys.executable, "-m", "crossaudit", "serve", "--tracking-uri", tracking_uri, "--queue", str(queue),
-            "--port", str(self.port), "--workers", str(workers), "--reconcile-every", "3",
-        ]  # fmt: skip
-        with log.open("ab") as sink:
-            self.process = subprocess.Popen(
-                command, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, SECRET_ENV: SECRET},
-                start_new_session=True,
-            )  # fmt: skip
-        wait_for(lambda: self._healthy(), 60, f"receiver did not start; see {log}")
-
-    def _healthy(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"receiver exited {self.process.returncode}: {self.log.read_text()[-3000:]}")
-        try:
-            return requests.get(f"{self.url}/healthz", timeout=2).ok
-        except requests.ConnectionError:
-            return False
-
-    def jobs(self) -> list[dict]:
-        return requests.get(f"{self.url}/jobs", timeout=10).json()
-
-    def kill(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-def wait_for(condition: Callable[[], object], timeout_s: float, message: str) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s: {message}")
 
 
 def post(url: str, event: str, data: dict, delivery_id: str | None = None, timestamp: int | None = None,
@@ -104,7 +53,10 @@ def start_receiver(hooked_mlflow: str, tmp_path: Path) -> Iterator[Callable[...,
     started: list[ReceiverProcess] = []
 
     def start(workers: int = 2) -> ReceiverProcess:
-        receiver = ReceiverProcess(hooked_mlflow, tmp_path / "queue.db", tmp_path / "receiver.log", workers)
+        receiver = ReceiverProcess(
+            hooked_mlflow, SECRET, tmp_path / "queue.db", tmp_path / "receiver.log",
+            "--workers", str(workers), "--reconcile-every", "3",
+        )  # fmt: skip
         started.append(receiver)
         return receiver
 
@@ -121,7 +73,7 @@ def test_forged_signature_is_rejected(start_receiver):
     receiver = start_receiver()
     response = post(receiver.url, "model_version.created", _ghost(), secret="not-the-secret-at-all")
     assert response.status_code == 401 and "signature" in response.json()["error"]
-    assert receiver.jobs() == []
+    assert jobs(receiver) == []
 
 
 def test_stale_timestamp_is_rejected(start_receiver):
@@ -130,7 +82,7 @@ def test_stale_timestamp_is_rejected(start_receiver):
     assert response.status_code == 401 and "tolerance" in response.json()["error"]
     unsigned = requests.post(f"{receiver.url}/webhook", json={"entity": "model_version"}, timeout=10)
     assert unsigned.status_code == 401
-    assert receiver.jobs() == []
+    assert jobs(receiver) == []
 
 
 def test_replayed_and_duplicate_deliveries_start_one_audit(start_receiver):
@@ -142,9 +94,9 @@ def test_replayed_and_duplicate_deliveries_start_one_audit(start_receiver):
     assert first.json() == {"status": "queued", "jobs": 1}
     assert replay.json()["status"] == "duplicate"
     assert duplicate.json() == {"status": "ignored", "jobs": 0}
-    jobs = wait_for(lambda: [j for j in receiver.jobs() if j["state"] != "queued"], 30, "job never ran")
-    assert len(receiver.jobs()) == 1
-    assert jobs[0]["state"] == "dropped" and "no such version" in jobs[0]["outcome"]
+    ran = wait_for(lambda: [j for j in jobs(receiver) if j["state"] not in ("queued", "running")], 30, "the job")
+    assert len(jobs(receiver)) == 1
+    assert ran[0]["state"] == "dropped" and "no such version" in ran[0]["outcome"]
 
 
 def test_events_that_ask_for_nothing_queue_nothing(start_receiver):
@@ -153,7 +105,7 @@ def test_events_that_ask_for_nothing_queue_nothing(start_receiver):
     other_alias = {"name": "m", "alias": "staging", "version": "1"}
     assert post(receiver.url, "model_version_tag.set", tag).json()["status"] == "ignored"
     assert post(receiver.url, "model_version_alias.created", other_alias).json()["status"] == "ignored"
-    assert receiver.jobs() == []
+    assert jobs(receiver) == []
 
 
 def _task(client, digits_zoo, prefix: str) -> str:
@@ -163,9 +115,13 @@ def _task(client, digits_zoo, prefix: str) -> str:
     return name
 
 
+def jobs(receiver: ReceiverProcess) -> list[dict]:
+    return requests.get(f"{receiver.url}/jobs", timeout=10).json()
+
+
 def _finished(receiver: ReceiverProcess, name: str) -> list[dict]:
     """The model's audit jobs, once none is queued or running (else empty)."""
-    audits = [j for j in receiver.jobs() if j["kind"] == "audit" and j["name"] == name]
+    audits = [j for j in jobs(receiver) if j["kind"] == "audit" and j["name"] == name]
     return [] if any(j["state"] in ("queued", "running") for j in audits) else audits
 
 
@@ -223,15 +179,15 @@ def test_lost_webhooks_and_a_killed_receiver_still_end_in_one_audit_each(start_r
         lambda: "running" in {_status(client, name, v.version) for v in (first, second)},
         120, "reconciliation did not start an audit",
     )  # fmt: skip
-    queued = [j for j in receiver.jobs() if j["name"] == name]
+    queued = [j for j in jobs(receiver) if j["name"] == name]
     assert {j["source"] for j in queued} == {"reconcile"} and {j["state"] for j in queued} == {"running", "queued"}
     receiver.kill()
 
     receiver = start_receiver(workers=1)
     for version in (first.version, second.version):
         wait_for(lambda v=version: _status(client, name, v) == "passed", 300, f"version {version} not audited")
-    jobs = wait_for(lambda: _finished(receiver, name), 60, "audit jobs did not finish")
-    assert sorted((j["version"], j["state"]) for j in jobs) == [(first.version, "done"), (second.version, "done")]
+    finished = wait_for(lambda: _finished(receiver, name), 60, "audit jobs did not finish")
+    assert sorted((j["version"], j["state"]) for j in finished) == [(first.version, "done"), (second.version, "done")]
     runs = client.search_runs(
         [client.get_experiment_by_name(registry.EXPERIMENT).experiment_id],
         f"tags.`crossaudit.model_version` LIKE 'models:/{name}/%'",

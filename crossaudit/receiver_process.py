@@ -1,0 +1,78 @@
+"""`crossaudit serve` as a child process on loopback: the embedded receiver of `make demo`
+and of the tests.
+
+It runs in its own process group, so stopping it (or killing it, as a node failure would)
+takes the audits it started with it; its queue file outlives it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from crossaudit.errors import AuditError
+from crossaudit.tracking_server import free_port
+from crossaudit.webhook import SECRET_ENV
+
+STARTUP_SECONDS = 60
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout_s: float, what: str, every_s: float = 0.5) -> T:
+    """Poll `condition` until it returns something truthy; `AuditError` naming `what` after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AuditError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(every_s)
+
+
+class ReceiverProcess:
+    def __init__(self, tracking_uri: str, secret: str, queue: Path, log: Path, *options: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        command = [
+            sys.executable, "-m", "crossaudit", "serve", "--tracking-uri", tracking_uri, "--queue", str(queue),
+            "--port", str(self.port), *options,
+        ]  # fmt: skip
+        with log.open("ab") as sink:
+            self.process = subprocess.Popen(
+                command, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, SECRET_ENV: secret},
+                start_new_session=True,
+            )  # fmt: skip
+        wait_for(self._healthy, STARTUP_SECONDS, f"the receiver on {self.url} (see {log})")
+
+    def _healthy(self) -> bool:
+        if self.process.poll() is not None:
+            raise AuditError(f"receiver exited {self.process.returncode}; see {self.log}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL to the whole group: no shutdown code runs, as in a crash."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
