@@ -29,6 +29,7 @@ test: install fmnist
 
 bench: install fmnist
 	$(BIN)/python -m benchmarks.pipeline_overhead
+	$(BIN)/python -m benchmarks.webhook_latency
 
 lint: install
 	$(BIN)/ruff check .

@@ -15,7 +15,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from crossaudit.audit import run_audit
 from crossaudit.errors import AuditError
 from crossaudit.verdict import DEFAULT_PROFILE, load_thresholds
 
@@ -42,6 +41,8 @@ def audit(
     ] = DEFAULT_PROFILE,
 ) -> None:
     """Audit two models, each with the other as witness. Exit 0 clean, 1 backdoor, 2 inconclusive."""
+    from crossaudit.audit import run_audit  # here, not at the top: torch stays out of audit-version's start-up
+
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
     if device not in ("cpu", "cuda"):
         stderr.print(f"error: --device must be cpu or cuda, got {device!r}")
@@ -192,6 +193,9 @@ def serve(
     reconcile_every: Annotated[float, typer.Option("--reconcile-every", help="Seconds between sweeps")] = 300.0,
     audit_timeout: Annotated[float, typer.Option("--audit-timeout", help="Seconds one audit may take")] = 3600.0,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+    kfp_host: Annotated[
+        str | None, typer.Option("--kfp-host", help="Submit audits to this Kubeflow Pipelines API")
+    ] = None,
 ) -> None:
     """Webhook receiver: audit every registered version, guard the alias, re-audit on a
     schedule. The webhook secret comes from CROSSAUDIT_WEBHOOK_SECRET."""
@@ -209,7 +213,7 @@ def serve(
         raise typer.Exit(2) from exc
     config = ReceiverConfig(
         tracking_uri, secret, queue, workers=workers, alias=alias, cron=cron, reconcile_every_s=reconcile_every,
-        audit_timeout_s=audit_timeout, device=device,
+        audit_timeout_s=audit_timeout, device=device, kfp_host=kfp_host,
     )  # fmt: skip
     run_receiver(config, host, port)
 

@@ -4,7 +4,8 @@ MLflow posts model-registry events to `POST /webhook`. A delivery is verified (`
 turned into jobs and committed to the SQLite queue (`event_queue`) *before* it is
 answered, so an acknowledged event survives a crash. Behind the queue:
 - audit workers (a bounded pool) run each version's audit pipeline in its own process
-  (`crossaudit audit-version`, i.e. the same KFP pipeline as by hand), with a time budget;
+  (`crossaudit audit-version`, i.e. the same KFP pipeline as by hand), with a time budget,
+  under `kfp.local` or, with `kfp_host`, submitted to Kubeflow Pipelines;
 - a guard worker answers `model_version_alias.created` for the promotion alias at once:
   an alias on a version that has not passed is removed (`registry.guard_alias`);
 - a reconciler lists registered versions with no audit status, on start and then
@@ -62,6 +63,7 @@ class ReceiverConfig:
     max_attempts: int = 3
     retry_delay_s: float = 30.0
     device: str = "cpu"
+    kfp_host: str | None = None
 
 
 def jobs_for(delivery: Delivery, alias: str) -> list[NewJob]:
@@ -211,6 +213,7 @@ class Receiver:
         command = [
             sys.executable, "-m", "crossaudit", "audit-version", job.uri, "--tracking-uri", self.config.tracking_uri,
             "--alias", self.config.alias, "--device", self.config.device,
+            *(("--kfp-host", self.config.kfp_host) if self.config.kfp_host else ()),
         ]  # fmt: skip
         try:
             done = subprocess.run(
@@ -221,9 +224,11 @@ class Receiver:
             self._mark_error(job, reason)
             return "failed", reason
         status = registry.status_of(client.get_model_version(job.name, job.version))
+        self._queue_waiting_peers(job.key)
         if status in ENDED:
-            self._queue_waiting_peers(client, job)
             return "done", status
+        if self.config.kfp_host and status == "running":
+            return "done", f"submitted to Kubeflow Pipelines: {done.stdout.strip()}"
         message = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
         if done.returncode == 2 and message.startswith("error:"):
             self._mark_error(job, message.removeprefix("error:").strip())
@@ -236,13 +241,13 @@ class Receiver:
         threads = max(1, (os.cpu_count() or 1) // self.config.workers)
         return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
-    def _queue_waiting_peers(self, client: MlflowClient, job: Job) -> None:
-        """A new delivery is the peer that earlier versions of other providers waited for."""
-        waiting = registry.waiting_for(client, registry.VersionRef(job.name, job.version))
-        self.queue.enqueue(
-            [NewJob(f"audit:{v.name}/{v.version}:peer:{job.version}", "audit", v.name, v.version, job.key)
-             for v in waiting]
-        )  # fmt: skip
+    def _queue_waiting_peers(self, source: str) -> int:
+        """A delivery is the peer that other providers' earlier versions were waiting for:
+        audit them again, once per new peer. Runs after every audit and every sweep."""
+        due = registry.waiting_for_peers(self._client())
+        return self.queue.enqueue(
+            [NewJob(f"audit:{v.name}/{v.version}:peer:{peer}", "audit", v.name, v.version, source) for v, peer in due]
+        )
 
     def guard(self, job: Job) -> tuple[str, str]:
         incident = registry.guard_alias(self._client(), registry.VersionRef(job.name, job.version), self.config.alias)
@@ -253,13 +258,15 @@ class Receiver:
     # -- reconciliation and the schedule ---------------------------------------------
 
     def reconcile(self) -> int:
-        """Queue every delivered version that has no audit status; returns how many were new."""
+        """Queue every delivered version that has no audit status, and every version awaiting
+        a peer that has one now; returns how many jobs were new."""
         versions = registry.unaudited_versions(self._client())
         added = self.queue.enqueue(
             [NewJob(f"audit:{v.name}/{v.version}", "audit", v.name, v.version, "reconcile") for v in versions]
         )
         if added:
             log.warning("reconciliation queued %d version(s) whose webhook never arrived", added)
+        added += self._queue_waiting_peers("reconcile")
         self.queue.forget_deliveries(older_than=time.time() - 2 * self.config.tolerance_s)
         return added
 

@@ -228,15 +228,16 @@ def unaudited_versions(mlflow_client: MlflowClient) -> list[VersionRef]:
     ]  # fmt: skip
 
 
-def waiting_for(mlflow_client: MlflowClient, version: VersionRef) -> list[VersionRef]:
-    """Versions of the same model, from another provider, still `awaiting-peer`: the
-    delivery of `version` gives them the peer they were waiting for."""
-    current = mlflow_client.get_model_version(version.name, version.version)
-    provider = current.tags.get(PROVIDER_TAG)
-    return [
-        VersionRef.of(v) for v in mlflow_client.search_model_versions(f"name='{version.name}'")
-        if status_of(v) == "awaiting-peer" and v.tags.get(PROVIDER_TAG) not in (None, provider)
-    ]  # fmt: skip
+def waiting_for_peers(mlflow_client: MlflowClient) -> list[tuple[VersionRef, str]]:
+    """Versions still `awaiting-peer` whose model now holds another provider's version, each
+    with the newest such version: audit them again (keyed by that peer, so once per peer)."""
+    waiting = [v for v in _all(mlflow_client.search_model_versions) if status_of(v) == "awaiting-peer"]
+    due = []
+    for version in waiting:
+        peers = peers_of(mlflow_client, version)
+        if peers:
+            due.append((VersionRef.of(version), str(max(int(p.version) for p in peers))))
+    return due
 
 
 def _all(search: Callable[..., PagedList]) -> list:
