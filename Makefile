@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install demo test bench lint fmnist clean
+.PHONY: install demo test bench lint fmnist chromium clean
 
 $(BIN)/crossaudit: pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (crossaudit needs Python 3.11)"; exit 2; }
@@ -21,10 +21,16 @@ fmnist:
 	  (apt-get update >/dev/null 2>&1 && apt-get install -y dataset-fashion-mnist >/dev/null 2>&1) || \
 	  { echo "error: Fashion-MNIST missing; run 'sudo apt-get install dataset-fashion-mnist'"; exit 2; }
 
+# Debian's chromium for the MLflow UI test (tests/test_ui.py); without it that test is skipped, saying so.
+chromium:
+	@command -v chromium >/dev/null || apt-get install -y chromium >/dev/null 2>&1 || \
+	  (apt-get update >/dev/null 2>&1 && apt-get install -y chromium >/dev/null 2>&1) || \
+	  echo "warning: chromium could not be installed; the MLflow UI test will be skipped"
+
 demo: install fmnist
 	$(BIN)/python -m crossaudit.demo $(DEMO_ARGS)
 
-test: install fmnist
+test: install fmnist chromium
 	$(BIN)/pytest -q
 
 bench: install fmnist

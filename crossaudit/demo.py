@@ -16,6 +16,9 @@ from __future__ import annotations
 import argparse
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
@@ -61,39 +64,54 @@ def _holder(client: MlflowClient, alias: str) -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class DemoState:
+    url: str
+    versions: dict[str, registry.VersionRef]
+    receiver: ReceiverProcess
+
+
+@contextmanager
+def demo(out: Path, dataset: str = "digits") -> Iterator[DemoState]:
+    """Run the demo up to its end state and hold it (MLflow server and receiver up) while
+    the caller looks at it; `make demo` serves it, the UI test browses it."""
+    out.mkdir(parents=True, exist_ok=True)
+    models = _train_providers(dataset, out)
+    data = out / "audit.parquet"
+    write_audit_set(dataset, data)
+    secret = secrets.token_urlsafe(32)
+    with local_server(out / "mlflow") as url:
+        print(f"MLflow server: {url}")
+        client = registry.client(url)
+        receiver = ReceiverProcess(url, secret, out / "queue.db", out / "receiver.log")
+        try:
+            versions = _automatic_path(client, receiver, models, data, dataset, secret)
+            print(f"MLflow UI: {url}/#/models/{MODEL_NAME}")
+            yield DemoState(url, versions, receiver)
+        finally:
+            receiver.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dataset", default="digits", choices=["digits", "fmnist"])
     parser.add_argument("--out", type=Path, default=Path("demo-output"))
     parser.add_argument("--no-serve", action="store_true", help="exit when done instead of serving the UI")
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    models = _train_providers(args.dataset, args.out)
-    data = args.out / "audit.parquet"
-    write_audit_set(args.dataset, data)
-    secret = secrets.token_urlsafe(32)
-    with local_server(args.out / "mlflow") as url:
-        print(f"MLflow server: {url}")
-        client = registry.client(url)
-        receiver = ReceiverProcess(url, secret, args.out / "queue.db", args.out / "receiver.log")
-        try:
-            _automatic_path(client, receiver, models, data, args.dataset, secret)
-            print(f"MLflow UI: {url}/#/models/{MODEL_NAME}")
-            if not args.no_serve:
-                print("serving the MLflow UI and the receiver; Ctrl-C to stop")
-                try:
-                    while True:
-                        time.sleep(3600)
-                except KeyboardInterrupt:
-                    pass
-        finally:
-            receiver.stop()
+    with demo(args.out, args.dataset):
+        if not args.no_serve:
+            print("serving the MLflow UI and the receiver; Ctrl-C to stop")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
     return 0
 
 
 def _automatic_path(
     client: MlflowClient, receiver: ReceiverProcess, models: dict[str, Path], data: Path, dataset: str, secret: str
-) -> None:
+) -> dict[str, registry.VersionRef]:
     """Install the webhook, register both deliveries, and only watch: every audit and the
     alias guard are the receiver's doing."""
     webhook_id, ok, detail = install(client, f"{receiver.url}/webhook", secret)
@@ -119,6 +137,7 @@ def _automatic_path(
     incident = client.get_model_version(MODEL_NAME, poisoned.version).tags.get(registry.INCIDENT)
     print(f"alias guard: {incident}")
     _show(client, refs)
+    return refs
 
 
 def _show(client: MlflowClient, refs: dict[str, registry.VersionRef]) -> None:

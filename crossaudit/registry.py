@@ -287,9 +287,10 @@ def record_run(
 
 
 def run_link(mlflow_client: MlflowClient, run_id: str) -> str:
-    """The audit run's page in the MLflow UI."""
+    """The audit run's page in the MLflow UI, relative to the UI itself, so the link in a
+    version's description still works behind another host name, port or proxy."""
     run = mlflow_client.get_run(run_id)
-    return f"{mlflow.get_tracking_uri().rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"#/experiments/{run.info.experiment_id}/runs/{run_id}"
 
 
 def register_version(
