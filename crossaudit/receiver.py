@@ -42,7 +42,7 @@ from crossaudit import registry
 from crossaudit.errors import AuditError
 from crossaudit.event_queue import EventQueue, Job, NewJob, ReplayedDeliveryError
 from crossaudit.schedule import DEFAULT_CRON, Cron
-from crossaudit.webhook import Delivery, WebhookRejectedError, verify
+from crossaudit.webhook import MAX_BODY_BYTES, Delivery, WebhookRejectedError, verify
 
 log = logging.getLogger(__name__)
 ENDED = ("passed", "failed", "inconclusive", "awaiting-peer", "error")
@@ -122,7 +122,11 @@ class Receiver:
     # -- the HTTP side ---------------------------------------------------------------
 
     async def receive(self, request: Request) -> JSONResponse:
-        body = await request.body()
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                return JSONResponse({"error": f"body exceeds {MAX_BODY_BYTES} bytes"}, status_code=413)
         try:
             delivery = verify(self.config.secret, dict(request.headers), body, time.time(), self.config.tolerance_s)
         except WebhookRejectedError as exc:
@@ -169,7 +173,8 @@ class Receiver:
                 continue
             try:
                 state, outcome = handle(job)
-            except (MlflowException, AuditError, OSError) as exc:
+            except Exception as exc:  # a worker must outlive any job: the job is retried or fails closed
+                log.exception("%s %s: attempt %d raised", job.kind, job.uri, job.attempts)
                 self._retry_or_fail(job, f"{type(exc).__name__}: {exc}")
                 continue
             self.queue.finish(job, state, outcome)

@@ -85,6 +85,13 @@ def test_stale_timestamp_is_rejected(start_receiver):
     assert jobs(receiver) == []
 
 
+def test_oversized_body_is_refused_before_it_is_read_whole(start_receiver):
+    receiver = start_receiver()
+    response = requests.post(f"{receiver.url}/webhook", data=b"x" * (2 << 20), timeout=30)
+    assert response.status_code == 413
+    assert jobs(receiver) == []
+
+
 def test_replayed_and_duplicate_deliveries_start_one_audit(start_receiver):
     receiver = start_receiver()
     ghost = _ghost()
