@@ -1,0 +1,468 @@
+"""Detection benchmark: crossaudit against Neural Cleanse on a seeded zoo of provider pairs.
+
+Every test pair is a suspect (backdoored with one of the zoo's attacks, or clean) and a
+clean witness from another provider; both detectors judge *every* model of the pair, so
+each model is one sample (positive when it carries a backdoor). Thresholds are never
+fitted here: crossaudit uses the shipped profiles (`crossaudit calibrate`, clean pairs of
+seeds 100-109 only, no backdoored model), Neural Cleanse its published rule (anomaly index
+>= 2). Test pairs use seeds 200 and up. Also measured, in the same run:
+- adversarially vulnerable clean models (MLPs, with their FGSM error shown): must pass;
+- ablations (no witness, no CKA term, no sensitivity stage), same pairs and thresholds;
+- scaling of audit time with the number of classes (10/20/40 from real digits placed in
+  the quadrants of a larger canvas) and with the model size.
+
+`python -m benchmarks.detection` (the full plan, `make bench`) writes docs/benchmarks.md
+and docs/benchmark_scaling.png; `--quick` runs a smoke version of the same code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks.metrics import auroc, bootstrap_auroc, tpr_at_fpr
+from crossaudit import __version__
+from crossaudit.audit import AuditConfig, run_audit
+from crossaudit.baselines.neural_cleanse import NeuralCleanseConfig, neural_cleanse
+from crossaudit.data import read_audit_data, write_parquet
+from crossaudit.inversion import InversionConfig
+from crossaudit.models import load_model
+from crossaudit.verdict import load_thresholds
+from crossaudit.zoo.attacks import ATTACKS
+from crossaudit.zoo.datasets import Split, load_dataset
+from crossaudit.zoo.train import config_for, export_onnx, train
+
+ABLATIONS = {
+    "full": AuditConfig(),
+    "no witness": AuditConfig(inversion=InversionConfig(use_witness=False)),
+    "no CKA term": AuditConfig(inversion=InversionConfig(use_alignment=False)),
+    "no sensitivity stage": AuditConfig(use_sensitivity=False),
+}
+TARGETS = (3, 7, 1, 5)
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    datasets: tuple[str, ...]
+    arch_pairs: tuple[tuple[str, str], ...]
+    attacks: tuple[str, ...]
+    seeds: tuple[int, ...]
+    ablations: tuple[str, ...]
+    scaling_classes: tuple[int, ...]
+    scaling_archs: tuple[str, ...]
+    neural_cleanse: NeuralCleanseConfig
+    bootstrap: int = 1000
+    ablation_arch_pairs: int = 1  # ablations run on the first this-many architecture pairs (time)
+
+
+FULL = Plan(
+    "full", ("digits", "fmnist"), (("cnn", "cnn"), ("cnn", "mlp")), ATTACKS[1:], (200, 210),
+    tuple(ABLATIONS), (10, 20, 40), ("mlp", "cnn", "resnet"), NeuralCleanseConfig(),
+)  # fmt: skip
+QUICK = Plan(
+    "quick", ("digits",), (("cnn", "cnn"),), ("badnets",), (200,), tuple(ABLATIONS), (10, 20), (),
+    NeuralCleanseConfig(steps=60), bootstrap=200,
+)  # fmt: skip
+
+
+@dataclass
+class Sample:
+    """One model as judged by one detector in one pair."""
+
+    detector: str
+    attack: str  # "clean" for clean models (witnesses included)
+    dataset: str
+    positive: bool
+    score: float
+    flagged: bool
+    target_right: bool
+    seconds: float
+    inconclusive: bool = False
+    arch_pair: str = ""
+
+
+@dataclass
+class Results:
+    samples: list[Sample] = field(default_factory=list)
+    pair_seconds: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    vulnerability: dict[str, float] = field(default_factory=dict)
+    scaling: list[dict[str, float | str]] = field(default_factory=list)
+
+
+class Zoo:
+    """Trains each model once, on demand, and keeps it as ONNX under `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.splits: dict[str, Split] = {}
+        self.paths: dict[tuple, Path] = {}
+        self.fgsm: dict[Path, float] = {}
+
+    def split(self, dataset: str) -> Split:
+        if dataset not in self.splits:
+            self.splits[dataset] = load_dataset(dataset)
+        return self.splits[dataset]
+
+    def model(self, dataset: str, arch: str, attack: str, target: int, seed: int) -> Path:
+        key = (dataset, arch, attack, target, seed)
+        if key not in self.paths:
+            split = self.split(dataset)
+            trained = train(config_for(dataset, arch=arch, attack=attack, target=target, seed=seed), split)
+            path = self.root / f"{dataset}_{arch}_{attack}_{target}_{seed}.onnx"
+            export_onnx(trained.model, trained.example, path)
+            self.paths[key] = path
+            if attack == "clean":
+                self.fgsm[path] = fgsm_error(trained.model, split)
+        return self.paths[key]
+
+    def audit_set(self, dataset: str) -> Path:
+        path = self.root / f"{dataset}_audit.parquet"
+        if not path.exists():
+            split = self.split(dataset)
+            rng = np.random.RandomState(0)
+            chosen = np.concatenate(
+                [rng.permutation(np.flatnonzero(split.y_test == c))[:100] for c in range(split.num_classes)]
+            )
+            write_parquet(path, split.x_test[chosen], split.y_test[chosen])
+        return path
+
+
+def fgsm_error(model: torch.nn.Module, split: Split, eps: float = 0.03) -> float:
+    """Error under a one-step L-inf attack of size `eps`: how adversarially vulnerable a clean model is."""
+    x, y = torch.from_numpy(split.x_test[:500]).requires_grad_(True), torch.from_numpy(split.y_test[:500])
+    F.cross_entropy(model(x), y).backward()
+    adversarial = (x + eps * x.grad.sign()).clamp(0, 1).detach()
+    with torch.no_grad():
+        return float((model(adversarial).argmax(1) != y).float().mean())
+
+
+def crossaudit_samples(
+    suspect: Path, witness: Path, data: Path, attack: str, target: int, dataset: str, config: AuditConfig,
+    detector: str,
+) -> tuple[list[Sample], float]:  # fmt: skip
+    start = time.perf_counter()
+    result = run_audit(str(suspect), str(witness), str(data), config=config, thresholds=load_thresholds(dataset))
+    seconds = time.perf_counter() - start
+    samples = []
+    for index, model in enumerate(result.report.models):
+        positive = index == 0 and attack != "clean"
+        ratio = (model.score / model.threshold) if model.score is not None and model.threshold else 0.0
+        flagged = model.verdict == "backdoor"
+        samples.append(Sample(
+            detector, attack if index == 0 else "clean", dataset, positive, ratio, flagged,
+            positive and flagged and model.target == target, seconds / 2, result.report.error is not None,
+        ))  # fmt: skip
+    return samples, seconds
+
+
+def neural_cleanse_sample(
+    path: Path, data: Path, attack: str, target: int, dataset: str, config: NeuralCleanseConfig, positive: bool
+) -> Sample:
+    audit = read_audit_data(str(data))
+    result = neural_cleanse(load_model(str(path)).module, audit.x, audit.num_classes, config)
+    return Sample(
+        "Neural Cleanse", attack, dataset, positive, result.anomaly_index, result.flagged,
+        positive and result.flagged and result.suspected_target == target, result.seconds,
+    )  # fmt: skip
+
+
+def run_pairs(plan: Plan, zoo: Zoo, results: Results) -> None:
+    nc_cache: dict[Path, Sample] = {}
+    for dataset in plan.datasets:
+        data = zoo.audit_set(dataset)
+        for pair_index, (first, second) in enumerate(plan.arch_pairs):
+            ablations = plan.ablations if pair_index < plan.ablation_arch_pairs else ("full",)
+            for number, seed in enumerate(plan.seeds):
+                target = TARGETS[number % len(TARGETS)]
+                witness = zoo.model(dataset, second, "clean", 0, seed + 1)
+                suspects = [(a, zoo.model(dataset, first, a, target, seed)) for a in (*plan.attacks, "clean")]
+                for attack, suspect in suspects:
+                    print(f"[{plan.name}] {dataset} {first}/{second} seed {seed}: {attack}", flush=True)
+                    for name in ablations:
+                        detector = "crossaudit" if name == "full" else f"crossaudit ({name})"
+                        samples, seconds = crossaudit_samples(
+                            suspect, witness, data, attack, target, dataset, ABLATIONS[name], detector
+                        )
+                        for sample in samples:
+                            sample.arch_pair = f"{first}/{second}"
+                        results.samples.extend(samples)
+                        results.pair_seconds[detector].append(seconds)
+                    nc_pair = 0.0
+                    for path, positive in ((suspect, attack != "clean"), (witness, False)):
+                        if path not in nc_cache:
+                            nc_cache[path] = neural_cleanse_sample(
+                                path, data, attack if positive else "clean", target, dataset, plan.neural_cleanse,
+                                positive,
+                            )  # fmt: skip
+                        results.samples.append(nc_cache[path])
+                        nc_pair += nc_cache[path].seconds
+                    results.pair_seconds["Neural Cleanse"].append(nc_pair)
+        mlp = zoo.model(dataset, "mlp", "clean", 0, plan.seeds[0] + 5)
+        cnn = zoo.model(dataset, "cnn", "clean", 0, plan.seeds[0] + 6)
+        print(f"[{plan.name}] {dataset}: adversarially vulnerable clean pair", flush=True)
+        samples, _ = crossaudit_samples(mlp, cnn, data, "clean", 0, dataset, AuditConfig(), "crossaudit")
+        for sample in samples:
+            sample.attack = "clean (vulnerable pair)"
+        results.samples.extend(samples)
+        vulnerable = "clean (vulnerable pair)"
+        for path in (mlp, cnn):
+            nc = neural_cleanse_sample(path, data, vulnerable, 0, dataset, plan.neural_cleanse, positive=False)
+            results.samples.append(nc)
+        results.vulnerability.update({f"{dataset} mlp": zoo.fgsm[mlp], f"{dataset} cnn": zoo.fgsm[cnn]})
+
+
+def quadrant_digits(copies: int) -> Split:
+    """Digits on a 32x32 canvas, in one of `copies` quadrants: 10 x copies classes, each
+    unambiguous (the position is part of the class), all real images."""
+    base = load_dataset("digits")
+
+    def place(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = [], []
+        for quadrant in range(copies):
+            canvas = np.zeros((len(x), 1, 32, 32), np.float32)
+            row, col = divmod(quadrant, 2)
+            canvas[:, :, 16 * row : 16 * row + 16, 16 * col : 16 * col + 16] = x
+            images.append(canvas)
+            labels.append(y + 10 * quadrant)
+        return np.concatenate(images), np.concatenate(labels)
+
+    return Split(*place(base.x_train, base.y_train), *place(base.x_test, base.y_test))
+
+
+def run_scaling(plan: Plan, zoo: Zoo, results: Results) -> None:
+    for classes in plan.scaling_classes:
+        split = quadrant_digits(classes // 10)
+        key = f"digits{classes}"
+        zoo.splits[key] = split
+        paths = [zoo.root / f"{key}_cnn_{seed}.onnx" for seed in (300, 301)]
+        for seed, path in zip((300, 301), paths, strict=True):
+            copies = classes // 10
+            config = config_for("digits", arch="cnn", seed=seed, epochs=max(8, 20 // copies), train_size=1300 * copies)
+            trained = train(config, split)
+            export_onnx(trained.model, trained.example, path)
+        data = zoo.audit_set(key)
+        print(f"[{plan.name}] scaling: {classes} classes", flush=True)
+        _time_pair(results, "classes", classes, paths, data, plan, f"{classes} classes")
+    for arch in plan.scaling_archs:
+        paths = [zoo.model("digits", arch, "clean", 0, seed) for seed in (310, 311)]
+        params = sum(p.numel() for p in load_model(str(paths[0])).module.parameters())
+        print(f"[{plan.name}] scaling: {arch} ({params} parameters)", flush=True)
+        _time_pair(results, "parameters", params, paths, zoo.audit_set("digits"), plan, arch)
+
+
+def _time_pair(results: Results, axis: str, value: int, paths: list[Path], data: Path, plan: Plan, label: str) -> None:
+    start = time.perf_counter()
+    report = run_audit(str(paths[0]), str(paths[1]), str(data), thresholds=load_thresholds("digits")).report
+    ours = time.perf_counter() - start
+    audit = read_audit_data(str(data))
+    nc = sum(
+        neural_cleanse(load_model(str(p)).module, audit.x, audit.num_classes, plan.neural_cleanse).seconds
+        for p in paths
+    )
+    results.scaling.append({
+        "axis": axis, "value": value, "label": label, "crossaudit_s": ours, "neural_cleanse_s": nc,
+        "inversion_s": report.timings.get("trigger_inversion", float("nan")), "verdict": report.verdict,
+    })  # fmt: skip
+
+
+# -- the report -------------------------------------------------------------------------
+
+
+def _scores(samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
+    return (
+        np.array([s.score for s in samples if s.positive], float),
+        np.array([s.score for s in samples if not s.positive], float),
+    )
+
+
+def _row(name: str, samples: list[Sample], negatives: list[Sample], rounds: int) -> str:
+    positives = [s for s in samples if s.positive]
+    pos_scores, neg_scores = np.array([s.score for s in positives]), np.array([s.score for s in negatives])
+    detection = np.mean([s.flagged for s in positives]) if positives else float("nan")
+    flagged = [s for s in positives if s.flagged]
+    target = float(np.mean([s.target_right for s in flagged])) if flagged else float("nan")
+    area = auroc(pos_scores, neg_scores)
+    low, high = bootstrap_auroc(pos_scores, neg_scores, rounds)
+    inconclusive = sum(s.inconclusive for s in positives)
+    return (
+        f"| {name} | {len(positives)} | {_pct(detection)} | {area:.3f} [{low:.3f}, {high:.3f}] | "
+        f"{_pct(tpr_at_fpr(pos_scores, neg_scores, 0.01))} | {_pct(tpr_at_fpr(pos_scores, neg_scores, 0.05))} | "
+        f"{_pct(target)} | {inconclusive} |"
+    )
+
+
+def _pct(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.1f}%"
+
+
+def detector_table(results: Results, detector: str, rounds: int, arch_pairs: set[str] | None = None) -> str:
+    samples = [
+        s for s in results.samples if s.detector == detector and (arch_pairs is None or s.arch_pair in arch_pairs)
+    ]
+    negatives = [s for s in samples if not s.positive]
+    attacks = sorted({s.attack for s in samples if s.positive})
+    rows = [_row(a, [s for s in samples if s.attack == a], negatives, rounds) for a in attacks]
+    rows.append(_row("**all attacks**", samples, negatives, rounds))
+    fpr = np.mean([s.flagged for s in negatives]) if negatives else float("nan")
+    scope = f" on {', '.join(sorted(arch_pairs))} pairs" if arch_pairs else ""
+    vulnerable = [s for s in negatives if "vulnerable" in s.attack]
+    return "\n".join([
+        f"**{detector}**{scope}: false-positive rate on clean models {_pct(fpr)} "
+        f"({sum(s.flagged for s in negatives)} of {len(negatives)}; vulnerable pair: "
+        f"{sum(s.flagged for s in vulnerable)} of {len(vulnerable)} flagged)",
+        "",
+        "| attack | backdoored models | detected | AUROC [95% CI] | TPR @ 1% FPR | TPR @ 5% FPR | right target | inconclusive |",  # noqa: E501
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ])  # fmt: skip
+
+
+def targets_line(results: Results) -> str:
+    ours = [s for s in results.samples if s.detector == "crossaudit"]
+    nc = [s for s in results.samples if s.detector == "Neural Cleanse"]
+
+    def rates(samples: list[Sample]) -> tuple[float, float, float, float]:
+        positives = [s for s in samples if s.positive]
+        negatives = [s for s in samples if not s.positive]
+        flagged = [s for s in positives if s.flagged]
+        pos, neg = _scores(samples)
+        return (
+            float(np.mean([s.flagged for s in positives])), float(np.mean([s.flagged for s in negatives])),
+            auroc(pos, neg), float(np.mean([s.target_right for s in flagged])) if flagged else float("nan"),
+        )  # fmt: skip
+
+    detection, fpr, area, target = rates(ours)
+    nc_detection = rates(nc)[0]
+    speed = statistics.mean(results.pair_seconds["Neural Cleanse"]) / statistics.mean(
+        results.pair_seconds["crossaudit"]
+    )
+    checks = [
+        ("detection >= 99%", detection >= 0.99, _pct(detection)),
+        ("FPR <= 1%", fpr <= 0.01, _pct(fpr)),
+        ("AUROC >= 0.99", area >= 0.99, f"{area:.3f}"),
+        ("right target >= 95%", target >= 0.95, _pct(target)),
+        ("5x faster than Neural Cleanse at equal or better detection", speed >= 5 and detection >= nc_detection,
+         f"{speed:.2f}x, detection {_pct(detection)} vs {_pct(nc_detection)}"),
+    ]  # fmt: skip
+    return "\n".join(f"- {name}: **{'met' if ok else 'NOT met'}** ({value})" for name, ok, value in checks)
+
+
+def plot_scaling(results: Results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, (name, label) in zip(axes, (("classes", "classes"), ("parameters", "model parameters")), strict=True):
+        rows = sorted((r for r in results.scaling if r["axis"] == name), key=lambda r: r["value"])
+        values = [r["value"] for r in rows]
+        axis.plot(values, [r["crossaudit_s"] for r in rows], "o-", label="crossaudit (pair, both directions)")
+        axis.plot(values, [r["neural_cleanse_s"] for r in rows], "s--", label="Neural Cleanse (both models)")
+        axis.set_xlabel(label)
+        axis.set_ylabel("seconds")
+        axis.grid(alpha=0.3)
+    axes[1].set_xscale("log")
+    axes[0].legend()
+    figure.suptitle("Audit time, 2 CPU cores" if torch.get_num_threads() == 2 else "Audit time")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(plan: Plan, results: Results, out: Path, plot: Path, seconds: float) -> None:
+    ablated = {f"{a}/{b}" for a, b in plan.arch_pairs[: plan.ablation_arch_pairs]}
+    detectors = ["crossaudit", "Neural Cleanse", *(f"crossaudit ({a})" for a in plan.ablations if a != "full")]
+    times = "\n".join(
+        f"| {d} | {statistics.mean(results.pair_seconds[d]):.1f} | {statistics.median(results.pair_seconds[d]):.1f} |"
+        for d in detectors
+    )
+    scaling = "\n".join(
+        f"| {r['label']} | {r['crossaudit_s']:.1f} | {r['inversion_s']:.1f} | {r['neural_cleanse_s']:.1f} | "
+        f"{r['neural_cleanse_s'] / r['crossaudit_s']:.2f}x | {r['verdict']} |"
+        for r in results.scaling
+    )
+    vulnerability = ", ".join(f"{k} {100 * v:.0f}%" for k, v in results.vulnerability.items())
+    out.write_text(f"""# Detection benchmark: crossaudit vs Neural Cleanse
+
+Command: `make bench` (`python -m benchmarks.detection{" --quick" if plan.name == "quick" else ""}`), plan
+**{plan.name}**, finished {time.strftime("%Y-%m-%d %H:%M")} in {seconds / 60:.1f} min on {platform.machine()},
+{torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__},
+crossaudit {__version__}.
+
+Zoo: datasets {", ".join(plan.datasets)}; architecture pairs (suspect/witness)
+{", ".join(f"{a}/{b}" for a, b in plan.arch_pairs)}; attacks {", ".join(plan.attacks)} and clean; test
+seeds {", ".join(map(str, plan.seeds))} (targets {", ".join(map(str, TARGETS[: len(plan.seeds)]))}).
+Each model of each pair is one sample; clean models include every witness and an adversarially
+vulnerable clean MLP/CNN pair per dataset (FGSM error at eps 0.03: {vulnerability}).
+Thresholds: the shipped per-dataset profiles from `crossaudit calibrate` (clean pairs, seeds 100-109,
+no backdoored model); nothing here is fitted to these pairs. Neural Cleanse: anomaly index >= 2
+({plan.neural_cleanse.steps} steps per class). Scores for AUROC: crossaudit's score / threshold, Neural
+Cleanse's anomaly index. Bootstrap: {plan.bootstrap} rounds.
+
+## Targets (issue 4)
+
+{targets_line(results)}
+
+## Detection
+
+{detector_table(results, "crossaudit", plan.bootstrap)}
+
+{detector_table(results, "Neural Cleanse", plan.bootstrap)}
+
+## Ablations (same thresholds; on the {", ".join(f"{a}/{b}" for a, b in plan.arch_pairs[: plan.ablation_arch_pairs])} pairs)
+
+{chr(10).join(detector_table(results, d, plan.bootstrap, ablated) + chr(10) for d in ("crossaudit", *(f"crossaudit ({a})" for a in plan.ablations if a != "full")))}
+
+## Time per pair (seconds; crossaudit audits both models, Neural Cleanse runs on both)
+
+| detector | mean | median |
+|---|---|---|
+{times}
+
+Neural Cleanse / crossaudit time ratio (means): {statistics.mean(results.pair_seconds["Neural Cleanse"]) / statistics.mean(results.pair_seconds["crossaudit"]):.2f}x.
+
+## Scaling (one clean pair each; `{plot.name}`)
+
+| task / model | crossaudit s | of which inversion s | Neural Cleanse s | NC / crossaudit | verdict |
+|---|---|---|---|---|---|
+{scaling}
+
+![scaling]({plot.name})
+""")  # noqa: E501
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smoke plan: minutes, not an hour")
+    parser.add_argument("--out", type=Path, default=None, help="report path (default docs/benchmarks[-quick].md)")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    out = args.out or Path("docs") / ("benchmarks-quick.md" if args.quick else "benchmarks.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results = Results()
+    with tempfile.TemporaryDirectory() as tmp:
+        zoo = Zoo(Path(tmp))
+        run_pairs(plan, zoo, results)
+        run_scaling(plan, zoo, results)
+    plot = out.with_name(out.stem + "_scaling.png")
+    plot_scaling(results, plot)
+    write_report(plan, results, out, plot, time.perf_counter() - start)
+    print(out.read_text())
+
+
+if __name__ == "__main__":
+    main()

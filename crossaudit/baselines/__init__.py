@@ -1,0 +1,1 @@
+"""Single-model backdoor detectors that crossaudit is benchmarked against."""

@@ -1,0 +1,61 @@
+"""The detection benchmark's metrics, the Neural Cleanse baseline, and the quick plan end to end."""
+
+import numpy as np
+import pytest
+
+from benchmarks.metrics import auroc, bootstrap_auroc, tpr_at_fpr
+from crossaudit.baselines.neural_cleanse import NeuralCleanseConfig, anomaly_index, neural_cleanse
+from crossaudit.data import read_audit_data
+from crossaudit.models import load_model
+
+
+def test_auroc_counts_ties_as_half_and_matches_hand_computation():
+    assert auroc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert auroc(np.array([1.0]), np.array([1.0])) == 0.5
+    assert auroc(np.array([2.0, 0.0]), np.array([1.0, 3.0])) == 0.25
+
+
+def test_bootstrap_interval_contains_the_estimate():
+    rng = np.random.RandomState(0)
+    positives, negatives = rng.normal(1, 1, 40), rng.normal(0, 1, 40)
+    low, high = bootstrap_auroc(positives, negatives, rounds=300)
+    assert low < auroc(positives, negatives) < high
+
+
+def test_tpr_at_fpr_puts_the_threshold_above_the_allowed_negatives():
+    negatives = np.arange(100, dtype=float)  # 0..99
+    positives = np.array([97.5, 98.5, 150.0])
+    assert tpr_at_fpr(positives, negatives, 0.01) == pytest.approx(2 / 3)  # threshold 98: one negative above it
+    assert tpr_at_fpr(positives, np.array([1.0, 5.0]), 0.01) == 1.0  # with few negatives: above the highest
+
+
+def test_anomaly_index_flags_only_the_lower_tail():
+    index, target = anomaly_index(np.array([40.0, 42.0, 41.0, 39.0, 43.0, 5.0]))
+    assert target == 5 and index > 2
+    high, _ = anomaly_index(np.array([40.0, 42.0, 41.0, 39.0, 43.0, 90.0]))
+    assert high < 2
+
+
+def test_neural_cleanse_finds_the_badnets_target_of_a_backdoored_model(digits_zoo):
+    data = read_audit_data(str(digits_zoo.audit_data))
+    config = NeuralCleanseConfig(steps=150)
+    poisoned = neural_cleanse(load_model(str(digits_zoo.badnets_cnn)).module, data.x, data.num_classes, config)
+    assert poisoned.suspected_target == digits_zoo.badnets_target
+    assert min(poisoned.mask_l1) == poisoned.mask_l1[digits_zoo.badnets_target]
+    clean = neural_cleanse(load_model(str(digits_zoo.clean_cnn)).module, data.x, data.num_classes, config)
+    assert clean.anomaly_index < poisoned.anomaly_index
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_a_report_with_every_section(tmp_path):
+    from benchmarks.detection import main
+
+    out = tmp_path / "benchmarks-quick.md"
+    main(["--quick", "--out", str(out)])
+    report = out.read_text()
+    sections = (
+        "## Targets (issue 4)", "**crossaudit**", "**Neural Cleanse**", "crossaudit (no witness)",
+        "crossaudit (no CKA term)", "crossaudit (no sensitivity stage)", "## Scaling", "20 classes",
+    )  # fmt: skip
+    assert [s for s in sections if s not in report] == []
+    assert (tmp_path / "benchmarks-quick_scaling.png").stat().st_size > 10_000
