@@ -19,9 +19,10 @@ from torch import Tensor, nn
 from crossaudit import REPORT_SCHEMA_VERSION, __version__
 from crossaudit.cka import Alignment, align_layers
 from crossaudit.data import AuditData, read_audit_data
-from crossaudit.errors import AuditError, IncomparableModelsError
+from crossaudit.errors import AuditError, IncomparableModelsError, TimeBudgetError
 from crossaudit.features import candidate_taps, extract_features
 from crossaudit.inversion import InversionConfig, Models, Trigger, cross_invert
+from crossaudit.limits import Limits
 from crossaudit.models import LoadedModel, load_model, logits_of, parity_check
 from crossaudit.sensitivity import (
     AttackEffect,
@@ -53,6 +54,7 @@ class AuditConfig:
     min_accuracy: float = 0.5
     min_agreement: float = 0.6
     min_cka: float = 0.2
+    limits: Limits = field(default_factory=Limits.from_env)
 
 
 @dataclass
@@ -129,9 +131,13 @@ def measure(
 
 
 class _Clock:
-    def __init__(self, progress: Progress) -> None:
+    """Stage timings, and the time budget: checked as each stage ends."""
+
+    def __init__(self, progress: Progress, budget_s: float) -> None:
         self.timings: dict[str, float] = {}
         self.progress = progress
+        self.budget_s = budget_s
+        self.started = time.perf_counter()
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -141,6 +147,12 @@ class _Clock:
             yield
         finally:
             self.timings[name] = round(time.perf_counter() - start, 3)
+        elapsed = time.perf_counter() - self.started
+        if elapsed > self.budget_s:
+            raise TimeBudgetError(
+                f"audit exceeded its time budget of {self.budget_s:g}s ({elapsed:.0f}s after {name}); "
+                "raise CROSSAUDIT_TIME_BUDGET_S to allow more"
+            )
 
 
 @dataclass
@@ -177,10 +189,10 @@ class Pair:
 def prepare_pair(uris: list[str], data_path: str, seed: int, device: str, config: AuditConfig) -> Pair:
     """Load both models, prove their torch view matches ONNX Runtime, and refuse pairs too
     different on clean data to cross-examine."""
-    data = read_audit_data(data_path)
+    data = read_audit_data(data_path, config.limits.max_audit_samples)
     modules, reports, labels = [], [], []
     for uri in uris:
-        model, diff = _load_checked(uri, data, device)
+        model, diff = _load_checked(uri, data, device, config.limits.max_model_bytes)
         logits = logits_of(model.module, data.x, device)
         if logits.ndim != 2 or logits.shape[1] < data.num_classes:
             raise IncomparableModelsError(
@@ -257,8 +269,8 @@ def pair_verdicts(
     return judged
 
 
-def _load_checked(uri: str, data: AuditData, device: str) -> tuple[LoadedModel, float | None]:
-    model = load_model(uri)
+def _load_checked(uri: str, data: AuditData, device: str, max_bytes: int) -> tuple[LoadedModel, float | None]:
+    model = load_model(uri, max_bytes)
     model.module.to(device).requires_grad_(False).eval()
     return model, parity_check(model, data.x, device)
 
@@ -275,7 +287,7 @@ def run_audit(
 ) -> AuditResult:
     """Audit both models, each with the other as witness. Any error reads as inconclusive."""
     config = config or AuditConfig()
-    clock = _Clock(progress)
+    clock = _Clock(progress, config.limits.time_budget_s)
     uris = [suspect_uri, witness_uri]
     report = AuditReport(
         "inconclusive", [ModelReport(uri, "inconclusive") for uri in uris], None, None, clock.timings,

@@ -41,7 +41,9 @@ def audit(
     ] = DEFAULT_PROFILE,
 ) -> None:
     """Audit two models, each with the other as witness. Exit 0 clean, 1 backdoor, 2 inconclusive."""
-    from crossaudit.audit import run_audit  # here, not at the top: torch stays out of audit-version's start-up
+    # Here, not at the top: torch stays out of the start-up of audit-version and serve.
+    from crossaudit.audit import AuditConfig, run_audit
+    from crossaudit.limits import Limits
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
     if device not in ("cpu", "cuda"):
@@ -55,11 +57,12 @@ def audit(
             raise typer.Exit(2)
     try:
         thresholds = load_thresholds(profile)
+        config = AuditConfig(limits=Limits.from_env())
     except ValueError as exc:
         stderr.print(f"error: {exc}")
         raise typer.Exit(2) from exc
     result = run_audit(
-        suspect, witness, str(data), seed=seed, device=device, thresholds=thresholds,
+        suspect, witness, str(data), seed=seed, device=device, config=config, thresholds=thresholds,
         progress=lambda message: stderr.print(f"[dim]{message}[/dim]"),
     )  # fmt: skip
     report = result.report

@@ -23,3 +23,7 @@ class DataValidationError(AuditError):
 
 class IncomparableModelsError(AuditError):
     """The two models disagree too much on clean data, or share no aligned layer."""
+
+
+class TimeBudgetError(AuditError):
+    """The audit ran past its time budget (CROSSAUDIT_TIME_BUDGET_S)."""

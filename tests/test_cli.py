@@ -1,6 +1,7 @@
 """End-to-end audits through the `crossaudit` command, on real digits models."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -68,3 +69,26 @@ def test_unknown_profile_exits_2(digits_zoo):
         "--profile", "imagenet",
     )  # fmt: skip
     assert done.returncode == 2 and "unknown threshold profile 'imagenet'" in done.stderr
+
+
+def _audit_with(env: dict[str, str], digits_zoo) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "crossaudit", "audit", str(digits_zoo.clean_cnn), str(digits_zoo.badnets_cnn),
+         "--data", str(digits_zoo.audit_data), "--profile", "digits"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **env},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("CROSSAUDIT_MAX_MODEL_BYTES", "1000", "limit"),
+        ("CROSSAUDIT_MAX_AUDIT_SAMPLES", "50", "audit-set limit of 50"),
+        ("CROSSAUDIT_TIME_BUDGET_S", "0.01", "time budget of 0.01s"),
+        ("CROSSAUDIT_TIME_BUDGET_S", "soon", "expected a positive float"),
+    ],
+)
+def test_exceeding_a_limit_is_inconclusive_never_clean_even_on_a_backdoored_pair(variable, value, message, digits_zoo):
+    done = _audit_with({variable: value}, digits_zoo)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
