@@ -36,6 +36,7 @@ test: install fmnist chromium
 bench: install fmnist
 	$(BIN)/python -m benchmarks.pipeline_overhead
 	$(BIN)/python -m benchmarks.webhook_latency
+	$(BIN)/python -m benchmarks.webhook_load
 	$(BIN)/python -m benchmarks.detection
 
 lint: install

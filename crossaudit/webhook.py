@@ -74,7 +74,7 @@ def verify(secret: str, headers: dict[str, str], body: bytes, now: float, tolera
     except ValueError as exc:
         raise WebhookRejectedError(f"timestamp {timestamp!r} is not a Unix time") from exc
     if abs(now - sent) > tolerance_s:
-        raise WebhookRejectedError(f"timestamp {sent} is {now - sent:+.0f}s from now (tolerance {tolerance_s}s)")
+        raise WebhookRejectedError(f"timestamp {sent} is {sent - now:+.0f}s from now (tolerance {tolerance_s}s)")
     try:
         payload = json.loads(body)
         event = f"{payload['entity']}.{payload['action']}"
