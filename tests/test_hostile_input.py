@@ -1,0 +1,230 @@
+"""Property-based fuzzing of everything a provider or a stranger can hand us.
+
+Each property: whatever the input, the named error (or a clean answer), never a crash, never
+another exception type, and the CLI's exit code 2. Hypothesis runs derandomized, so a
+failure reproduces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import threading
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import requests
+import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from crossaudit.cli import app
+from crossaudit.data import read_audit_data
+from crossaudit.errors import DataValidationError, ModelLoadError
+from crossaudit.models import load_model
+from crossaudit.receiver import Receiver, ReceiverConfig
+from crossaudit.receiver_process import wait_for
+from crossaudit.tracking_server import free_port
+from crossaudit.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+
+FUZZ = settings(
+    derandomize=True, deadline=None, max_examples=60,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)  # fmt: skip
+SECRET = "fuzz-secret-0123456789abcdef"
+
+
+@pytest.fixture
+def scratch(tmp_path: Path) -> Path:
+    """Work inside tmp_path, and prove nothing was written outside it (the repository)."""
+    root = Path(__file__).resolve().parents[1]
+    before = {p for p in root.iterdir()}
+    previous = os.getcwd()
+    os.chdir(tmp_path)
+    yield tmp_path
+    os.chdir(previous)
+    assert {p for p in root.iterdir()} == before, "a hostile input made us write outside the working directory"
+
+
+# -- audit data ------------------------------------------------------------------------
+
+
+@FUZZ
+@given(payload=st.binary(max_size=4096), suffix=st.sampled_from([".parquet", ".npz"]))
+def test_arbitrary_bytes_as_audit_data_are_a_named_error(scratch, payload, suffix):
+    path = scratch / f"data{suffix}"
+    path.write_bytes(payload)
+    with pytest.raises(DataValidationError):
+        read_audit_data(path)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+@FUZZ
+@given(
+    rows=st.integers(0, 40),
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    value=st.sampled_from([0.5, -1.0, 2.0, float("nan"), float("inf")]),
+    label_type=st.sampled_from([pa.int64(), pa.int32(), pa.float64(), pa.string()]),
+    column=st.sampled_from(["image", "label", "pixels"]),
+)
+def test_well_formed_parquet_with_wrong_contents_names_the_column(scratch, rows, shape, value, label_type, column):
+    size = int(np.prod(shape))
+    tensor = pa.fixed_shape_tensor(pa.float32(), shape)
+    images = pa.ExtensionArray.from_storage(tensor, pa.array([[value] * size] * rows, pa.list_(pa.float32(), size)))
+    labels = pa.array([str(i % 3) if label_type == pa.string() else i % 3 for i in range(rows)], label_type)
+    names = ["image", "label"] if column != "pixels" else ["pixels", "label"]
+    (scratch / "data.parquet").write_bytes(_parquet_bytes(pa.table([images, labels], names=names)))
+    try:
+        data = read_audit_data(scratch / "data.parquet")
+    except DataValidationError as exc:
+        assert "'image'" in str(exc) or "'label'" in str(exc)
+        return
+    assert data.x.shape[1:] == tuple(shape) and np.all((data.x >= 0) & (data.x <= 1))
+
+
+@FUZZ
+@given(dtype=st.sampled_from(["float32", "float64", "int64", "object"]), rank=st.integers(1, 5))
+def test_npz_with_wrong_arrays_or_pickles_is_a_named_error(scratch, dtype, rank):
+    x = np.zeros((30,) + (2,) * (rank - 1), dtype=dtype if dtype != "object" else object)
+    y = np.arange(30) % 2
+    np.savez(scratch / "data.npz", x=x, y=y)
+    if dtype == "float32" and rank == 4:
+        assert read_audit_data(scratch / "data.npz").x.shape == (30, 2, 2, 2)
+        return
+    with pytest.raises(DataValidationError, match=r"'x'|pickle"):
+        read_audit_data(scratch / "data.npz")
+
+
+# -- models ----------------------------------------------------------------------------
+
+
+@FUZZ
+@given(payload=st.binary(max_size=4096), suffix=st.sampled_from([".onnx", ".pt2"]))
+def test_arbitrary_bytes_as_a_model_are_a_named_error(scratch, payload, suffix):
+    path = scratch / f"model{suffix}"
+    path.write_bytes(payload)
+    with pytest.raises(ModelLoadError):
+        load_model(str(path))
+
+
+@FUZZ
+@given(cut=st.floats(0.0, 0.999), flips=st.lists(st.tuples(st.floats(0, 0.999), st.integers(0, 255)), max_size=8))
+def test_truncated_or_corrupted_onnx_never_crashes(scratch, digits_zoo, cut, flips):
+    payload = bytearray(digits_zoo.clean_cnn.read_bytes())
+    for where, value in flips:
+        payload[int(where * len(payload))] = value
+    path = scratch / "model.onnx"
+    path.write_bytes(bytes(payload[: max(1, int(cut * len(payload)))] if cut > 0.5 else payload))
+    with contextlib.suppress(ModelLoadError):  # loading a still-valid model is fine too
+        load_model(str(path))
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "sub/../../outside.bin", "missing.bin"])
+def test_external_data_outside_the_model_directory_is_refused(scratch, location):
+    (scratch / "outside.bin").write_bytes(b"\0" * 64)
+    inside = scratch / "model"
+    inside.mkdir()
+    weight = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[4, 4])
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    weight.external_data.add(key="location", value=location)
+    node = onnx.helper.make_node("MatMul", ["image", "w"], ["logits"])
+    graph = onnx.helper.make_graph(
+        [node], "g", [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 4])], initializer=[weight],
+    )  # fmt: skip
+    (inside / "m.onnx").write_bytes(onnx.helper.make_model(graph).SerializeToString())
+    with pytest.raises(ModelLoadError, match="outside the model directory or missing"):
+        load_model(str(inside / "m.onnx"))
+
+
+@FUZZ
+@given(member=st.sampled_from(["data.pkl", "archive/data.pkl", "x/byteorder", "archive/data/0"]),
+       opcode=st.sampled_from([b"\x80\x02cos\nsystem\n", b"\x80\x04\x95", b"cposix\nsystem\n"]))  # fmt: skip
+def test_pt2_archive_with_pickles_is_refused_unopened(scratch, member, opcode):
+    path = scratch / "model.pt2"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(member, opcode + b"(S'touch pwned'\ntR.")
+    with pytest.raises(ModelLoadError):
+        load_model(str(path))
+    assert not (scratch / "pwned").exists()
+
+
+def test_cli_turns_every_hostile_file_into_exit_2(scratch, digits_zoo):
+    (scratch / "junk.onnx").write_bytes(os.urandom(2048))
+    (scratch / "junk.parquet").write_bytes(os.urandom(2048))
+    runner = CliRunner()
+    for model, data in (("junk.onnx", str(digits_zoo.audit_data)), (str(digits_zoo.clean_cnn), "junk.parquet")):
+        result = runner.invoke(app, ["audit", model, str(digits_zoo.clean_mlp), "--data", data])
+        assert result.exit_code == 2, result.output
+
+
+# -- the receiver's HTTP API -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def receiver_url(mlflow_server, tmp_path_factory) -> str:
+    """A real receiver over HTTP with no audit workers: the fuzz only reaches the front door."""
+    config = ReceiverConfig(mlflow_server, SECRET, tmp_path_factory.mktemp("fuzz") / "queue.db", workers=0)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(Receiver(config).app(), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 30, "the fuzzed receiver")
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+header_text = st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=80)  # what HTTP can carry
+
+
+@FUZZ
+@given(body=st.binary(max_size=2048), delivery=header_text, stamp=header_text, signature=header_text)
+def test_unsigned_or_forged_requests_get_401_and_nothing_else(receiver_url, body, delivery, stamp, signature):
+    headers = {DELIVERY_ID_HEADER: delivery, TIMESTAMP_HEADER: stamp, SIGNATURE_HEADER: signature}
+    response = requests.post(f"{receiver_url}/webhook", data=body, headers=headers, timeout=10)
+    assert response.status_code == 401 and "error" in response.json()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=12,
+)
+events = st.fixed_dictionaries({
+    "entity": st.sampled_from(["model_version", "model_version_tag", "model_version_alias", "registered_model"]),
+    "action": st.sampled_from(["created", "set", "deleted"]),
+    "data": st.dictionaries(st.sampled_from(["name", "version", "key", "value", "alias"]), json_values, max_size=5),
+})  # fmt: skip
+
+
+@FUZZ
+@given(payload=st.one_of(json_values, events))
+def test_signed_payloads_of_any_shape_are_answered_never_crash(receiver_url, payload):
+    body = json.dumps(payload).encode()
+    delivery, stamp = str(uuid.uuid4()), str(int(time.time()))
+    headers = {
+        DELIVERY_ID_HEADER: delivery,
+        TIMESTAMP_HEADER: stamp,
+        SIGNATURE_HEADER: sign(SECRET, delivery, stamp, body),
+    }
+    response = requests.post(f"{receiver_url}/webhook", data=body, headers=headers, timeout=10)
+    well_formed = isinstance(payload, dict) and isinstance(payload.get("data"), dict) and "entity" in payload
+    assert response.status_code == (200 if well_formed else 401), response.text
+    if well_formed:
+        assert response.json()["status"] in ("queued", "ignored")
