@@ -195,6 +195,8 @@ def serve(
     cron: Annotated[str, typer.Option("--cron", help="Re-audit schedule (5-field cron, UTC)")] = "0 3 * * 1",
     reconcile_every: Annotated[float, typer.Option("--reconcile-every", help="Seconds between sweeps")] = 300.0,
     audit_timeout: Annotated[float, typer.Option("--audit-timeout", help="Seconds one audit may take")] = 3600.0,
+    retry_delay: Annotated[float, typer.Option("--retry-delay", help="Seconds before the first retry")] = 30.0,
+    max_attempts: Annotated[int, typer.Option("--max-attempts", help="Tries per job before error")] = 3,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
     kfp_host: Annotated[
         str | None, typer.Option("--kfp-host", help="Submit audits to this Kubeflow Pipelines API")
@@ -216,7 +218,8 @@ def serve(
         raise typer.Exit(2) from exc
     config = ReceiverConfig(
         tracking_uri, secret, queue, workers=workers, alias=alias, cron=cron, reconcile_every_s=reconcile_every,
-        audit_timeout_s=audit_timeout, device=device, kfp_host=kfp_host,
+        audit_timeout_s=audit_timeout, device=device, kfp_host=kfp_host, retry_delay_s=retry_delay,
+        max_attempts=max_attempts,
     )  # fmt: skip
     run_receiver(config, host, port)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -220,14 +221,21 @@ class Receiver:
             "--alias", self.config.alias, "--device", self.config.device,
             *(("--kfp-host", self.config.kfp_host) if self.config.kfp_host else ()),
         ]  # fmt: skip
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self._audit_env(),
+            start_new_session=True,
+        )  # fmt: skip
         try:
-            done = subprocess.run(
-                command, capture_output=True, text=True, timeout=self.config.audit_timeout_s, env=self._audit_env()
-            )
+            stdout, stderr = process.communicate(timeout=self.config.audit_timeout_s)
         except subprocess.TimeoutExpired:
-            reason = f"audit exceeded its time budget of {self.config.audit_timeout_s:.0f}s"
+            # The whole group: the pipeline's component processes too, so no late gate can
+            # write a verdict (or move the alias) after the version is marked error.
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            reason = f"audit exceeded its time budget of {self.config.audit_timeout_s:g}s"
             self._mark_error(job, reason)
             return "failed", reason
+        done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
         status = registry.status_of(client.get_model_version(job.name, job.version))
         self._queue_waiting_peers(job.key)
         if status in ENDED:
