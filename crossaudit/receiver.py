@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from starlette.applications import Starlette
@@ -191,13 +192,17 @@ class Receiver:
         self._mark_error(job, f"audit could not run after {job.attempts} attempts: {reason}")
 
     def _mark_error(self, job: Job, reason: str) -> None:
-        """Best effort: the version says `error` (never promoted); when MLflow itself is the
-        problem, the reconciler finds the version again once it is back."""
+        """The version says `error` and loses the promotion alias if it held it (a version
+        that could not be audited is never promoted). Best effort: when MLflow itself is
+        the problem, the version keeps its `running` status (which is not promotable
+        either) and the failed job stays in the queue (`/jobs`) for an operator."""
+        client, ref = self._client(), registry.VersionRef(job.name, job.version)
         try:
             registry.set_status(
-                self._client(), registry.VersionRef(job.name, job.version), "error",
-                **{registry.ERROR: reason[:4000], registry.AUDITED_AT: registry.now()},
-            )  # fmt: skip
+                client, ref, "error", **{registry.ERROR: reason[:4000], registry.AUDITED_AT: registry.now()}
+            )
+            if registry.revoke(client, ref, self.config.alias):
+                log.warning("%s lost the %r alias: %s", job.uri, self.config.alias, reason)
         except (MlflowException, OSError) as exc:
             log.error("could not mark %s error: %s", job.uri, exc)
 
@@ -211,7 +216,7 @@ class Receiver:
         """Run the version's audit pipeline in its own process, within the time budget."""
         client = self._client()
         try:
-            client.get_model_version(job.name, job.version)
+            before = _audit_marks(client.get_model_version(job.name, job.version))
         except MlflowException as exc:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return "dropped", f"no such version: {exc.message}"
@@ -236,9 +241,10 @@ class Receiver:
             self._mark_error(job, reason)
             return "failed", reason
         done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-        status = registry.status_of(client.get_model_version(job.name, job.version))
+        after = _audit_marks(client.get_model_version(job.name, job.version))
+        status = after[0]
         self._queue_waiting_peers(job.key)
-        if status in ENDED:
+        if status in ENDED and after != before:
             return "done", status
         if self.config.kfp_host and status == "running":
             return "done", f"submitted to Kubeflow Pipelines: {done.stdout.strip()}"
@@ -251,7 +257,7 @@ class Receiver:
     def _audit_env(self) -> dict[str, str]:
         """Share the cores between the workers: audits running side by side with a full
         thread pool each oversubscribe the CPU and all slow down several times."""
-        threads = max(1, (os.cpu_count() or 1) // self.config.workers)
+        threads = max(1, (os.cpu_count() or 1) // max(1, self.config.workers))
         return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
     def _queue_waiting_peers(self, source: str) -> int:
@@ -310,6 +316,12 @@ class Receiver:
             except (MlflowException, OSError) as exc:
                 log.error("scheduled re-audit could not reach MLflow: %s", exc)
             tick = self.cron.next_after(tick)
+
+
+def _audit_marks(version: ModelVersion) -> tuple[str | None, ...]:
+    """What an audit that ran leaves on a version: a re-audit that died early leaves the
+    previous audit's status in place, which must not read as this audit's result."""
+    return tuple(version.tags.get(key) for key in (registry.STATUS, registry.AUDITED_AT, registry.RUN_ID))
 
 
 def serve(config: ReceiverConfig, host: str, port: int) -> None:

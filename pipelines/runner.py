@@ -55,7 +55,7 @@ def audit_version(
     ref = registry.VersionRef.of(version)
     arguments = pipeline_arguments(mlflow_client, version, tracking_uri, seed, device, alias)
     if not arguments["peer_uris"]:
-        registry.set_status(mlflow_client, ref, "awaiting-peer")
+        registry.set_status(mlflow_client, ref, "awaiting-peer", **{registry.AUDITED_AT: registry.now()})
         return Submission(ref, [], "awaiting-peer")
     registry.set_status(mlflow_client, ref, "running")
     if kfp_host:
