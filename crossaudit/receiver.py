@@ -18,6 +18,7 @@ version, never in a promotion.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -96,6 +97,7 @@ class Receiver:
         self.cron = Cron.parse(config.cron)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._audits: set[subprocess.Popen] = set()
 
     def _client(self) -> MlflowClient:
         return registry.client(self.config.tracking_uri)
@@ -116,7 +118,12 @@ class Receiver:
             self._threads.append(thread)
 
     def stop(self) -> None:
+        """Stop taking work and end the audits in flight with their pipelines; their jobs
+        stay `running` in the queue and are redone on the next start."""
         self._stop.set()
+        for process in list(self._audits):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
         for thread in self._threads:
             thread.join(timeout=5)
         self.queue.close()
@@ -176,6 +183,8 @@ class Receiver:
             try:
                 state, outcome = handle(job)
             except Exception as exc:  # a worker must outlive any job: the job is retried or fails closed
+                if self._stop.is_set():
+                    return  # left `running`: queued again and redone on the next start
                 log.exception("%s %s: attempt %d raised", job.kind, job.uri, job.attempts)
                 self._retry_or_fail(job, f"{type(exc).__name__}: {exc}")
                 continue
@@ -230,6 +239,7 @@ class Receiver:
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self._audit_env(),
             start_new_session=True,
         )  # fmt: skip
+        self._audits.add(process)
         try:
             stdout, stderr = process.communicate(timeout=self.config.audit_timeout_s)
         except subprocess.TimeoutExpired:
@@ -240,6 +250,10 @@ class Receiver:
             reason = f"audit exceeded its time budget of {self.config.audit_timeout_s:g}s"
             self._mark_error(job, reason)
             return "failed", reason
+        finally:
+            self._audits.discard(process)
+        if self._stop.is_set():
+            raise AuditError("receiver stopping: the audit was ended and will be redone on the next start")
         done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
         after = _audit_marks(client.get_model_version(job.name, job.version))
         status = after[0]

@@ -7,6 +7,7 @@ takes the audits it started with it; its queue file outlives it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -38,6 +39,25 @@ def wait_for(condition: Callable[[], T], timeout_s: float, what: str, every_s: f
         time.sleep(every_s)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (children first found, then theirs)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    found, pending = [], [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
+
+
 class ReceiverProcess:
     def __init__(self, tracking_uri: str, secret: str, queue: Path, log: Path, *options: str) -> None:
         self.port = free_port()
@@ -64,8 +84,13 @@ class ReceiverProcess:
             return False
 
     def kill(self) -> None:
-        """SIGKILL to the whole group: no shutdown code runs, as in a crash."""
+        """SIGKILL to the receiver and every process under it (its audits run in their own
+        process groups): no shutdown code runs, as when a node or container dies."""
+        doomed = _descendants(self.process.pid)
         os.killpg(self.process.pid, signal.SIGKILL)
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.process.wait(timeout=30)
 
     def stop(self) -> None:
