@@ -28,12 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
-import uvicorn
 
 from crossaudit.event_queue import Job
 from crossaudit.receiver import Receiver, ReceiverConfig
-from crossaudit.receiver_process import wait_for
-from crossaudit.tracking_server import free_port, local_server
+from crossaudit.receiver_process import served_in_thread, wait_for
+from crossaudit.tracking_server import local_server
 from crossaudit.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 REPORT = Path("docs/webhook_load.md")
@@ -104,38 +103,31 @@ def run_burst(tracking_uri: str, root: Path, seed: int = 0) -> Burst:
     """Serve a stubbed-audit receiver in this process and send it the whole burst."""
     name = f"burst-{uuid.uuid4().hex[:6]}"
     receiver = StubbedAuditReceiver(ReceiverConfig(tracking_uri, SECRET, root / "queue.db", workers=2))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(receiver.app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: server.started, 30, "the load-test receiver")
-    burst = Burst(rss_before_mb=_rss_mb())
-    plan = _plan(name, seed)
-    burst.genuine = {f"models:/{name}/{v}" for v in range(1, MIX["genuine"] + 1)}
-    session = requests.Session()
-    session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=16))
+    with served_in_thread(receiver) as url:
+        burst = Burst(rss_before_mb=_rss_mb())
+        plan = _plan(name, seed)
+        burst.genuine = {f"models:/{name}/{v}" for v in range(1, MIX["genuine"] + 1)}
+        session = requests.Session()
+        session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=16))
 
-    def send(item: tuple[str, bytes, dict[str, str]]) -> tuple[str, str, float]:
-        kind, body, headers = item
+        def send(item: tuple[str, bytes, dict[str, str]]) -> tuple[str, str, float]:
+            kind, body, headers = item
+            start = time.perf_counter()
+            response = session.post(f"{url}/webhook", data=body, headers=headers, timeout=30)
+            elapsed = (time.perf_counter() - start) * 1000
+            ok = response.status_code == 200
+            return kind, response.json().get("status", "error") if ok else str(response.status_code), elapsed
+
         start = time.perf_counter()
-        response = session.post(f"{url}/webhook", data=body, headers=headers, timeout=30)
-        elapsed = (time.perf_counter() - start) * 1000
-        answer = response.json().get("status", "error") if response.status_code == 200 else str(response.status_code)
-        return kind, answer, elapsed
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(16) as pool:
-        for kind, answer, elapsed in pool.map(send, plan):
-            burst.answers[f"{kind} -> {answer}"] += 1
-            burst.latencies_ms.append(elapsed)
-    wait_for(lambda: set(receiver.audited) >= burst.genuine, 120, "every genuine registration's audit")
-    burst.seconds = time.perf_counter() - start
-    time.sleep(1)  # anything audited twice would show up now
-    burst.audited = Counter({uri: n for uri, n in receiver.audited.items() if uri.startswith(f"models:/{name}/")})
-    burst.rss_after_mb = _rss_mb()
-    server.should_exit = True
-    thread.join(timeout=30)
+        with ThreadPoolExecutor(16) as pool:
+            for kind, answer, elapsed in pool.map(send, plan):
+                burst.answers[f"{kind} -> {answer}"] += 1
+                burst.latencies_ms.append(elapsed)
+        wait_for(lambda: set(receiver.audited) >= burst.genuine, 120, "every genuine registration's audit")
+        burst.seconds = time.perf_counter() - start
+        time.sleep(1)  # anything audited twice would show up now
+        burst.audited = Counter({uri: n for uri, n in receiver.audited.items() if uri.startswith(f"models:/{name}/")})
+        burst.rss_after_mb = _rss_mb()
     return burst
 
 

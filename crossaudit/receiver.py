@@ -257,7 +257,7 @@ class Receiver:
         done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
         after = _audit_marks(client.get_model_version(job.name, job.version))
         status = after[0]
-        self._queue_waiting_peers(job.key)
+        self._queue_waiting_peers(registry.model_versions(client, job.name), job.key)
         if status in ENDED and after != before:
             return "done", status
         if self.config.kfp_host and status == "running":
@@ -274,10 +274,11 @@ class Receiver:
         threads = max(1, (os.cpu_count() or 1) // max(1, self.config.workers))
         return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
-    def _queue_waiting_peers(self, source: str) -> int:
+    def _queue_waiting_peers(self, versions: list[ModelVersion], source: str) -> int:
         """A delivery is the peer that other providers' earlier versions were waiting for:
-        audit them again, once per new peer. Runs after every audit and every sweep."""
-        due = registry.waiting_for_peers(self._client())
+        audit them again, once per new peer. Runs after every audit (over that model's
+        versions) and every sweep (over all)."""
+        due = registry.waiting_for_peers(versions)
         return self.queue.enqueue(
             [NewJob(f"audit:{v.name}/{v.version}:peer:{peer}", "audit", v.name, v.version, source) for v, peer in due]
         )
@@ -293,13 +294,14 @@ class Receiver:
     def reconcile(self) -> int:
         """Queue every delivered version that has no audit status, and every version awaiting
         a peer that has one now; returns how many jobs were new."""
-        versions = registry.unaudited_versions(self._client())
+        versions = registry.model_versions(self._client())
         added = self.queue.enqueue(
-            [NewJob(f"audit:{v.name}/{v.version}", "audit", v.name, v.version, "reconcile") for v in versions]
-        )
+            [NewJob(f"audit:{v.name}/{v.version}", "audit", v.name, v.version, "reconcile")
+             for v in registry.unaudited_versions(versions)]
+        )  # fmt: skip
         if added:
             log.warning("reconciliation queued %d version(s) whose webhook never arrived", added)
-        added += self._queue_waiting_peers("reconcile")
+        added += self._queue_waiting_peers(versions, "reconcile")
         self.queue.forget_deliveries(older_than=time.time() - 2 * self.config.tolerance_s)
         return added
 

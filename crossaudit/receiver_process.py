@@ -12,14 +12,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
 from crossaudit.errors import AuditError
+from crossaudit.receiver import Receiver
 from crossaudit.tracking_server import free_port
 from crossaudit.webhook import SECRET_ENV
 
@@ -56,6 +59,23 @@ def _descendants(pid: int) -> list[int]:
             found.append(child)
             pending.append(child)
     return found
+
+
+@contextmanager
+def served_in_thread(receiver: Receiver) -> Iterator[str]:
+    """`receiver` served by uvicorn on a free loopback port in a thread of this process (for
+    measuring or fuzzing the receiver itself); yields its URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(receiver.app(), host="127.0.0.1", port=free_port(), log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, STARTUP_SECONDS, "the in-process receiver")
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 class ReceiverProcess:

@@ -8,6 +8,7 @@ other outcome (failed, inconclusive, error, awaiting a peer) leaves production a
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import time
@@ -83,13 +84,17 @@ def resolve(mlflow_client: MlflowClient, uri: str) -> ModelVersion:
 
 def peers_of(mlflow_client: MlflowClient, version: ModelVersion) -> list[ModelVersion]:
     """The latest version of every *other* provider of the same registered model."""
-    provider = version.tags.get(PROVIDER_TAG)
-    if not provider:
+    if not version.tags.get(PROVIDER_TAG):
         raise RegistryError(f"models:/{version.name}/{version.version} has no {PROVIDER_TAG!r} tag")
+    return _latest_of_other_providers(version, model_versions(mlflow_client, version.name))
+
+
+def _latest_of_other_providers(version: ModelVersion, candidates: list[ModelVersion]) -> list[ModelVersion]:
+    provider = version.tags.get(PROVIDER_TAG)
     latest: dict[str, ModelVersion] = {}
-    for candidate in mlflow_client.search_model_versions(f"name='{version.name}'"):
+    for candidate in candidates:
         other = candidate.tags.get(PROVIDER_TAG)
-        if not other or other == provider:
+        if candidate.name != version.name or not other or other == provider:
             continue
         if other not in latest or int(candidate.version) > int(latest[other].version):
             latest[other] = candidate
@@ -219,22 +224,26 @@ def promoted_versions(mlflow_client: MlflowClient, alias: str = DEFAULT_ALIAS) -
     ]
 
 
-def unaudited_versions(mlflow_client: MlflowClient) -> list[VersionRef]:
+def model_versions(mlflow_client: MlflowClient, name: str | None = None) -> list[ModelVersion]:
+    """Every version of registered model `name` (of every model when None), all pages."""
+    return _all(functools.partial(mlflow_client.search_model_versions, f"name='{name}'" if name else None))
+
+
+def unaudited_versions(versions: list[ModelVersion]) -> list[VersionRef]:
     """Versions a provider delivered (they carry the provider tag) with no audit status:
     what a lost webhook leaves behind."""
-    return [
-        VersionRef.of(v) for v in _all(mlflow_client.search_model_versions)
-        if v.tags.get(PROVIDER_TAG) and not status_of(v)
-    ]  # fmt: skip
+    return [VersionRef.of(v) for v in versions if v.tags.get(PROVIDER_TAG) and not status_of(v)]
 
 
-def waiting_for_peers(mlflow_client: MlflowClient) -> list[tuple[VersionRef, str]]:
-    """Versions still `awaiting-peer` whose model now holds another provider's version, each
-    with the newest such version: audit them again (keyed by that peer, so once per peer)."""
-    waiting = [v for v in _all(mlflow_client.search_model_versions) if status_of(v) == "awaiting-peer"]
+def waiting_for_peers(versions: list[ModelVersion]) -> list[tuple[VersionRef, str]]:
+    """Of `versions` (all those of the models concerned), the ones still `awaiting-peer`
+    whose model now holds another provider's version, each with the newest such version:
+    audit them again (keyed by that peer, so once per peer)."""
     due = []
-    for version in waiting:
-        peers = peers_of(mlflow_client, version)
+    for version in versions:
+        if status_of(version) != "awaiting-peer":
+            continue
+        peers = _latest_of_other_providers(version, versions)
         if peers:
             due.append((VersionRef.of(version), str(max(int(p.version) for p in peers))))
     return due

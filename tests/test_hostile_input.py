@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import os
-import threading
 import time
 import uuid
 import zipfile
@@ -23,7 +22,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import requests
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -33,8 +31,7 @@ from crossaudit.data import read_audit_data
 from crossaudit.errors import DataValidationError, ModelLoadError
 from crossaudit.models import load_model
 from crossaudit.receiver import Receiver, ReceiverConfig
-from crossaudit.receiver_process import wait_for
-from crossaudit.tracking_server import free_port
+from crossaudit.receiver_process import served_in_thread
 from crossaudit.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 FUZZ = settings(
@@ -180,14 +177,8 @@ def test_cli_turns_every_hostile_file_into_exit_2(scratch, digits_zoo):
 def receiver_url(mlflow_server, tmp_path_factory) -> str:
     """A real receiver over HTTP with no audit workers: the fuzz only reaches the front door."""
     config = ReceiverConfig(mlflow_server, SECRET, tmp_path_factory.mktemp("fuzz") / "queue.db", workers=0)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(Receiver(config).app(), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, 30, "the fuzzed receiver")
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with served_in_thread(Receiver(config)) as url:
+        yield url
 
 
 header_text = st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=80)  # what HTTP can carry
