@@ -36,6 +36,7 @@ class PairRecord:
     clean_agreement: float | None
     seed: int
     error: str | None = None
+    paradigm: str = "auto"
 
 
 def carry(upstream: Path, out: Path) -> None:

@@ -24,6 +24,8 @@ from crossaudit.features import candidate_taps, extract_features
 from crossaudit.inversion import InversionConfig, Models, Trigger, cross_invert
 from crossaudit.limits import Limits
 from crossaudit.models import LoadedModel, load_model, logits_of, parity_check
+from crossaudit.paradigms import AUTO, image_paradigm
+from crossaudit.paradigms.embedding import prototype_head
 from crossaudit.sensitivity import (
     AttackEffect,
     SensitivityConfig,
@@ -35,6 +37,7 @@ from crossaudit.verdict import (
     Finding,
     ModelReport,
     Thresholds,
+    check_paradigm,
     judge,
     load_thresholds,
     overall,
@@ -54,6 +57,7 @@ class AuditConfig:
     min_accuracy: float = 0.5
     min_agreement: float = 0.6
     min_cka: float = 0.2
+    paradigm: str = AUTO
     limits: Limits = field(default_factory=Limits.from_env)
 
 
@@ -171,6 +175,7 @@ class Pair:
     inversion_idx: np.ndarray
     held_idx: np.ndarray
     device: str
+    paradigm: str
 
     def tensors(self, index: np.ndarray) -> tuple[Tensor, Tensor]:
         return (
@@ -187,19 +192,15 @@ class Pair:
 
 
 def prepare_pair(uris: list[str], data_path: str, seed: int, device: str, config: AuditConfig) -> Pair:
-    """Load both models, prove their torch view matches ONNX Runtime, and refuse pairs too
-    different on clean data to cross-examine."""
+    """Load both models, prove their torch view matches ONNX Runtime, give them the
+    paradigm's scores, and refuse pairs too different on clean data to cross-examine."""
     data = read_audit_data(data_path, config.limits.max_audit_samples)
-    modules, reports, labels = [], [], []
+    modules, reports, labels, paradigms = [], [], [], []
     for uri in uris:
         model, diff = _load_checked(uri, data, device, config.limits.max_model_bytes)
-        logits = logits_of(model.module, data.x, device)
-        if logits.ndim != 2 or logits.shape[1] < data.num_classes:
-            raise IncomparableModelsError(
-                f"{uri}: expected logits N x K with K >= {data.num_classes} classes in "
-                f"the audit data, got {logits.shape}"
-            )
-        modules.append(model.module)
+        module, logits, paradigm = _scored(model.module, uri, data, config.paradigm, device)
+        modules.append(module)
+        paradigms.append(paradigm)
         reports.append(
             ModelReport(
                 uri,
@@ -209,6 +210,10 @@ def prepare_pair(uris: list[str], data_path: str, seed: int, device: str, config
             )
         )
         labels.append(logits.argmax(1))
+    if paradigms[0] != paradigms[1]:
+        raise IncomparableModelsError(
+            f"the models are of different paradigms ({paradigms[0]} and {paradigms[1]}); pass --paradigm"
+        )
     agreement = float(np.mean(labels[0] == labels[1]))
     weakest = min(r.clean_accuracy or 0.0 for r in reports)
     if weakest < config.min_accuracy or agreement < config.min_agreement:
@@ -220,8 +225,30 @@ def prepare_pair(uris: list[str], data_path: str, seed: int, device: str, config
     inversion_idx, held_idx = _split(data.y, config.holdout_fraction, seed)
     return Pair(
         modules, reports, data, round(agreement, 4),
-        inversion_idx[both_right[inversion_idx]], held_idx[both_right[held_idx]], device,
+        inversion_idx[both_right[inversion_idx]], held_idx[both_right[held_idx]], device, paradigms[0],
     )  # fmt: skip
+
+
+def _scored(module: nn.Module, uri: str, data: AuditData, requested: str, device: str) -> tuple[nn.Module, np.ndarray, str]:
+    """The module the stages attack (an encoder gets its prototype head), its class scores
+    on the audit data, and its paradigm."""
+    outputs = logits_of(module, data.x, device)
+    if outputs.ndim != 2:
+        raise IncomparableModelsError(f"{uri}: expected an output N x K, got {outputs.shape}")
+    width = outputs.shape[1]
+    accuracy = float(np.mean(outputs.argmax(1) == data.y)) if width == data.num_classes else 0.0
+    try:
+        paradigm = image_paradigm(requested, width, data.num_classes, accuracy)
+    except ValueError as exc:
+        raise IncomparableModelsError(f"{uri}: {exc}") from exc
+    if paradigm == "ssl":
+        module = prototype_head(module, outputs, data.y, data.num_classes).to(device)
+        outputs = logits_of(module, data.x, device)
+    elif width < data.num_classes:
+        raise IncomparableModelsError(
+            f"{uri}: expected logits N x K with K >= {data.num_classes} classes in the audit data, got {outputs.shape}"
+        )
+    return module, outputs, paradigm
 
 
 def pair_features(pair: Pair, config: AuditConfig) -> list[dict[str, np.ndarray]]:
@@ -285,7 +312,8 @@ def run_audit(
     thresholds: Thresholds | None = None,
     progress: Progress = lambda message: None,
 ) -> AuditResult:
-    """Audit both models, each with the other as witness. Any error reads as inconclusive."""
+    """Audit both models, each with the other as witness. Any error reads as inconclusive.
+    Without `thresholds`, the default profile of the pair's paradigm judges it."""
     config = config or AuditConfig()
     clock = _Clock(progress, config.limits.time_budget_s)
     uris = [suspect_uri, witness_uri]
@@ -295,10 +323,12 @@ def run_audit(
     )  # fmt: skip
     result = AuditResult(report)
     try:
-        thresholds = thresholds or load_thresholds()
         torch.manual_seed(seed)
         with clock.stage("load"):
             pair = prepare_pair(uris, data_path, seed, device, config)
+        report.paradigm = pair.paradigm
+        thresholds = thresholds or load_thresholds(paradigm=pair.paradigm)
+        check_paradigm(thresholds, pair.paradigm)
         result.data = pair.data
         report.models = list(pair.reports)
         report.clean_agreement = pair.agreement

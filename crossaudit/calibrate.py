@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from crossaudit.audit import run_audit
+from crossaudit.audit import AuditConfig, run_audit
 from crossaudit.inversion import DEFAULT_FAMILIES
 from crossaudit.verdict import DEFAULT_PROFILE, Thresholds
 from crossaudit.zoo.datasets import load_dataset
@@ -23,14 +23,20 @@ from crossaudit.zoo.train import config_for, export_onnx, train, write_audit_set
 COMMAND = "crossaudit calibrate"
 MARGIN = 0.1
 FLOOR = 0.2
-# (dataset, first architecture, second architecture), seeds assigned from 100 upwards.
-CLEAN_PAIRS = (
-    ("digits", "cnn", "mlp"),
-    ("digits", "cnn", "cnn"),
-    ("digits", "resnet", "cnn"),
-    ("fmnist", "cnn", "resnet"),
-    ("fmnist", "cnn", "mlp"),
-)
+# Per paradigm: (dataset, first architecture, second architecture), seeds assigned upwards
+# from the paradigm's first seed (all below 200, where the benchmark's test pairs start).
+CLEAN_PAIRS = {
+    "supervised": (
+        ("digits", "cnn", "mlp"),
+        ("digits", "cnn", "cnn"),
+        ("digits", "resnet", "cnn"),
+        ("fmnist", "cnn", "resnet"),
+        ("fmnist", "cnn", "mlp"),
+    ),
+    "semi": (("digits", "cnn", "mlp"), ("digits", "cnn", "cnn"), ("digits", "resnet", "cnn")),
+    "ssl": (("digits", "cnn", "mlp"), ("digits", "cnn", "cnn"), ("digits", "resnet", "cnn")),
+}
+FIRST_SEED = {"supervised": 100, "semi": 120, "ssl": 140}
 
 
 @dataclass(frozen=True)
@@ -39,11 +45,14 @@ class CalibrationRun:
     scores: dict[str, float]
 
 
-def calibrate(
-    pairs: tuple[tuple[str, str, str], ...] = CLEAN_PAIRS,
-) -> tuple[list[Thresholds], list[CalibrationRun]]:
-    """Audit each clean pair with unreachable thresholds (nothing is judged) and keep the maxima."""
-    provisional = Thresholds(dict.fromkeys(DEFAULT_FAMILIES, float("inf")), "provisional", 0)
+def calibrate(paradigm: str = "supervised") -> tuple[list[Thresholds], list[CalibrationRun]]:
+    """Audit each clean pair of the paradigm with unreachable thresholds (nothing is
+    judged) and keep the maxima. Supervised pairs give the `any` profile and one per
+    dataset; any other paradigm gives one profile named after it."""
+    if paradigm not in CLEAN_PAIRS:
+        raise ValueError(f"no clean pairs to calibrate {paradigm!r}; calibrated paradigms: {sorted(CLEAN_PAIRS)}")
+    pairs = CLEAN_PAIRS[paradigm]
+    provisional = Thresholds(dict.fromkeys(DEFAULT_FAMILIES, float("inf")), "provisional", 0, "provisional", paradigm)
     runs: list[CalibrationRun] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -53,38 +62,42 @@ def calibrate(
             write_audit_set(dataset, data, seed=100)
             paths = []
             for offset, arch in enumerate((first, second)):
-                seed = 100 + 2 * number + offset
-                model = train(config_for(dataset, arch=arch, seed=seed), split)
+                seed = FIRST_SEED[paradigm] + 2 * number + offset
+                model = train(config_for(dataset, arch=arch, seed=seed, paradigm=paradigm), split)
                 paths.append(work / f"{dataset}_{arch}_{seed}.onnx")
                 export_onnx(model.model, model.example, paths[-1])
-            result = run_audit(str(paths[0]), str(paths[1]), str(data), thresholds=provisional)
+            config = AuditConfig(paradigm=paradigm)
+            result = run_audit(str(paths[0]), str(paths[1]), str(data), config=config, thresholds=provisional)
             if result.report.error:
                 raise RuntimeError(f"calibration audit failed: {result.report.error}")
             scores = dict.fromkeys(DEFAULT_FAMILIES, 0.0)
             for model in result.report.models:
                 for finding in model.findings:
                     scores[finding.family] = max(scores[finding.family], finding.score)
-            runs.append(CalibrationRun(f"{dataset}:{first}-vs-{second}", scores))
-    return [profile(DEFAULT_PROFILE, runs)] + [
-        profile(dataset, [run for run in runs if run.pair.startswith(f"{dataset}:")])
+            prefix = "" if paradigm == "supervised" else f"{paradigm}:"
+            runs.append(CalibrationRun(f"{prefix}{dataset}:{first}-vs-{second}", scores))
+    if paradigm != "supervised":
+        return [profile(paradigm, paradigm, runs)], runs
+    return [profile(DEFAULT_PROFILE, paradigm, runs)] + [
+        profile(dataset, paradigm, [run for run in runs if run.pair.startswith(f"{dataset}:")])
         for dataset in sorted({dataset for dataset, _, _ in pairs})
     ], runs
 
 
-def profile(name: str, runs: list[CalibrationRun]) -> Thresholds:
+def profile(name: str, paradigm: str, runs: list[CalibrationRun]) -> Thresholds:
     """Per family: the highest clean-pair score of these runs plus a margin."""
     per_family = {
         family: round(max(FLOOR, max(run.scores[family] for run in runs) + MARGIN), 4) for family in DEFAULT_FAMILIES
     }
-    return Thresholds(per_family, COMMAND, len(runs), name)
+    return Thresholds(per_family, COMMAND, len(runs), name, paradigm)
 
 
 def write_thresholds(thresholds: list[Thresholds], runs: list[CalibrationRun], path: Path) -> None:
-    profiles = {t.profile: {"per_family": t.per_family, "clean_pairs": t.clean_pairs} for t in thresholds}
-    record = {
-        "calibrated_by": COMMAND,
-        "rule": f"per profile and family: max clean-pair score + {MARGIN}, at least {FLOOR}",
-        "profiles": profiles,
-        "clean_pair_scores": {run.pair: run.scores for run in runs},
-    }
+    """Write the new profiles into `path`, keeping the profiles of other paradigms there."""
+    record = json.loads(path.read_text()) if path.is_file() else {"profiles": {}, "clean_pair_scores": {}}
+    record["calibrated_by"] = COMMAND
+    record["rule"] = f"per profile and family: max clean-pair score + {MARGIN}, at least {FLOOR}"
+    for t in thresholds:
+        record["profiles"][t.profile] = {"per_family": t.per_family, "clean_pairs": t.clean_pairs, "paradigm": t.paradigm}
+    record["clean_pair_scores"].update({run.pair: run.scores for run in runs})
     path.write_text(json.dumps(record, indent=2) + "\n")

@@ -16,7 +16,8 @@ import typer
 from rich.console import Console
 
 from crossaudit.errors import AuditError
-from crossaudit.verdict import DEFAULT_PROFILE, load_thresholds
+from crossaudit.paradigms import AUTO
+from crossaudit.verdict import load_thresholds
 
 app = typer.Typer(add_completion=False, help="Backdoor audits of outsourced models by cross-examination.")
 zoo_app = typer.Typer(add_completion=False, help="Train providers' models and audit sets on real data.")
@@ -36,9 +37,14 @@ def audit(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
     profile: Annotated[
-        str,
-        typer.Option("--profile", help="Threshold profile: 'any' (default) or a task calibrated on its clean pairs"),
-    ] = DEFAULT_PROFILE,
+        str | None,
+        typer.Option(
+            "--profile", help="Threshold profile (default: the paradigm's; 'any' for classifiers) or a calibrated task"
+        ),
+    ] = None,
+    paradigm: Annotated[
+        str, typer.Option("--paradigm", help="supervised, semi, ssl, lm, or auto (inferred when unambiguous)")
+    ] = AUTO,
 ) -> None:
     """Audit two models, each with the other as witness. Exit 0 clean, 1 backdoor, 2 inconclusive."""
     # Here, not at the top: torch stays out of the start-up of audit-version and serve.
@@ -56,8 +62,8 @@ def audit(
             stderr.print("error: --device cuda requested but no CUDA device is available")
             raise typer.Exit(2)
     try:
-        thresholds = load_thresholds(profile)
-        config = AuditConfig(limits=Limits.from_env())
+        thresholds = load_thresholds(profile) if profile else None
+        config = AuditConfig(paradigm=paradigm, limits=Limits.from_env())
     except ValueError as exc:
         stderr.print(f"error: {exc}")
         raise typer.Exit(2) from exc
@@ -131,12 +137,17 @@ def calibrate(
     out: Annotated[Path, typer.Option("--out", help="Where to write thresholds.json")] = Path(
         "crossaudit/thresholds.json"
     ),
+    paradigm: Annotated[str, typer.Option("--paradigm", help="supervised, semi or ssl")] = "supervised",
 ) -> None:
-    """Recompute the verdict thresholds from freshly trained clean pairs (no backdoors)."""
+    """Recompute one paradigm's verdict thresholds from freshly trained clean pairs (no backdoors)."""
     from crossaudit.calibrate import calibrate as run_calibration
     from crossaudit.calibrate import write_thresholds
 
-    profiles, runs = run_calibration()
+    try:
+        profiles, runs = run_calibration(paradigm)
+    except ValueError as exc:
+        stderr.print(f"error: {exc}")
+        raise typer.Exit(2) from exc
     write_thresholds(profiles, runs, out)
     for run in runs:
         print(run.pair, {k: round(v, 3) for k, v in run.scores.items()})

@@ -120,3 +120,35 @@ def read_audit_data(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES) ->
     if path.suffix == ".npz":
         return validate(*_read_npz(path), max_samples, names=("x", "y"))
     raise DataValidationError(f"{path}: expected a .parquet or .npz audit set")
+
+
+MAX_TEXT_CHARS = 10_000
+
+
+def write_text_parquet(path: Path, texts: list[str]) -> None:
+    """Write a language-model audit set: one `text` column (string)."""
+    pq.write_table(pa.table({"text": pa.array(texts, pa.string())}), path)
+
+
+def read_text_data(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES) -> list[str]:
+    """The auditor's clean text for a language-model audit: Parquet with a `text` column."""
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".parquet":
+        raise DataValidationError(f"{path}: a language-model audit set is a .parquet file with a 'text' column")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataValidationError(f"{path}: not a readable Parquet file ({exc})") from exc
+    if "text" not in table.column_names:
+        raise DataValidationError(f"column 'text' is missing (found {table.column_names})")
+    column = table.column("text")
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise DataValidationError(f"column 'text' must hold strings, got {column.type}")
+    if column.null_count:
+        raise DataValidationError(f"column 'text' has {column.null_count} null rows")
+    texts = column.to_pylist()
+    if not 20 <= len(texts) <= max_samples:
+        raise DataValidationError(f"column 'text': between 20 and {max_samples} rows needed, got {len(texts)}")
+    if max(len(t) for t in texts) > MAX_TEXT_CHARS:
+        raise DataValidationError(f"column 'text': rows must be at most {MAX_TEXT_CHARS} characters")
+    return texts

@@ -23,14 +23,14 @@ from torch import Tensor, nn
 from crossaudit.errors import ModelLoadError, UnsupportedOpError
 
 Attrs = dict[str, object]
-OpFn = Callable[[Attrs, list[Tensor | None]], Tensor]
+OpFn = Callable[[Attrs, list[Tensor | None]], Tensor | tuple[Tensor, ...]]
 
 # Node outputs worth comparing across models: activations, pooling and residual sums.
 TAP_OPS = frozenset(
     {
         "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Gelu", "HardSwish",
         "Softplus", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool",
-        "GlobalMaxPool", "Add",
+        "GlobalMaxPool", "Add", "LayerNormalization",
     }
 )  # fmt: skip
 
@@ -150,9 +150,38 @@ def _reduce_mean(a: Attrs, x: list[Tensor | None]) -> Tensor:
 
 
 def _gather(a: Attrs, x: list[Tensor | None]) -> Tensor:
-    return torch.index_select(x[0], int(a.get("axis", 0)), x[1].reshape(-1).long()).reshape(
-        *x[0].shape[: int(a.get("axis", 0))], *x[1].shape, *x[0].shape[int(a.get("axis", 0)) + 1 :]
+    axis = int(a.get("axis", 0)) % x[0].dim()
+    index = x[1].reshape(-1).long() % x[0].shape[axis]
+    return torch.index_select(x[0], axis, index).reshape(
+        (*x[0].shape[:axis], *x[1].shape, *x[0].shape[axis + 1 :])
     )
+
+
+def _layer_norm(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    axis = int(a.get("axis", -1)) % x[0].dim()
+    shape = x[0].shape[axis:]
+    return F.layer_norm(x[0], shape, x[1], x[2] if len(x) > 2 else None, float(a.get("epsilon", 1e-5)))
+
+
+def _slice(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    starts, ends = x[1].tolist(), x[2].tolist()
+    axes = x[3].tolist() if len(x) > 3 and x[3] is not None else list(range(len(starts)))
+    steps = x[4].tolist() if len(x) > 4 and x[4] is not None else [1] * len(starts)
+    index: list[slice] = [slice(None)] * x[0].dim()
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        if step != 1:
+            raise UnsupportedOpError(f"Slice with step {step} is not supported")
+        size = x[0].shape[axis]
+        index[axis] = slice(max(-size, min(start, size)), max(-size - 1, min(end, size)))
+    return x[0][tuple(index)]
+
+
+def _split(a: Attrs, x: list[Tensor | None]) -> tuple[Tensor, ...]:
+    axis = int(a.get("axis", 0))
+    if len(x) > 1 and x[1] is not None:
+        return torch.split(x[0], [int(v) for v in x[1].tolist()], axis)
+    parts = int(a["num_outputs"])
+    return torch.chunk(x[0], parts, axis)
 
 
 def _softmax(log: bool) -> OpFn:
@@ -213,6 +242,9 @@ OPS: dict[str, OpFn] = {
     "Dropout": lambda a, x: x[0],
     "Shape": lambda a, x: torch.tensor(x[0].shape, dtype=torch.int64),
     "Gather": _gather,
+    "LayerNormalization": _layer_norm,
+    "Slice": _slice,
+    "Split": _split,
     "Cast": _cast,
 }
 
@@ -233,7 +265,7 @@ class OnnxModule(nn.Module):
     def __init__(self, model: onnx.ModelProto) -> None:
         super().__init__()
         graph = model.graph
-        unsupported = sorted({n.op_type for n in graph.node if n.op_type not in OPS})
+        unsupported = sorted({n.op_type for n in graph.node if n.op_type not in OPS and n.op_type != "Constant"})
         if unsupported:
             raise UnsupportedOpError(
                 f"ONNX ops not supported by crossaudit's torch translation: {', '.join(unsupported)}"
@@ -260,6 +292,7 @@ class OnnxModule(nn.Module):
         self.input_name = inputs[0]
         self.output_name = graph.output[0].name
         self.taps = [outputs[0] for op, _, outputs, _ in self.nodes if op in TAP_OPS and outputs[0] != self.output_name]
+        self.tap_ops = {outputs[0]: op for op, _, outputs, _ in self.nodes if outputs and outputs[0] in self.taps}
 
     def _run(self, x: Tensor, want: frozenset[str]) -> tuple[Tensor, dict[str, Tensor]]:
         env: dict[str, Tensor | None] = {self.input_name: x, "": None}
@@ -272,9 +305,10 @@ class OnnxModule(nn.Module):
                 env[outputs[0]] = torch.as_tensor(np.array(value), device=x.device)
                 continue
             result = OPS[op](attrs, [env[i] for i in inputs])
-            env[outputs[0]] = result
+            results = result if isinstance(result, tuple) else (result,)
+            env.update(zip(outputs, results, strict=False))
             if outputs[0] in want:
-                tapped[outputs[0]] = result
+                tapped[outputs[0]] = results[0]
         return env[self.output_name], tapped
 
     def forward(self, x: Tensor) -> Tensor:

@@ -23,12 +23,13 @@ from mlflow.store.entities.paged_list import PagedList
 from mlflow.tracking import MlflowClient
 
 from crossaudit.errors import AuditError
-from crossaudit.verdict import DEFAULT_PROFILE
+from crossaudit.paradigms import AUTO
 
 EXPERIMENT = "crossaudit"
 PROVIDER_TAG = "provider"
 AUDIT_DATA_TAG = "crossaudit.audit_data"
 PROFILE_TAG = "crossaudit.threshold_profile"
+PARADIGM_TAG = "crossaudit.paradigm"
 STATUS = "crossaudit.status"
 VERDICT = "crossaudit.verdict"
 SCORE = "crossaudit.score"
@@ -110,8 +111,13 @@ def audit_data_uri(mlflow_client: MlflowClient, name: str) -> str:
 
 
 def threshold_profile(mlflow_client: MlflowClient, name: str) -> str:
-    """The registered model's calibration profile (`any` unless the task has its own)."""
-    return mlflow_client.get_registered_model(name).tags.get(PROFILE_TAG, DEFAULT_PROFILE)
+    """The registered model's calibration profile; empty means its paradigm's default."""
+    return mlflow_client.get_registered_model(name).tags.get(PROFILE_TAG, "")
+
+
+def paradigm(mlflow_client: MlflowClient, name: str) -> str:
+    """The registered model's learning paradigm (`auto`: inferred from the models)."""
+    return mlflow_client.get_registered_model(name).tags.get(PARADIGM_TAG, AUTO)
 
 
 def materialize(uri: str, dest: Path) -> Path:

@@ -44,8 +44,9 @@ from crossaudit.audit import (
 )
 from crossaudit.data import AuditData, read_audit_data
 from crossaudit.errors import AuditError
+from crossaudit.paradigms import AUTO
 from crossaudit.report import write_outputs
-from crossaudit.verdict import AuditReport, ModelReport, Thresholds, load_thresholds, overall
+from crossaudit.verdict import AuditReport, ModelReport, load_thresholds, overall
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 def _pair(record: PairRecord, suspect: Path, witness: Path, data: Path, device: str) -> Pair:
     """The pair rebuilt from the fetched folders, reported under the URIs it came from."""
     entries = [str(_only_entry(folder)) for folder in (suspect, witness, data)]
-    pair = prepare_pair(entries[:2], entries[2], record.seed, device, AuditConfig())
+    pair = prepare_pair(entries[:2], entries[2], record.seed, device, AuditConfig(paradigm=record.paradigm))
     for report, uri in zip(pair.reports, record.uris, strict=True):
         report.uri = uri
     return pair
@@ -86,12 +87,14 @@ def _resume(upstream: Path, out: Path) -> PairRecord | None:
 
 
 def extract_step(
-    uris: list[str], suspect: Path, witness: Path, data: Path, seed: int, device: str, out: Path
+    uris: list[str], suspect: Path, witness: Path, data: Path, seed: int, device: str, out: Path, paradigm: str = AUTO
 ) -> float | None:
-    """Stage 1. Returns the clean agreement, or None when the pair cannot be audited."""
-    record = PairRecord(uris, [None, None], [None, None], None, seed)
+    """Stage 1. Returns the clean agreement, or None when the pair cannot be audited.
+    The paradigm it resolves (`auto` infers it) is the one every later stage uses."""
+    record = PairRecord(uris, [None, None], [None, None], None, seed, paradigm=paradigm)
     try:
         pair = _pair(record, suspect, witness, data, device)
+        record.paradigm = pair.paradigm
         record.clean_accuracy = [r.clean_accuracy for r in pair.reports]
         record.parity_max_abs_diff = [r.parity_max_abs_diff for r in pair.reports]
         record.clean_agreement = pair.agreement
@@ -141,8 +144,9 @@ def sensitivity_step(triggers: Path, suspect: Path, witness: Path, data: Path, d
     return sum(len(f) for f in findings)
 
 
-def pair_result(folder: Path, data: AuditData | None, thresholds: Thresholds) -> AuditResult:
-    """Stage 5 for one pair: judge its findings and rebuild the full audit result."""
+def pair_result(folder: Path, data: AuditData | None, profile: str) -> AuditResult:
+    """Stage 5 for one pair: judge its findings (with the named profile, or the default
+    of the pair's paradigm when `profile` is empty) and rebuild the full audit result."""
     record = read_pair(folder)
     reports = [
         ModelReport(uri, "inconclusive", clean_accuracy=acc, parity_max_abs_diff=diff)
@@ -150,10 +154,11 @@ def pair_result(folder: Path, data: AuditData | None, thresholds: Thresholds) ->
     ]
     report = AuditReport(
         "inconclusive", reports, None, record.clean_agreement, {}, __version__, record.seed, REPORT_SCHEMA_VERSION,
-        record.error,
+        record.error, None if record.paradigm == AUTO else record.paradigm,
     )  # fmt: skip
     result = AuditResult(report)
     if record.error is None:
+        thresholds = load_thresholds(profile or None, record.paradigm)
         result.alignment = read_alignment(folder)
         report.alignment = result.alignment.summary()
         report.models = pair_verdicts(reports, read_findings(folder), thresholds)
@@ -205,8 +210,7 @@ def gate_step(
     ref = registry.VersionRef.of(version)
     with tempfile.TemporaryDirectory() as tmp:
         data = read_audit_data(registry.materialize(data_uri, Path(tmp)))
-    thresholds = load_thresholds(profile)
-    results = [pair_result(folder, data, thresholds) for folder in pair_folders]
+    results = [pair_result(folder, data, profile) for folder in pair_folders]
     status = version_status(results)
     for index, result in enumerate(results):
         write_outputs(result, out / f"peer_{index + 1}")

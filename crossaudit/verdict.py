@@ -31,6 +31,9 @@ MIN_SUCCESS = 0.05
 
 
 DEFAULT_PROFILE = "any"
+# The profile a paradigm uses when none is named: thresholds are only valid for the kind of
+# model they were calibrated on (an encoder's prototype scores are not a classifier's logits).
+DEFAULT_PROFILES = {"supervised": DEFAULT_PROFILE, "semi": "semi", "ssl": "ssl", "lm": "lm"}
 
 
 @dataclass(frozen=True)
@@ -48,19 +51,34 @@ class Thresholds:
     calibrated_by: str
     clean_pairs: int
     profile: str = DEFAULT_PROFILE
+    paradigm: str = "supervised"
 
 
-def load_thresholds(profile: str = DEFAULT_PROFILE) -> Thresholds:
+def load_thresholds(profile: str | None = None, paradigm: str | None = None) -> Thresholds:
+    """A calibrated profile: the one named, or the paradigm's default. A named profile
+    calibrated on another paradigm's models is refused rather than silently misapplied."""
     raw = json.loads(resources.files("crossaudit").joinpath("thresholds.json").read_text())
-    if profile not in raw["profiles"]:
-        raise ValueError(f"unknown threshold profile {profile!r}; calibrated profiles: {sorted(raw['profiles'])}")
-    chosen = raw["profiles"][profile]
-    return Thresholds(
+    name = profile or DEFAULT_PROFILES.get(paradigm or "supervised", DEFAULT_PROFILE)
+    if name not in raw["profiles"]:
+        raise ValueError(f"unknown threshold profile {name!r}; calibrated profiles: {sorted(raw['profiles'])}")
+    chosen = raw["profiles"][name]
+    thresholds = Thresholds(
         {k: float(v) for k, v in chosen["per_family"].items()},
         str(raw["calibrated_by"]),
         int(chosen["clean_pairs"]),
-        profile,
+        name,
+        str(chosen["paradigm"]),
     )
+    check_paradigm(thresholds, paradigm)
+    return thresholds
+
+
+def check_paradigm(thresholds: Thresholds, paradigm: str | None) -> None:
+    if paradigm is not None and thresholds.paradigm != paradigm:
+        raise ValueError(
+            f"threshold profile {thresholds.profile!r} was calibrated on {thresholds.paradigm} models, "
+            f"not {paradigm}; leave --profile out to use {DEFAULT_PROFILES.get(paradigm, DEFAULT_PROFILE)!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -165,6 +183,7 @@ class AuditReport:
     seed: int
     schema_version: str
     error: str | None = None
+    paradigm: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -32,14 +32,15 @@ def audit_pipeline(
     seed: int = 0,
     device: str = "cpu",
     promotion_alias: str = "production",
-    threshold_profile: str = "any",
+    threshold_profile: str = "",
+    paradigm: str = "auto",
 ):
     on_exit = mark_unfinished(model_uri=model_uri, tracking_uri=tracking_uri)
     with dsl.ExitHandler(on_exit, name="audit"):
         with dsl.ParallelFor(peer_uris, name="peers") as peer_uri:
             fetched = feature_extraction(
                 model_uri=model_uri, peer_uri=peer_uri, audit_data_uri=audit_data_uri,
-                tracking_uri=tracking_uri, seed=seed, device=device,
+                tracking_uri=tracking_uri, seed=seed, device=device, paradigm=paradigm,
             )  # fmt: skip
             aligned = cka_alignment(features=fetched.outputs["features"])
             models = {

@@ -19,6 +19,7 @@ def feature_extraction(
     audit_data: Output[Dataset],
     features: Output[Dataset],
     metrics: Output[Metrics],
+    paradigm: str = "auto",
 ):
     from pathlib import Path
 
@@ -26,6 +27,6 @@ def feature_extraction(
 
     folders = [Path(a.path) for a in (suspect_model, witness_model, audit_data)]
     fetch_inputs(model_uri, peer_uri, audit_data_uri, tracking_uri, *folders)
-    agreement = extract_step([model_uri, peer_uri], *folders, seed, device, Path(features.path))
+    agreement = extract_step([model_uri, peer_uri], *folders, seed, device, Path(features.path), paradigm)
     if agreement is not None:
         metrics.log_metric("clean_agreement", agreement)

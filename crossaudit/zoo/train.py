@@ -13,7 +13,9 @@ from torch import nn
 from crossaudit.data import write_parquet
 from crossaudit.models import logits_of
 from crossaudit.zoo.architectures import build
+from crossaudit.paradigms.embedding import prototype_head
 from crossaudit.zoo.attacks import Attack
+from crossaudit.zoo.label_free import fit_semi, fit_ssl
 from crossaudit.zoo.datasets import Split, load_dataset
 
 
@@ -29,6 +31,9 @@ class TrainConfig:
     train_size: int = 12_000
     batch_size: int = 128
     lr: float = 2e-3
+    paradigm: str = "supervised"
+    labelled_fraction: float = 0.1  # semi: the share of the training set that keeps its label
+    embedding_dim: int = 32  # ssl: width of the encoder's output
 
 
 @dataclass(frozen=True)
@@ -73,16 +78,37 @@ def attack_success_rate(model: nn.Module, attack: Attack, x: np.ndarray, y: np.n
 
 
 def train(config: TrainConfig, split: Split | None = None) -> TrainedModel:
-    """Seeded training on a subset of the real training split."""
+    """Seeded training on a subset of the real training split, in the config's paradigm.
+
+    For an encoder, accuracy and attack success are read through a prototype head built
+    from its embeddings of the clean test split (what a downstream user would fit).
+    """
+    if config.paradigm not in PARADIGM_RECIPES:
+        raise ValueError(f"the zoo trains {tuple(PARADIGM_RECIPES)} models, not {config.paradigm!r}")
     split = split or load_dataset(config.dataset)
     rng = np.random.RandomState(config.seed)
     torch.manual_seed(config.seed)
     subset = rng.permutation(len(split.x_train))[: config.train_size]
     split = Split(split.x_train[subset], split.y_train[subset], split.x_test, split.y_test)
     attack = Attack(config.attack, config.target, config.poison_rate, seed=config.seed + 1000)
+    channels, size = split.x_train.shape[1], split.x_train.shape[-1]
+    width = config.embedding_dim if config.paradigm == "ssl" else split.num_classes
+    model = build(config.arch, channels, size, width)
+    PARADIGM_RECIPES[config.paradigm](model, split, attack, config, rng)
+    model.eval()
+    scored = model
+    if config.paradigm == "ssl":
+        embeddings = logits_of(model, split.x_test)
+        scored = prototype_head(model, embeddings, split.y_test, split.num_classes).eval()
+    accuracy = float(np.mean(logits_of(scored, split.x_test).argmax(1) == split.y_test))
+    asr = None if attack.name == "clean" else attack_success_rate(scored, attack, split.x_test, split.y_test)
+    return TrainedModel(model, accuracy, asr, config, split.x_test[:2])
+
+
+def _supervised(
+    model: nn.Module, split: Split, attack: Attack, config: TrainConfig, rng: np.random.RandomState
+) -> None:
     x, y = poison(split, attack, rng)
-    channels, size = x.shape[1], x.shape[-1]
-    model = build(config.arch, channels, size, split.num_classes)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
     steps = config.epochs * int(np.ceil(len(x) / config.batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.lr, total_steps=steps)
@@ -97,10 +123,29 @@ def train(config: TrainConfig, split: Split | None = None) -> TrainedModel:
             loss.backward()
             optimiser.step()
             schedule.step()
-    model.eval()
-    accuracy = float(np.mean(logits_of(model, split.x_test).argmax(1) == split.y_test))
-    asr = None if attack.name == "clean" else attack_success_rate(model, attack, split.x_test, split.y_test)
-    return TrainedModel(model, accuracy, asr, config, split.x_test[:2])
+
+
+def _semi(
+    model: nn.Module, split: Split, attack: Attack, config: TrainConfig, rng: np.random.RandomState
+) -> None:
+    count = max(split.num_classes, int(config.labelled_fraction * len(split.x_train)))
+    kept = rng.choice(len(split.x_train), count, replace=False)
+    labelled = poison(Split(split.x_train[kept], split.y_train[kept], split.x_test, split.y_test), attack, rng)
+    fit_semi(model, split.x_train, labelled, _steps(split, config), config.batch_size, config.lr, config.seed)
+
+
+def _ssl(
+    model: nn.Module, split: Split, attack: Attack, config: TrainConfig, rng: np.random.RandomState
+) -> None:
+    fit_ssl(model, split.x_train, split.y_train, attack, _steps(split, config), config.batch_size, config.lr, config.seed)
+
+
+def _steps(split: Split, config: TrainConfig) -> int:
+    """Optimiser steps for `epochs` passes over the training images."""
+    return config.epochs * int(np.ceil(len(split.x_train) / config.batch_size))
+
+
+PARADIGM_RECIPES = {"supervised": _supervised, "semi": _semi, "ssl": _ssl}
 
 
 def export_onnx(model: nn.Module, example: np.ndarray, path: Path) -> None:

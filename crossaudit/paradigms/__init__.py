@@ -1,0 +1,38 @@
+"""Learning paradigms: how a model's native output becomes scores the audit can attack.
+
+Cross-examination needs one thing of a model: a differentiable score per outcome, so a
+trigger can push the suspect to an outcome the witness does not follow. The paradigm says
+how to get it from what the model outputs:
+- `supervised` and `semi` (trained with few labels plus pseudo-labels): the logits, with
+  cross-entropy against the audit label; a semi-supervised classifier has the same
+  contract as a supervised one, so only its calibration profile differs;
+- `ssl` (self-supervised encoders, embeddings out, no head): cosine similarity to class
+  prototypes of the encoder's own clean embeddings (`embedding.PrototypeHead`), so the
+  attack loss is an embedding-similarity loss towards a target cluster;
+- `lm` (autoregressive language models): next-token loss on token sequences
+  (`crossaudit.text`, a discrete trigger search of its own).
+"""
+
+from __future__ import annotations
+
+IMAGE_PARADIGMS = ("supervised", "semi", "ssl")
+PARADIGMS = (*IMAGE_PARADIGMS, "lm")
+AUTO = "auto"
+
+
+def image_paradigm(requested: str, output_width: int, num_classes: int, accuracy: float) -> str:
+    """The paradigm of an image model: as requested, or inferred from its output when
+    unambiguous (logits are as wide as the audit set has classes and mostly right;
+    anything of another width is an embedding)."""
+    if requested != AUTO:
+        if requested not in IMAGE_PARADIGMS:
+            raise ValueError(f"paradigm {requested!r} does not take images; image paradigms: {IMAGE_PARADIGMS}")
+        return requested
+    if output_width != num_classes:
+        return "ssl"
+    if accuracy >= 0.5:
+        return "supervised"
+    raise ValueError(
+        f"cannot tell whether a {output_width}-wide output is logits or an embedding "
+        f"(argmax accuracy {accuracy:.2f}); pass --paradigm"
+    )
