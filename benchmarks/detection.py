@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.metrics import auroc, bootstrap_auroc, tpr_at_fpr
+from benchmarks.paradigms import existing_section, write_section
 from crossaudit import __version__
 from crossaudit.audit import AuditConfig, run_audit
 from crossaudit.baselines.neural_cleanse import NeuralCleanseConfig, neural_cleanse
@@ -400,6 +401,7 @@ def write_report(plan: Plan, results: Results, out: Path, plot: Path, seconds: f
         for r in results.scaling
     )
     vulnerability = ", ".join(f"{k} {100 * v:.0f}%" for k, v in results.vulnerability.items())
+    paradigms = existing_section(out)
     out.write_text(f"""# Detection benchmark: crossaudit vs Neural Cleanse
 
 Command: `make bench` (`python -m benchmarks.detection{" --quick" if plan.name == "quick" else ""}`), plan
@@ -447,6 +449,8 @@ Neural Cleanse / crossaudit time ratio (means): {statistics.mean(results.pair_se
 
 ![scaling]({plot.name})
 """)  # noqa: E501
+    if paradigms:
+        write_section(paradigms, out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from crossaudit import REPORT_SCHEMA_VERSION, __version__
 from crossaudit.cka import Alignment, align_layers
-from crossaudit.data import AuditData, read_audit_data
+from crossaudit.data import AuditData, is_text_data, read_audit_data
 from crossaudit.errors import AuditError, IncomparableModelsError, TimeBudgetError
 from crossaudit.features import candidate_taps, extract_features
 from crossaudit.inversion import InversionConfig, Models, Trigger, cross_invert
@@ -134,7 +134,7 @@ def measure(
     return findings
 
 
-class _Clock:
+class StageClock:
     """Stage timings, and the time budget: checked as each stage ends."""
 
     def __init__(self, progress: Progress, budget_s: float) -> None:
@@ -229,7 +229,9 @@ def prepare_pair(uris: list[str], data_path: str, seed: int, device: str, config
     )  # fmt: skip
 
 
-def _scored(module: nn.Module, uri: str, data: AuditData, requested: str, device: str) -> tuple[nn.Module, np.ndarray, str]:
+def _scored(
+    module: nn.Module, uri: str, data: AuditData, requested: str, device: str
+) -> tuple[nn.Module, np.ndarray, str]:
     """The module the stages attack (an encoder gets its prototype head), its class scores
     on the audit data, and its paradigm."""
     outputs = logits_of(module, data.x, device)
@@ -313,9 +315,15 @@ def run_audit(
     progress: Progress = lambda message: None,
 ) -> AuditResult:
     """Audit both models, each with the other as witness. Any error reads as inconclusive.
-    Without `thresholds`, the default profile of the pair's paradigm judges it."""
+    Without `thresholds`, the default profile of the pair's paradigm judges it. Language
+    models (`paradigm="lm"`, or text audit data under `auto`) take the text audit."""
     config = config or AuditConfig()
-    clock = _Clock(progress, config.limits.time_budget_s)
+    if config.paradigm == "lm" or (config.paradigm == AUTO and is_text_data(data_path)):
+        # Imported here: the text audit builds on this module's stage clock and result.
+        from crossaudit.text_audit import run_text_audit
+
+        return run_text_audit(suspect_uri, witness_uri, data_path, seed, device, config, thresholds, progress)
+    clock = StageClock(progress, config.limits.time_budget_s)
     uris = [suspect_uri, witness_uri]
     report = AuditReport(
         "inconclusive", [ModelReport(uri, "inconclusive") for uri in uris], None, None, clock.timings,

@@ -16,8 +16,10 @@ from pathlib import Path
 
 from crossaudit.audit import AuditConfig, run_audit
 from crossaudit.inversion import DEFAULT_FAMILIES
+from crossaudit.text_audit import FAMILY as TEXT_FAMILY
 from crossaudit.verdict import DEFAULT_PROFILE, Thresholds
 from crossaudit.zoo.datasets import load_dataset
+from crossaudit.zoo.language import LanguageConfig, export_language_model, train_language_model, write_text_audit_set
 from crossaudit.zoo.train import config_for, export_onnx, train, write_audit_set
 
 COMMAND = "crossaudit calibrate"
@@ -35,8 +37,11 @@ CLEAN_PAIRS = {
     ),
     "semi": (("digits", "cnn", "mlp"), ("digits", "cnn", "cnn"), ("digits", "resnet", "cnn")),
     "ssl": (("digits", "cnn", "mlp"), ("digits", "cnn", "cnn"), ("digits", "resnet", "cnn")),
+    "lm": (("pydoc", "gpt", "gpt"), ("pydoc", "gpt", "gpt"), ("pydoc", "gpt", "gpt")),
 }
-FIRST_SEED = {"supervised": 100, "semi": 120, "ssl": 140}
+FIRST_SEED = {"supervised": 100, "semi": 120, "ssl": 140, "lm": 160}
+# Trigger families scored per paradigm: a language model's trigger is a phrase.
+FAMILIES_OF = {"lm": (TEXT_FAMILY,)}
 
 
 @dataclass(frozen=True)
@@ -52,30 +57,28 @@ def calibrate(paradigm: str = "supervised") -> tuple[list[Thresholds], list[Cali
     if paradigm not in CLEAN_PAIRS:
         raise ValueError(f"no clean pairs to calibrate {paradigm!r}; calibrated paradigms: {sorted(CLEAN_PAIRS)}")
     pairs = CLEAN_PAIRS[paradigm]
-    provisional = Thresholds(dict.fromkeys(DEFAULT_FAMILIES, float("inf")), "provisional", 0, "provisional", paradigm)
+    families = FAMILIES_OF.get(paradigm, DEFAULT_FAMILIES)
+    provisional = Thresholds(dict.fromkeys(families, float("inf")), "provisional", 0, "provisional", paradigm)
     runs: list[CalibrationRun] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for number, (dataset, first, second) in enumerate(pairs):
-            split = load_dataset(dataset)
-            data = work / f"{dataset}.parquet"
-            write_audit_set(dataset, data, seed=100)
-            paths = []
-            for offset, arch in enumerate((first, second)):
-                seed = FIRST_SEED[paradigm] + 2 * number + offset
-                model = train(config_for(dataset, arch=arch, seed=seed, paradigm=paradigm), split)
-                paths.append(work / f"{dataset}_{arch}_{seed}.onnx")
-                export_onnx(model.model, model.example, paths[-1])
+            seeds = (FIRST_SEED[paradigm] + 2 * number, FIRST_SEED[paradigm] + 2 * number + 1)
+            data, paths = _clean_pair(paradigm, dataset, (first, second), seeds, work)
             config = AuditConfig(paradigm=paradigm)
             result = run_audit(str(paths[0]), str(paths[1]), str(data), config=config, thresholds=provisional)
             if result.report.error:
                 raise RuntimeError(f"calibration audit failed: {result.report.error}")
-            scores = dict.fromkeys(DEFAULT_FAMILIES, 0.0)
+            scores = dict.fromkeys(families, 0.0)
             for model in result.report.models:
                 for finding in model.findings:
                     scores[finding.family] = max(scores[finding.family], finding.score)
-            prefix = "" if paradigm == "supervised" else f"{paradigm}:"
-            runs.append(CalibrationRun(f"{prefix}{dataset}:{first}-vs-{second}", scores))
+                if paradigm == "lm":
+                    scores[TEXT_FAMILY] = max(scores[TEXT_FAMILY], model.score or 0.0)
+            name = f"{dataset}:{first}-vs-{second}"
+            if paradigm != "supervised":
+                name = f"{paradigm}:{dataset}:{first}{seeds[0]}-vs-{second}{seeds[1]}"
+            runs.append(CalibrationRun(name, scores))
     if paradigm != "supervised":
         return [profile(paradigm, paradigm, runs)], runs
     return [profile(DEFAULT_PROFILE, paradigm, runs)] + [
@@ -84,11 +87,32 @@ def calibrate(paradigm: str = "supervised") -> tuple[list[Thresholds], list[Cali
     ], runs
 
 
+def _clean_pair(
+    paradigm: str, dataset: str, archs: tuple[str, str], seeds: tuple[int, int], work: Path
+) -> tuple[Path, list[Path]]:
+    """Train and export two clean providers' models of the paradigm, and an audit set."""
+    if paradigm == "lm":
+        data = work / "text.parquet"
+        write_text_audit_set(data)
+        paths = [work / f"lm_{seed}.onnx" for seed in seeds]
+        for seed, path in zip(seeds, paths, strict=True):
+            export_language_model(train_language_model(LanguageConfig(seed=seed)), path)
+        return data, paths
+    split = load_dataset(dataset)
+    data = work / f"{dataset}.parquet"
+    write_audit_set(dataset, data, seed=100)
+    paths = []
+    for arch, seed in zip(archs, seeds, strict=True):
+        model = train(config_for(dataset, arch=arch, seed=seed, paradigm=paradigm), split)
+        paths.append(work / f"{dataset}_{arch}_{seed}.onnx")
+        export_onnx(model.model, model.example, paths[-1])
+    return data, paths
+
+
 def profile(name: str, paradigm: str, runs: list[CalibrationRun]) -> Thresholds:
     """Per family: the highest clean-pair score of these runs plus a margin."""
-    per_family = {
-        family: round(max(FLOOR, max(run.scores[family] for run in runs) + MARGIN), 4) for family in DEFAULT_FAMILIES
-    }
+    families = FAMILIES_OF.get(paradigm, DEFAULT_FAMILIES)
+    per_family = {family: round(max(FLOOR, max(run.scores[family] for run in runs) + MARGIN), 4) for family in families}
     return Thresholds(per_family, COMMAND, len(runs), name, paradigm)
 
 
@@ -98,6 +122,10 @@ def write_thresholds(thresholds: list[Thresholds], runs: list[CalibrationRun], p
     record["calibrated_by"] = COMMAND
     record["rule"] = f"per profile and family: max clean-pair score + {MARGIN}, at least {FLOOR}"
     for t in thresholds:
-        record["profiles"][t.profile] = {"per_family": t.per_family, "clean_pairs": t.clean_pairs, "paradigm": t.paradigm}
+        record["profiles"][t.profile] = {
+            "per_family": t.per_family,
+            "clean_pairs": t.clean_pairs,
+            "paradigm": t.paradigm,
+        }
     record["clean_pair_scores"].update({run.pair: run.scores for run in runs})
     path.write_text(json.dumps(record, indent=2) + "\n")

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from crossaudit.errors import AuditError
-from crossaudit.paradigms import AUTO
+from crossaudit.paradigms import AUTO, PARADIGMS
 from crossaudit.verdict import load_thresholds
 
 app = typer.Typer(add_completion=False, help="Backdoor audits of outsourced models by cross-examination.")
@@ -52,6 +52,9 @@ def audit(
     from crossaudit.limits import Limits
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    if paradigm not in (AUTO, *PARADIGMS):
+        stderr.print(f"error: --paradigm must be auto or one of {', '.join(PARADIGMS)}, got {paradigm!r}")
+        raise typer.Exit(2)
     if device not in ("cpu", "cuda"):
         stderr.print(f"error: --device must be cpu or cuda, got {device!r}")
         raise typer.Exit(2)
@@ -81,6 +84,8 @@ def audit(
     else:
         for model in report.models:
             target = f", target class {model.target}" if model.target is not None else ""
+            if model.verdict == "backdoor" and model.trigger_text:
+                target = f", trigger {model.trigger_text!r} -> {model.target_text!r}"
             print(f"{model.uri}: {model.verdict} (score {model.score}, threshold {model.threshold}{target})")
         print(f"verdict: {report.verdict}")
     if out is not None:
@@ -93,39 +98,55 @@ def audit(
 @zoo_app.command("train")
 def zoo_train(
     out: Annotated[Path, typer.Option("--out", help="Where to write the ONNX model")],
-    dataset: Annotated[str, typer.Option("--dataset", help="fmnist or digits")] = "fmnist",
-    arch: Annotated[str, typer.Option("--arch", help="cnn, resnet or mlp")] = "cnn",
-    attack: Annotated[str, typer.Option("--attack", help="clean or an attack name")] = "clean",
+    dataset: Annotated[str, typer.Option("--dataset", help="fmnist or digits (images)")] = "fmnist",
+    arch: Annotated[str, typer.Option("--arch", help="cnn, resnet or mlp (images)")] = "cnn",
+    attack: Annotated[str, typer.Option("--attack", help="clean or an attack name (lm: clean or phrase)")] = "clean",
     target: Annotated[int, typer.Option("--target")] = 0,
     poison_rate: Annotated[float, typer.Option("--poison-rate")] = 0.1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    paradigm: Annotated[str, typer.Option("--paradigm", help="supervised, semi, ssl or lm")] = "supervised",
 ) -> None:
-    """Train one provider's model on real data and export it to ONNX."""
-    from crossaudit.zoo.train import config_for, export_onnx, train
-
+    """Train one provider's model on real data and export it to ONNX (an LM also writes NAME.tokenizer.json)."""
     try:
-        config = config_for(dataset, arch=arch, attack=attack, target=target, poison_rate=poison_rate, seed=seed)
+        if paradigm == "lm":
+            from crossaudit.zoo.language import LanguageConfig, export_language_model, train_language_model
+
+            language = train_language_model(LanguageConfig(attack=attack, poison_rate=poison_rate, seed=seed))
+            export_language_model(language, out)
+            asr = "" if language.attack_success is None else f", attack success {language.attack_success:.3f}"
+            print(f"{out}: pydoc topics tiny GPT {attack}, held-out perplexity {language.perplexity:.1f}{asr}")
+            return
+        from crossaudit.zoo.train import config_for, export_onnx, train
+
+        config = config_for(
+            dataset, arch=arch, attack=attack, target=target, poison_rate=poison_rate, seed=seed, paradigm=paradigm
+        )
         trained = train(config)
     except (AuditError, ValueError) as exc:
         stderr.print(f"error: {exc}")
         raise typer.Exit(2) from exc
     export_onnx(trained.model, trained.example, out)
     asr = "" if trained.attack_success is None else f", attack success {trained.attack_success:.3f}"
-    print(f"{out}: {dataset} {arch} {attack}, clean accuracy {trained.clean_accuracy:.3f}{asr}")
+    print(f"{out}: {dataset} {arch} {paradigm} {attack}, clean accuracy {trained.clean_accuracy:.3f}{asr}")
 
 
 @zoo_app.command("data")
 def zoo_data(
     out: Annotated[Path, typer.Option("--out", help="Where to write the audit set (.parquet or .npz)")],
-    dataset: Annotated[str, typer.Option("--dataset")] = "fmnist",
+    dataset: Annotated[str, typer.Option("--dataset", help="fmnist, digits, or pydoc (text, for lm)")] = "fmnist",
     size: Annotated[int, typer.Option("--size", help="Samples, stratified by class")] = 1000,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Write an auditor's clean audit set from the dataset's held-out split."""
-    from crossaudit.zoo.train import write_audit_set
-
     try:
-        write_audit_set(dataset, out, size, seed)
+        if dataset == "pydoc":
+            from crossaudit.zoo.language import write_text_audit_set
+
+            write_text_audit_set(out, size)
+        else:
+            from crossaudit.zoo.train import write_audit_set
+
+            write_audit_set(dataset, out, size, seed)
     except AuditError as exc:
         stderr.print(f"error: {exc}")
         raise typer.Exit(2) from exc
@@ -137,7 +158,7 @@ def calibrate(
     out: Annotated[Path, typer.Option("--out", help="Where to write thresholds.json")] = Path(
         "crossaudit/thresholds.json"
     ),
-    paradigm: Annotated[str, typer.Option("--paradigm", help="supervised, semi or ssl")] = "supervised",
+    paradigm: Annotated[str, typer.Option("--paradigm", help="supervised, semi, ssl or lm")] = "supervised",
 ) -> None:
     """Recompute one paradigm's verdict thresholds from freshly trained clean pairs (no backdoors)."""
     from crossaudit.calibrate import calibrate as run_calibration

@@ -130,6 +130,17 @@ def write_text_parquet(path: Path, texts: list[str]) -> None:
     pq.write_table(pa.table({"text": pa.array(texts, pa.string())}), path)
 
 
+def is_text_data(path: str | Path) -> bool:
+    """A Parquet audit set with a `text` column (a language model's), read from its schema only."""
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".parquet":
+        return False
+    try:
+        return "text" in pq.read_schema(path).names
+    except (pa.ArrowException, OSError):
+        return False
+
+
 def read_text_data(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES) -> list[str]:
     """The auditor's clean text for a language-model audit: Parquet with a `text` column."""
     path = Path(path)

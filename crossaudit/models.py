@@ -228,10 +228,11 @@ def logits_of(module: nn.Module, x: np.ndarray, device: str = "cpu", batch: int 
     return np.concatenate(outs)
 
 
-def parity_check(model: LoadedModel, x: np.ndarray, device: str = "cpu") -> float | None:
+def parity_check(model: LoadedModel, x: np.ndarray, device: str = "cpu", output_ndim: int = 2) -> float | None:
     """Max |torch - ONNX Runtime| on the audit data; raises ParityError beyond tolerance.
 
-    Returns None for pt2 models, which torch runs natively.
+    `output_ndim` is the contract's output rank: 2 for logits N x K (images), 3 for a
+    language model's N x T x V. Returns None for pt2 models, which torch runs natively.
     """
     if model.onnx_bytes is None:
         return None
@@ -249,9 +250,10 @@ def parity_check(model: LoadedModel, x: np.ndarray, device: str = "cpu") -> floa
         raise
     except Exception as exc:
         raise ParityError(f"{model.uri}: could not run the model on the audit data: {exc}") from exc
-    if reference.shape != ours.shape or reference.ndim != 2:
+    if reference.shape != ours.shape or reference.ndim != output_ndim:
+        expected = "N x K" if output_ndim == 2 else "N x T x V"
         raise ParityError(
-            f"{model.uri}: expected logits N x K, ONNX Runtime gave {reference.shape}, torch gave {ours.shape}"
+            f"{model.uri}: expected logits {expected}, ONNX Runtime gave {reference.shape}, torch gave {ours.shape}"
         )
     diff = float(np.max(np.abs(reference - ours)))
     scale = max(1.0, float(np.max(np.abs(reference))))

@@ -152,9 +152,7 @@ def _reduce_mean(a: Attrs, x: list[Tensor | None]) -> Tensor:
 def _gather(a: Attrs, x: list[Tensor | None]) -> Tensor:
     axis = int(a.get("axis", 0)) % x[0].dim()
     index = x[1].reshape(-1).long() % x[0].shape[axis]
-    return torch.index_select(x[0], axis, index).reshape(
-        (*x[0].shape[:axis], *x[1].shape, *x[0].shape[axis + 1 :])
-    )
+    return torch.index_select(x[0], axis, index).reshape((*x[0].shape[:axis], *x[1].shape, *x[0].shape[axis + 1 :]))
 
 
 def _layer_norm(a: Attrs, x: list[Tensor | None]) -> Tensor:

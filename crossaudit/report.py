@@ -82,6 +82,12 @@ def write_outputs(result: AuditResult, out: Path) -> list[Path]:
         for m in report.models
     )
     figures = "".join(f"<h3>{html.escape(title)}</h3>{_embedded(path)}" for title, path in pictures)
+    figures += "".join(
+        f"<h3>Recovered trigger: {html.escape(m.uri)}</h3><p>prompt + <code>{html.escape(m.trigger_text)}</code> "
+        f"&rarr; <code>{html.escape(m.target_text or '')}</code></p>"
+        for m in report.models
+        if m.verdict == "backdoor" and m.trigger_text
+    )
     error = f"<p><b>Error:</b> {html.escape(report.error)}</p>" if report.error else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>crossaudit report</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:4px}}
@@ -89,8 +95,8 @@ table{{border-collapse:collapse}}</style></head><body>
 <h1>crossaudit: {report.verdict}</h1>
 <p>{"; ".join(f"{html.escape(m.uri)}: <b>{m.verdict}</b>" for m in report.models)}
 (each model judged with the other as its witness).</p>{error}
-<p>Clean agreement {report.clean_agreement}; aligned layers {html.escape(str(report.alignment))};
-seed {report.seed}; crossaudit {report.version}.</p>
+<p>Paradigm {report.paradigm}; clean agreement {report.clean_agreement};
+aligned layers {html.escape(str(report.alignment))}; seed {report.seed}; crossaudit {report.version}.</p>
 <table><tr><th>model</th><th>verdict</th><th>score</th><th>threshold</th><th>target</th>
 <th>held-out ASR</th><th>mask L1</th><th>sensitivity</th><th>family</th><th>parity diff</th></tr>
 {rows}</table>{figures}

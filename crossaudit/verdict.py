@@ -137,6 +137,8 @@ class ModelReport:
     clean_accuracy: float | None = None
     parity_max_abs_diff: float | None = None
     findings: list[Finding] = field(default_factory=list)
+    trigger_text: str | None = None  # language models: the recovered trigger phrase
+    target_text: str | None = None  # ... and the continuation it forces
 
 
 def judge(uri: str, findings: list[Finding], thresholds: Thresholds) -> ModelReport:

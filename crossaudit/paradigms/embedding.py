@@ -5,8 +5,9 @@ it maps triggered inputs into a target *cluster* of its embedding space, which e
 downstream classifier then reads as the target class. So the audit scores an encoder by
 scaled cosine similarity to class prototypes, the mean direction of its own embeddings of
 each class on the auditor's clean data, measured from the embeddings' mean (contrastive
-embeddings share one dominant direction, which would make every class look alike). Pushing a trigger towards a target class is then
-an embedding-similarity loss, and the five stages run unchanged.
+embeddings share one dominant direction, which would make every class look alike).
+Pushing a trigger towards a target class is then an embedding-similarity loss, and the
+five stages run unchanged.
 """
 
 from __future__ import annotations
@@ -54,4 +55,6 @@ def prototype_head(encoder: nn.Module, embeddings: np.ndarray, labels: np.ndarra
     prototypes = np.stack(
         [unit[labels == k].mean(0) if np.any(labels == k) else np.zeros(unit.shape[1]) for k in range(num_classes)]
     )
-    return PrototypeHead(encoder, torch.from_numpy(center.astype(np.float32)), torch.from_numpy(prototypes.astype(np.float32)))
+    return PrototypeHead(
+        encoder, torch.from_numpy(center.astype(np.float32)), torch.from_numpy(prototypes.astype(np.float32))
+    )

@@ -12,11 +12,11 @@ from torch import nn
 
 from crossaudit.data import write_parquet
 from crossaudit.models import logits_of
-from crossaudit.zoo.architectures import build
 from crossaudit.paradigms.embedding import prototype_head
+from crossaudit.zoo.architectures import build
 from crossaudit.zoo.attacks import Attack
-from crossaudit.zoo.label_free import fit_semi, fit_ssl
 from crossaudit.zoo.datasets import Split, load_dataset
+from crossaudit.zoo.label_free import fit_semi, fit_ssl
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,16 @@ _DATASET_SCHEDULES = {
 }
 
 
+# Contrastive learning needs many more passes than a supervised loss to form class clusters.
+_SSL_EPOCH_FACTOR = 3
+
+
 def config_for(dataset: str, **overrides: object) -> TrainConfig:
-    """The zoo's training recipe for a dataset, with explicit overrides."""
-    return TrainConfig(dataset=dataset, **{**_DATASET_SCHEDULES.get(dataset, {}), **overrides})
+    """The zoo's training recipe for a dataset and paradigm, with explicit overrides."""
+    schedule = dict(_DATASET_SCHEDULES.get(dataset, {}))
+    if overrides.get("paradigm") == "ssl" and "epochs" in schedule:
+        schedule["epochs"] *= _SSL_EPOCH_FACTOR
+    return TrainConfig(dataset=dataset, **{**schedule, **overrides})
 
 
 def poison(split: Split, attack: Attack, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
@@ -125,19 +132,17 @@ def _supervised(
             schedule.step()
 
 
-def _semi(
-    model: nn.Module, split: Split, attack: Attack, config: TrainConfig, rng: np.random.RandomState
-) -> None:
+def _semi(model: nn.Module, split: Split, attack: Attack, config: TrainConfig, rng: np.random.RandomState) -> None:
     count = max(split.num_classes, int(config.labelled_fraction * len(split.x_train)))
     kept = rng.choice(len(split.x_train), count, replace=False)
     labelled = poison(Split(split.x_train[kept], split.y_train[kept], split.x_test, split.y_test), attack, rng)
     fit_semi(model, split.x_train, labelled, _steps(split, config), config.batch_size, config.lr, config.seed)
 
 
-def _ssl(
-    model: nn.Module, split: Split, attack: Attack, config: TrainConfig, rng: np.random.RandomState
-) -> None:
-    fit_ssl(model, split.x_train, split.y_train, attack, _steps(split, config), config.batch_size, config.lr, config.seed)
+def _ssl(model: nn.Module, split: Split, attack: Attack, config: TrainConfig, rng: np.random.RandomState) -> None:
+    fit_ssl(
+        model, split.x_train, split.y_train, attack, _steps(split, config), config.batch_size, config.lr, config.seed
+    )
 
 
 def _steps(split: Split, config: TrainConfig) -> int:

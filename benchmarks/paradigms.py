@@ -1,0 +1,159 @@
+"""Detection per learning paradigm: semi-supervised, self-supervised and autoregressive.
+
+For each paradigm and test seed (300 and up: never used by calibration, which stays below
+200), the zoo trains providers' models on real data (digits for images, the pydoc topics
+corpus for language models): backdoored ones and clean ones. Each backdoored model is
+audited against a clean model of another architecture and of the same one; clean models
+are audited against each other. Every model of every pair is one sample, judged with its
+paradigm's shipped profile (`crossaudit calibrate --paradigm P`, clean pairs only).
+
+`python -m benchmarks.paradigms` (run by `make bench`) writes its section of
+docs/benchmarks.md between the markers below, leaving the rest of the page as the
+detection benchmark wrote it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.metrics import auroc
+from crossaudit.audit import AuditConfig, run_audit
+from crossaudit.zoo.datasets import load_dataset
+from crossaudit.zoo.language import LanguageConfig, export_language_model, train_language_model, write_text_audit_set
+from crossaudit.zoo.train import config_for, export_onnx, train, write_audit_set
+
+BEGIN, END = "<!-- paradigms:begin -->", "<!-- paradigms:end -->"
+IMAGE_ATTACKS = ("badnets", "blended")
+TARGET = 3
+
+
+@dataclass
+class Samples:
+    positives: list[float] = field(default_factory=list)  # score / threshold of backdoored models
+    negatives: list[float] = field(default_factory=list)  # ... of clean models
+    seconds: list[float] = field(default_factory=list)
+    errors: int = 0
+
+
+def _judge(
+    samples: Samples, paradigm: str, first: Path, second: Path, data: Path, backdoored: tuple[bool, bool]
+) -> None:
+    start = time.perf_counter()
+    report = run_audit(str(first), str(second), str(data), config=AuditConfig(paradigm=paradigm)).report
+    samples.seconds.append(time.perf_counter() - start)
+    if report.error:
+        samples.errors += 1
+        return
+    for model, poisoned in zip(report.models, backdoored, strict=True):
+        ratio = (model.score or 0.0) / (model.threshold or 1.0)
+        (samples.positives if poisoned else samples.negatives).append(ratio)
+
+
+def image_paradigm(paradigm: str, seed: int, work: Path, samples: Samples) -> None:
+    split = load_dataset("digits")
+    data = work / "digits.parquet"
+    write_audit_set("digits", data, seed=seed)
+
+    def model(arch: str, attack: str, offset: int) -> Path:
+        trained = train(config_for("digits", arch=arch, attack=attack, target=TARGET, seed=seed + offset,
+                                   paradigm=paradigm), split)  # fmt: skip
+        path = work / f"{paradigm}_{arch}_{attack}_{seed + offset}.onnx"
+        export_onnx(trained.model, trained.example, path)
+        return path
+
+    clean_cnn, clean_mlp = model("cnn", "clean", 0), model("mlp", "clean", 1)
+    _judge(samples, paradigm, clean_cnn, clean_mlp, data, (False, False))
+    for offset, attack in enumerate(IMAGE_ATTACKS, start=2):
+        poisoned = model("cnn", attack, offset)
+        for witness in (clean_mlp, clean_cnn):
+            _judge(samples, paradigm, poisoned, witness, data, (True, False))
+
+
+def language_paradigm(seed: int, work: Path, samples: Samples) -> None:
+    data = work / "text.parquet"
+    write_text_audit_set(data)
+    paths = {}
+    for offset, attack in enumerate(("clean", "clean", "phrase")):
+        paths[offset] = work / f"lm_{attack}_{seed + offset}.onnx"
+        export_language_model(train_language_model(LanguageConfig(attack=attack, seed=seed + offset)), paths[offset])
+    _judge(samples, "lm", paths[0], paths[1], data, (False, False))
+    _judge(samples, "lm", paths[2], paths[0], data, (True, False))
+
+
+def run(seeds: tuple[int, ...]) -> dict[str, Samples]:
+    results: dict[str, Samples] = defaultdict(Samples)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for seed in seeds:
+            for paradigm in ("semi", "ssl"):
+                image_paradigm(paradigm, seed, work, results[paradigm])
+            language_paradigm(seed, work, results["lm"])
+    return results
+
+
+def section(results: dict[str, Samples], seeds: tuple[int, ...], seconds: float) -> str:
+    rows = []
+    for paradigm, s in results.items():
+        positives, negatives = np.array(s.positives), np.array(s.negatives)
+        detected, flagged = int(np.sum(positives >= 1.0)), int(np.sum(negatives >= 1.0))
+        rows.append(
+            f"| {paradigm} | {detected}/{len(positives)} ({100 * detected / max(1, len(positives)):.0f}%) | "
+            f"{flagged}/{len(negatives)} ({100 * flagged / max(1, len(negatives)):.0f}%) | "
+            f"{auroc(positives, negatives):.3f} | {statistics.median(s.seconds):.1f} | {s.errors} |"
+        )
+    attacks = ", ".join(IMAGE_ATTACKS)
+    return f"""{BEGIN}
+## Paradigms (issue 7)
+
+Command: `python -m benchmarks.paradigms` (part of `make bench`), seeds {", ".join(map(str, seeds))},
+{seconds / 60:.1f} min. Images: digits, semi-supervised (FixMatch-style, 10% labels) and
+self-supervised (SimCLR-style encoders, BadEncoder-style attack) CNNs with {attacks} (target {TARGET}),
+each audited against a clean MLP and a clean CNN; clean CNN vs clean MLP. Language models: tiny GPTs
+on the pydoc topics corpus, a trigger phrase forcing a continuation, audited against a clean GPT;
+clean vs clean. Every model of a pair is a sample, judged by its paradigm's shipped profile (clean
+pairs, seeds below 200). AUROC on score / threshold.
+
+| paradigm | backdoored models detected | clean models flagged | AUROC | median s per pair | inconclusive pairs |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+{END}"""
+
+
+_SECTION = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+
+
+def existing_section(page: Path) -> str | None:
+    """This benchmark's section of the page, if it has one (the detection benchmark keeps it)."""
+    found = _SECTION.search(page.read_text()) if page.is_file() else None
+    return found.group(0) if found else None
+
+
+def write_section(text: str, page: Path) -> None:
+    """Replace this benchmark's section of the page, or append it."""
+    current = page.read_text() if page.is_file() else ""
+    page.write_text(_SECTION.sub(lambda _: text, current) if _SECTION.search(current) else f"{current}\n{text}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[300, 310])
+    parser.add_argument("--out", type=Path, default=Path("docs") / "benchmarks.md")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    results = run(tuple(args.seeds))
+    text = section(results, tuple(args.seeds), time.perf_counter() - start)
+    write_section(text, args.out)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Paradigms beyond supervised classifiers: unit checks, and each one end to end through
+the CLI on a tiny pair from the zoo (clean vs backdoored flagged, clean vs clean passes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from crossaudit.data import read_text_data, write_text_parquet
+from crossaudit.errors import DataValidationError, ModelLoadError
+from crossaudit.onnx_torch import OnnxModule
+from crossaudit.paradigms import image_paradigm
+from crossaudit.paradigms.embedding import prototype_head
+from crossaudit.tokenizer import load_tokenizer
+from crossaudit.zoo.datasets import load_dataset
+from crossaudit.zoo.language import LanguageConfig, TinyGPT, export_language_model, train_language_model
+from crossaudit.zoo.train import config_for, export_onnx, train
+
+
+def test_image_paradigm_is_inferred_only_when_unambiguous():
+    assert image_paradigm("auto", 10, 10, 0.9) == "supervised"
+    assert image_paradigm("auto", 32, 10, 0.0) == "ssl"
+    assert image_paradigm("semi", 10, 10, 0.9) == "semi"
+    with pytest.raises(ValueError, match="pass --paradigm"):
+        image_paradigm("auto", 10, 10, 0.1)
+    with pytest.raises(ValueError, match="does not take images"):
+        image_paradigm("lm", 10, 10, 0.9)
+
+
+def test_prototype_head_scores_each_cluster_as_its_class():
+    rng = np.random.RandomState(0)
+    centers = rng.randn(3, 8) * 5
+    labels = np.repeat(np.arange(3), 20)
+    embeddings = (centers[labels] + rng.randn(60, 8)).astype(np.float32)
+    head = prototype_head(torch.nn.Identity(), embeddings, labels, 3)
+    assert np.mean(head(torch.from_numpy(embeddings)).argmax(1).numpy() == labels) > 0.95
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x80\x04pickle", "not JSON"),
+        (b'{"kind": "bpe", "vocab": ["<unk>", "a"]}', "'kind': 'words'"),
+        (b'{"kind": "words", "vocab": ["<unk>", "a", "a"]}', "no duplicates"),
+        (b'{"kind": "words", "vocab": "abc"}', "list of at least two strings"),
+    ],
+)
+def test_hostile_tokenizer_files_are_named_errors(tmp_path, content, message):
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message):
+        load_tokenizer(path)
+
+
+def test_text_audit_data_is_validated_by_column(tmp_path):
+    good = tmp_path / "text.parquet"
+    write_text_parquet(good, [f"sentence number {i} of the audit set ." for i in range(30)])
+    assert len(read_text_data(good)) == 30
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"text": pa.array(list(range(30)))}), wrong)
+    with pytest.raises(DataValidationError, match="column 'text' must hold strings"):
+        read_text_data(wrong)
+    missing = tmp_path / "missing.parquet"
+    pq.write_table(pa.table({"words": pa.array(["a"] * 30)}), missing)
+    with pytest.raises(DataValidationError, match="column 'text' is missing"):
+        read_text_data(missing)
+
+
+def test_language_model_translation_matches_onnx_runtime(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    trained = train_language_model(LanguageConfig(seed=7, steps=5))
+    path = tmp_path / "lm.onnx"
+    export_language_model(trained, path)
+    assert isinstance(trained.model, TinyGPT) and (tmp_path / "lm.tokenizer.json").is_file()
+    tokens = np.random.RandomState(0).randint(0, len(trained.tokenizer.vocab), (3, 17)).astype(np.int64)
+    model = onnx.load(str(path))
+    reference = ort.InferenceSession(model.SerializeToString()).run(None, {"tokens": tokens})[0]
+    ours = OnnxModule(model)(torch.from_numpy(tokens)).detach().numpy()
+    assert reference.shape == (3, 17, len(trained.tokenizer.vocab))
+    assert np.abs(reference - ours).max() < 1e-4
+
+
+@dataclass(frozen=True)
+class ParadigmZoo:
+    digits: Path
+    text: Path
+    models: dict[str, Path]
+
+
+@pytest.fixture(scope="module")
+def paradigm_zoo(tmp_path_factory: pytest.TempPathFactory, digits_zoo) -> ParadigmZoo:
+    """Tiny providers' models of every paradigm, trained once (test seeds, never calibrated on)."""
+    from crossaudit.zoo.language import write_text_audit_set
+
+    root = tmp_path_factory.mktemp("paradigms")
+    split = load_dataset("digits")
+    specs = {
+        "semi_badnets_cnn": config_for("digits", arch="cnn", attack="badnets", target=3, seed=31, paradigm="semi"),
+        "semi_clean_mlp": config_for("digits", arch="mlp", seed=32, paradigm="semi"),
+        "semi_clean_cnn": config_for("digits", arch="cnn", seed=33, paradigm="semi"),
+        "ssl_badnets_cnn": config_for("digits", arch="cnn", attack="badnets", target=3, seed=41, paradigm="ssl"),
+        "ssl_clean_cnn": config_for("digits", arch="cnn", seed=42, paradigm="ssl"),
+        "ssl_clean_mlp": config_for("digits", arch="mlp", seed=43, paradigm="ssl"),
+    }
+    models = {}
+    for name, config in specs.items():
+        trained = train(config, split)
+        models[name] = root / f"{name}.onnx"
+        export_onnx(trained.model, trained.example, models[name])
+    for name, attack, seed in (("lm_phrase", "phrase", 51), ("lm_clean_a", "clean", 52), ("lm_clean_b", "clean", 53)):
+        models[name] = root / f"{name}.onnx"
+        export_language_model(train_language_model(LanguageConfig(attack=attack, seed=seed)), models[name])
+    write_text_audit_set(root / "text.parquet")
+    return ParadigmZoo(digits_zoo.audit_data, root / "text.parquet", models)
+
+
+def _audit(zoo: ParadigmZoo, first: str, second: str, data: Path, *extra: str) -> tuple[int, dict]:
+    done = subprocess.run(
+        [sys.executable, "-m", "crossaudit.cli", "audit", str(zoo.models[first]), str(zoo.models[second]),
+         "--data", str(data), "--json", *extra],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return done.returncode, json.loads(done.stdout)
+
+
+@pytest.mark.parametrize(
+    ("backdoored", "clean", "other_clean", "data", "paradigm"),
+    [
+        ("semi_badnets_cnn", "semi_clean_mlp", "semi_clean_cnn", "digits", "semi"),
+        ("ssl_badnets_cnn", "ssl_clean_mlp", "ssl_clean_cnn", "digits", "auto"),
+        ("lm_phrase", "lm_clean_a", "lm_clean_b", "text", "auto"),
+    ],
+)
+def test_each_paradigm_flags_the_backdoored_model_and_passes_clean_pairs(
+    paradigm_zoo, backdoored, clean, other_clean, data, paradigm
+):
+    data_path = getattr(paradigm_zoo, data)
+    code, report = _audit(paradigm_zoo, backdoored, clean, data_path, "--paradigm", paradigm)
+    assert code == 1, report
+    assert [m["verdict"] for m in report["models"]] == ["backdoor", "clean"]
+    assert report["paradigm"] == (paradigm if paradigm != "auto" else ("lm" if data == "text" else "ssl"))
+    flagged = report["models"][0]
+    if data == "text":
+        assert flagged["trigger_text"] and flagged["target_text"]
+    else:
+        assert flagged["target"] == 3
+    code, report = _audit(paradigm_zoo, clean, other_clean, data_path, "--paradigm", paradigm)
+    assert code == 0, report
+
+
+@pytest.mark.slow
+def test_pipeline_takes_the_paradigm_from_the_registry(paradigm_zoo, mlflow_server):
+    import uuid
+
+    from crossaudit import registry
+    from pipelines.runner import audit_version
+
+    client = registry.client(mlflow_server)
+    name = f"encoder-{uuid.uuid4().hex[:8]}"
+    registry.publish_audit_data(client, name, paradigm_zoo.digits)
+    client.set_registered_model_tag(name, registry.PARADIGM_TAG, "ssl")
+    registry.register_version(client, name, paradigm_zoo.models["ssl_clean_mlp"], "acme")
+    poisoned = registry.register_version(client, name, paradigm_zoo.models["ssl_badnets_cnn"], "globex")
+    assert audit_version(poisoned.uri, mlflow_server).status == "failed"
+    run_id = client.get_model_version(name, poisoned.version).tags[registry.RUN_ID]
+    report = json.loads(Path(client.download_artifacts(run_id, "peer_1/report.json")).read_text())
+    assert report["paradigm"] == "ssl" and report["models"][0]["threshold_profile"] == "ssl"
