@@ -1,8 +1,10 @@
-"""Detection per learning paradigm: semi-supervised, self-supervised and autoregressive.
+"""Detection per learning paradigm: semi-supervised, self-supervised, autoregressive and
+image-to-text (captioners).
 
 For each paradigm and test seed (300 and up: never used by calibration, which stays below
 200), the zoo trains providers' models on real data (digits for images, the pydoc topics
-corpus for language models): backdoored ones and clean ones. Each backdoored model is
+corpus for language models, digits with class captions for captioners): backdoored ones
+and clean ones. Each backdoored model is
 audited against a clean model of another architecture and of the same one; clean models
 are audited against each other. Every model of every pair is one sample, judged with its
 paradigm's shipped profile (`crossaudit calibrate --paradigm P`, clean pairs only).
@@ -27,6 +29,7 @@ import numpy as np
 
 from benchmarks.metrics import auroc
 from crossaudit.audit import AuditConfig, run_audit
+from crossaudit.zoo.captioner import captioner_config, export_captioner, train_captioner, write_caption_audit_set
 from crossaudit.zoo.datasets import load_dataset
 from crossaudit.zoo.language import LanguageConfig, export_language_model, train_language_model, write_text_audit_set
 from crossaudit.zoo.train import config_for, export_onnx, train, write_audit_set
@@ -60,13 +63,20 @@ def _judge(
 
 def image_paradigm(paradigm: str, seed: int, work: Path, samples: Samples) -> None:
     split = load_dataset("digits")
-    data = work / "digits.parquet"
-    write_audit_set("digits", data, seed=seed)
+    data = work / f"digits_{paradigm}.parquet"
+    if paradigm == "captioner":
+        write_caption_audit_set("digits", data, seed=seed)
+    else:
+        write_audit_set("digits", data, seed=seed)
 
     def model(arch: str, attack: str, offset: int) -> Path:
+        path = work / f"{paradigm}_{arch}_{attack}_{seed + offset}.onnx"
+        if paradigm == "captioner":
+            config = captioner_config("digits", arch=arch, attack=attack, target=TARGET, seed=seed + offset)
+            export_captioner(train_captioner(config, split), path)
+            return path
         trained = train(config_for("digits", arch=arch, attack=attack, target=TARGET, seed=seed + offset,
                                    paradigm=paradigm), split)  # fmt: skip
-        path = work / f"{paradigm}_{arch}_{attack}_{seed + offset}.onnx"
         export_onnx(trained.model, trained.example, path)
         return path
 
@@ -94,7 +104,7 @@ def run(seeds: tuple[int, ...]) -> dict[str, Samples]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for seed in seeds:
-            for paradigm in ("semi", "ssl"):
+            for paradigm in ("semi", "ssl", "captioner"):
                 image_paradigm(paradigm, seed, work, results[paradigm])
             language_paradigm(seed, work, results["lm"])
     return results
@@ -119,7 +129,9 @@ Command: `python -m benchmarks.paradigms` (part of `make bench`), seeds {", ".jo
 self-supervised (SimCLR-style encoders, BadEncoder-style attack) CNNs with {attacks} (target {TARGET}),
 each audited against a clean MLP and a clean CNN; clean CNN vs clean MLP. Language models: tiny GPTs
 on the pydoc topics corpus, a trigger phrase forcing a continuation, audited against a clean GPT;
-clean vs clean. Every model of a pair is a sample, judged by its paradigm's shipped profile (clean
+clean vs clean. Captioners: digits images captioned by class ("a handwritten three"), CNN encoder
+plus a causal decoder, an image trigger ({attacks}) forcing the target caption, audited as the
+image models. Every model of a pair is a sample, judged by its paradigm's shipped profile (clean
 pairs, seeds below 200). AUROC on score / threshold.
 
 | paradigm | backdoored models detected | clean models flagged | AUROC | median s per pair | inconclusive pairs |

@@ -4,7 +4,8 @@ The pipeline runs each stage in its own process (a KFP component, possibly on an
 node), so every intermediate result has a file form: features and trigger parameters as
 `.npz` (numpy arrays, loaded with `allow_pickle=False`), everything else as JSON. A stage's
 output folder carries its upstream's files forward, so the last one holds the whole story
-of a pair: `pair.json`, `alignment.json`, `triggers.npz` + `triggers.json`, `findings.json`.
+of a pair: `pair.json`, `alignment.json`, `triggers.npz` + `triggers.json`, `findings.json`
+(a language-model pair: `text_triggers.json` and `text_effects.json` instead).
 An error is carried forward the same way, so a pair that could not be audited reaches the
 gate as an error, never as silence.
 """
@@ -21,6 +22,7 @@ import torch
 
 from crossaudit.cka import Alignment
 from crossaudit.inversion import FAMILY_CLASSES, Trigger, TriggerFamily
+from crossaudit.paradigms.autoregressive import TextEffect, TextTrigger
 from crossaudit.verdict import Finding
 
 PAIR = "pair.json"
@@ -122,3 +124,23 @@ def write_findings(findings: list[list[Finding]], out: Path) -> None:
 
 def read_findings(folder: Path) -> list[list[Finding]]:
     return [[Finding(**f) for f in found] for found in json.loads((folder / "findings.json").read_text())]
+
+
+def write_text_triggers(found: list[TextTrigger], out: Path) -> None:
+    """A language-model pair's recovered triggers (words, not ids: each model has its own tokenizer)."""
+    (out / "text_triggers.json").write_text(json.dumps([asdict(t) for t in found], indent=1))
+
+
+def read_text_triggers(folder: Path) -> list[TextTrigger]:
+    return [
+        TextTrigger(tuple(t["trigger"]), tuple(t["target"]), float(t["merit"]))
+        for t in json.loads((folder / "text_triggers.json").read_text())
+    ]
+
+
+def write_text_effects(effects: list[TextEffect], out: Path) -> None:
+    (out / "text_effects.json").write_text(json.dumps([asdict(e) for e in effects], indent=1))
+
+
+def read_text_effects(folder: Path) -> list[TextEffect]:
+    return [TextEffect(**e) for e in json.loads((folder / "text_effects.json").read_text())]

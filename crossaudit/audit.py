@@ -10,7 +10,8 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,12 +20,19 @@ from torch import Tensor, nn
 from crossaudit import REPORT_SCHEMA_VERSION, __version__
 from crossaudit.cka import Alignment, align_layers
 from crossaudit.data import AuditData, is_text_data, read_audit_data
-from crossaudit.errors import AuditError, IncomparableModelsError, TimeBudgetError
+from crossaudit.errors import (
+    AuditError,
+    DataValidationError,
+    IncomparableModelsError,
+    ModelLoadError,
+    TimeBudgetError,
+)
 from crossaudit.features import candidate_taps, extract_features
 from crossaudit.inversion import InversionConfig, Models, Trigger, cross_invert
 from crossaudit.limits import Limits
 from crossaudit.models import LoadedModel, load_model, logits_of, parity_check
-from crossaudit.paradigms import AUTO, image_paradigm
+from crossaudit.paradigms import AUTO, CAPTIONER, image_paradigm
+from crossaudit.paradigms.captioning import CaptionScorer, caption_tokens
 from crossaudit.paradigms.embedding import prototype_head
 from crossaudit.sensitivity import (
     AttackEffect,
@@ -32,6 +40,7 @@ from crossaudit.sensitivity import (
     attack_effect,
     fine_tuned_copy,
 )
+from crossaudit.tokenizer import load_tokenizer, tokenizer_path
 from crossaudit.verdict import (
     AuditReport,
     Finding,
@@ -44,6 +53,13 @@ from crossaudit.verdict import (
 )
 
 log = logging.getLogger(__name__)
+# A captioner's parity check runs on this many images (each with its true caption).
+PARITY_SAMPLES = 256
+# A trigger moves a captioner's whole caption through its decoder, and the search gets
+# there more slowly: on a zoo captioner no target had any success after the classifiers'
+# 30 search steps, and the planted target led after 90 (a search budget; the captioner
+# thresholds are calibrated on clean pairs with it).
+CAPTIONER_SEARCH_STEPS = 90
 Progress = Callable[[str], None]
 
 
@@ -195,10 +211,15 @@ def prepare_pair(uris: list[str], data_path: str, seed: int, device: str, config
     """Load both models, prove their torch view matches ONNX Runtime, give them the
     paradigm's scores, and refuse pairs too different on clean data to cross-examine."""
     data = read_audit_data(data_path, config.limits.max_audit_samples)
+    captioners = _captioner_audit(config.paradigm, data)
     modules, reports, labels, paradigms = [], [], [], []
     for uri in uris:
-        model, diff = _load_checked(uri, data, device, config.limits.max_model_bytes)
-        module, logits, paradigm = _scored(model.module, uri, data, config.paradigm, device)
+        if captioners:
+            module, diff = _load_captioner(uri, data, device, config.limits.max_model_bytes)
+            logits, paradigm = logits_of(module, data.x, device), CAPTIONER
+        else:
+            model, diff = _load_checked(uri, data, device, config.limits.max_model_bytes)
+            module, logits, paradigm = _scored(model.module, uri, data, config.paradigm, device)
         modules.append(module)
         paradigms.append(paradigm)
         reports.append(
@@ -227,6 +248,30 @@ def prepare_pair(uris: list[str], data_path: str, seed: int, device: str, config
         modules, reports, data, round(agreement, 4),
         inversion_idx[both_right[inversion_idx]], held_idx[both_right[held_idx]], device, paradigms[0],
     )  # fmt: skip
+
+
+def _captioner_audit(requested: str, data: AuditData) -> bool:
+    """Whether the pair is audited as captioners: asked for, or implied by a `caption` column."""
+    if requested == CAPTIONER and data.captions is None:
+        raise DataValidationError("a captioner audit needs audit data with 'image' and 'caption' columns")
+    if data.captions is not None and requested not in (CAPTIONER, AUTO):
+        raise DataValidationError(f"audit data with a 'caption' column is for captioners, not {requested!r} models")
+    return data.captions is not None
+
+
+def _load_captioner(uri: str, data: AuditData, device: str, max_bytes: int) -> tuple[nn.Module, float | None]:
+    """A captioner (ONNX plus its tokenizer) as a scorer of the audit set's captions, its
+    translation checked against ONNX Runtime on images paired with their true captions."""
+    model = load_model(uri, max_bytes)
+    if model.onnx_bytes is None:
+        raise ModelLoadError(f"{uri}: a captioner must be ONNX (inputs image and tokens) with its tokenizer.json")
+    tokenizer = load_tokenizer(tokenizer_path(Path(uri)))
+    model.module.to(device).requires_grad_(False).eval()
+    captions = list(data.captions or ())
+    tokens, _ = caption_tokens(tokenizer, captions)
+    sample = np.arange(min(len(data.x), PARITY_SAMPLES))
+    diff = parity_check(model, (data.x[sample], tokens[data.y[sample]]), device, output_ndim=3)
+    return CaptionScorer(model.module, tokenizer, captions).to(device), diff
 
 
 def _scored(
@@ -271,7 +316,10 @@ def pair_triggers(pair: Pair, alignment: Alignment, config: AuditConfig, seed: i
     """Stage 3: cross-examination in both directions."""
     torch.manual_seed(seed)
     x, y = pair.tensors(pair.inversion_idx)
-    return cross_invert(pair.directions(alignment), x, y, pair.data.num_classes, config.inversion, seed)
+    inversion = config.inversion
+    if pair.paradigm == CAPTIONER:
+        inversion = replace(inversion, search_steps=max(inversion.search_steps, CAPTIONER_SEARCH_STEPS))
+    return cross_invert(pair.directions(alignment), x, y, pair.data.num_classes, inversion, seed)
 
 
 def pair_findings(
@@ -286,14 +334,20 @@ def pair_findings(
 
 
 def pair_verdicts(
-    reports: list[ModelReport], findings: list[list[Finding]], thresholds: Thresholds
+    reports: list[ModelReport],
+    findings: list[list[Finding]],
+    thresholds: Thresholds,
+    captions: tuple[str, ...] | None = None,
 ) -> list[ModelReport]:
-    """Stage 5: each model judged on its own findings, keeping what loading measured."""
+    """Stage 5: each model judged on its own findings, keeping what loading measured; a
+    captioner's target is also named by its caption."""
     judged = []
     for report, found in zip(reports, findings, strict=True):
         verdict = judge(report.uri, found, thresholds)
         verdict.clean_accuracy = report.clean_accuracy
         verdict.parity_max_abs_diff = report.parity_max_abs_diff
+        if captions is not None and verdict.target is not None:
+            verdict.target_text = captions[verdict.target]
         judged.append(verdict)
     return judged
 
@@ -350,7 +404,7 @@ def run_audit(
         with clock.stage("sensitivity_test"):
             findings = pair_findings(pair, result.alignment, triggers, config, seed)
         with clock.stage("verdict"):
-            report.models = pair_verdicts(pair.reports, findings, thresholds)
+            report.models = pair_verdicts(pair.reports, findings, thresholds, pair.data.captions)
         result.triggers = dict(enumerate(triggers))
     except AuditError as exc:
         report.error = str(exc)

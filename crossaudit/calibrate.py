@@ -18,6 +18,7 @@ from crossaudit.audit import AuditConfig, run_audit
 from crossaudit.inversion import DEFAULT_FAMILIES
 from crossaudit.text_audit import FAMILY as TEXT_FAMILY
 from crossaudit.verdict import DEFAULT_PROFILE, Thresholds
+from crossaudit.zoo.captioner import captioner_config, export_captioner, train_captioner, write_caption_audit_set
 from crossaudit.zoo.datasets import load_dataset
 from crossaudit.zoo.language import LanguageConfig, export_language_model, train_language_model, write_text_audit_set
 from crossaudit.zoo.train import config_for, export_onnx, train, write_audit_set
@@ -38,8 +39,9 @@ CLEAN_PAIRS = {
     "semi": (("digits", "cnn", "mlp"), ("digits", "cnn", "cnn"), ("digits", "resnet", "cnn")),
     "ssl": (("digits", "cnn", "mlp"), ("digits", "cnn", "cnn"), ("digits", "resnet", "cnn")),
     "lm": (("pydoc", "gpt", "gpt"), ("pydoc", "gpt", "gpt"), ("pydoc", "gpt", "gpt")),
+    "captioner": (("digits", "cnn", "mlp"), ("digits", "cnn", "cnn"), ("digits", "resnet", "cnn")),
 }
-FIRST_SEED = {"supervised": 100, "semi": 120, "ssl": 140, "lm": 160}
+FIRST_SEED = {"supervised": 100, "semi": 120, "ssl": 140, "lm": 160, "captioner": 180}
 # Trigger families scored per paradigm: a language model's trigger is a phrase.
 FAMILIES_OF = {"lm": (TEXT_FAMILY,)}
 
@@ -100,6 +102,12 @@ def _clean_pair(
         return data, paths
     split = load_dataset(dataset)
     data = work / f"{dataset}.parquet"
+    if paradigm == "captioner":
+        write_caption_audit_set(dataset, data, seed=100)
+        paths = [work / f"captioner_{arch}_{seed}.onnx" for arch, seed in zip(archs, seeds, strict=True)]
+        for arch, seed, path in zip(archs, seeds, paths, strict=True):
+            export_captioner(train_captioner(captioner_config(dataset, arch=arch, seed=seed), split), path)
+        return data, paths
     write_audit_set(dataset, data, seed=100)
     paths = []
     for arch, seed in zip(archs, seeds, strict=True):

@@ -43,7 +43,8 @@ def audit(
         ),
     ] = None,
     paradigm: Annotated[
-        str, typer.Option("--paradigm", help="supervised, semi, ssl, lm, or auto (inferred when unambiguous)")
+        str,
+        typer.Option("--paradigm", help="supervised, semi, ssl, lm, captioner, or auto (inferred when unambiguous)"),
     ] = AUTO,
 ) -> None:
     """Audit two models, each with the other as witness. Exit 0 clean, 1 backdoor, 2 inconclusive."""
@@ -84,6 +85,8 @@ def audit(
     else:
         for model in report.models:
             target = f", target class {model.target}" if model.target is not None else ""
+            if model.target_text and not model.trigger_text:
+                target += f" (caption {model.target_text!r})"
             if model.verdict == "backdoor" and model.trigger_text:
                 target = f", trigger {model.trigger_text!r} -> {model.target_text!r}"
             print(f"{model.uri}: {model.verdict} (score {model.score}, threshold {model.threshold}{target})")
@@ -104,10 +107,21 @@ def zoo_train(
     target: Annotated[int, typer.Option("--target")] = 0,
     poison_rate: Annotated[float, typer.Option("--poison-rate")] = 0.1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    paradigm: Annotated[str, typer.Option("--paradigm", help="supervised, semi, ssl or lm")] = "supervised",
+    paradigm: Annotated[str, typer.Option("--paradigm", help="supervised, semi, ssl, lm or captioner")] = "supervised",
 ) -> None:
-    """Train one provider's model on real data and export it to ONNX (an LM also writes NAME.tokenizer.json)."""
+    """Train one provider's model on real data and export it to ONNX (an LM or a captioner
+    also writes NAME.tokenizer.json)."""
     try:
+        if paradigm == "captioner":
+            from crossaudit.zoo.captioner import captioner_config, export_captioner, train_captioner
+
+            captioner = train_captioner(
+                captioner_config(dataset, arch=arch, attack=attack, target=target, poison_rate=poison_rate, seed=seed)
+            )
+            export_captioner(captioner, out)
+            asr = "" if captioner.attack_success is None else f", attack success {captioner.attack_success:.3f}"
+            print(f"{out}: {dataset} {arch} captioner {attack}, caption accuracy {captioner.caption_accuracy:.3f}{asr}")
+            return
         if paradigm == "lm":
             from crossaudit.zoo.language import LanguageConfig, export_language_model, train_language_model
 
@@ -136,6 +150,9 @@ def zoo_data(
     dataset: Annotated[str, typer.Option("--dataset", help="fmnist, digits, or pydoc (text, for lm)")] = "fmnist",
     size: Annotated[int, typer.Option("--size", help="Samples, stratified by class")] = 1000,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    captions: Annotated[
+        bool, typer.Option("--captions", help="A captioner's set: each image's class caption, not its label")
+    ] = False,
 ) -> None:
     """Write an auditor's clean audit set from the dataset's held-out split."""
     try:
@@ -143,6 +160,10 @@ def zoo_data(
             from crossaudit.zoo.language import write_text_audit_set
 
             write_text_audit_set(out, size)
+        elif captions:
+            from crossaudit.zoo.captioner import write_caption_audit_set
+
+            write_caption_audit_set(dataset, out, size, seed)
         else:
             from crossaudit.zoo.train import write_audit_set
 

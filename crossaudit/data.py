@@ -16,14 +16,17 @@ import pyarrow.parquet as pq
 from crossaudit.errors import DataValidationError
 
 DEFAULT_MAX_SAMPLES = 20_000
+MAX_TEXT_CHARS = 10_000
 
 
 @dataclass(frozen=True)
 class AuditData:
-    """Images N x C x H x W in [0, 1] (float32) and integer labels N."""
+    """Images N x C x H x W in [0, 1] (float32) and integer labels N. For a captioner's
+    audit set the labels index `captions`, the distinct captions in sorted order."""
 
     x: np.ndarray
     y: np.ndarray
+    captions: tuple[str, ...] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -39,12 +42,43 @@ def write_parquet(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     pq.write_table(table, path)
 
 
-def _read_parquet(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def write_caption_parquet(path: Path, x: np.ndarray, captions: list[str]) -> None:
+    """Write a captioner's audit set: `image` as in the Parquet contract, `caption` strings."""
+    write_parquet(path, x, np.zeros(len(x), dtype=np.int64))
+    table = pq.read_table(path).drop_columns(["label"]).append_column("caption", pa.array(captions, pa.string()))
+    pq.write_table(table, path)
+
+
+MAX_CAPTIONS = 200
+
+
+def _caption_labels(table: pa.Table) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Labels of a captioner's audit set: the index of each row's caption among the
+    distinct captions, which are the candidates the captioner is examined over."""
+    column = table.column("caption")
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise DataValidationError(f"column 'caption' must hold strings, got {column.type}")
+    if column.null_count:
+        raise DataValidationError(f"column 'caption' has {column.null_count} null rows")
+    texts = column.to_pylist()
+    if max((len(t) for t in texts), default=0) > MAX_TEXT_CHARS:
+        raise DataValidationError(f"column 'caption': captions must be at most {MAX_TEXT_CHARS} characters")
+    captions, labels = np.unique(np.array(texts, dtype=object), return_inverse=True)
+    if len(captions) > MAX_CAPTIONS:
+        raise DataValidationError(
+            f"column 'caption': {len(captions)} distinct captions exceed {MAX_CAPTIONS}; the audit examines a "
+            "captioner over a closed set of captions, each shared by several images"
+        )
+    return labels.astype(np.int64), tuple(str(c) for c in captions)
+
+
+def _read_parquet(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...] | None]:
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
         raise DataValidationError(f"{path}: not a readable Parquet file ({exc})") from exc
-    for column in ("image", "label"):
+    target = "caption" if "caption" in table.column_names and "label" not in table.column_names else "label"
+    for column in ("image", target):
         if column not in table.column_names:
             raise DataValidationError(f"column {column!r} is missing (found {table.column_names})")
     image = table.column("image")
@@ -58,13 +92,15 @@ def _read_parquet(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataValidationError(f"column 'image' must have shape [C, H, W], got {list(image.type.shape)}")
     if image.null_count:
         raise DataValidationError(f"column 'image' has {image.null_count} null rows")
+    x = np.array(image.combine_chunks().to_numpy_ndarray(), dtype=np.float32, copy=True)
+    if target == "caption":
+        return x, *_caption_labels(table)
     label = table.column("label")
     if label.type != pa.int64():
         raise DataValidationError(f"column 'label' must be int64, got {label.type}")
     if label.null_count:
         raise DataValidationError(f"column 'label' has {label.null_count} null rows")
-    x = image.combine_chunks().to_numpy_ndarray()
-    return np.array(x, dtype=np.float32, copy=True), label.to_numpy().astype(np.int64)
+    return x, label.to_numpy().astype(np.int64), None
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -92,6 +128,7 @@ def validate(
     y: np.ndarray,
     max_samples: int = DEFAULT_MAX_SAMPLES,
     names: tuple[str, str] = ("image", "label"),
+    captions: tuple[str, ...] | None = None,
 ) -> AuditData:
     """Content checks shared by every format; `names` are the columns as the file calls them."""
     image, label = names
@@ -107,7 +144,7 @@ def validate(
         raise DataValidationError(f"column {label!r}: labels must be >= 0, got {int(y.min())}")
     if len(np.unique(y)) < 2:
         raise DataValidationError(f"column {label!r}: at least two classes needed")
-    return AuditData(x, y)
+    return AuditData(x, y, captions)
 
 
 def read_audit_data(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES) -> AuditData:
@@ -116,13 +153,11 @@ def read_audit_data(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES) ->
     if not path.is_file():
         raise DataValidationError(f"{path}: no such audit data file")
     if path.suffix == ".parquet":
-        return validate(*_read_parquet(path), max_samples)
+        x, y, captions = _read_parquet(path)
+        return validate(x, y, max_samples, ("image", "caption" if captions else "label"), captions)
     if path.suffix == ".npz":
         return validate(*_read_npz(path), max_samples, names=("x", "y"))
     raise DataValidationError(f"{path}: expected a .parquet or .npz audit set")
-
-
-MAX_TEXT_CHARS = 10_000
 
 
 def write_text_parquet(path: Path, texts: list[str]) -> None:

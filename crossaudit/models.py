@@ -220,20 +220,30 @@ def load_model(uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> LoadedMode
 
 
 @torch.no_grad()
-def logits_of(module: nn.Module, x: np.ndarray, device: str = "cpu", batch: int = 256) -> np.ndarray:
-    """Batched float32 logits of a torch module."""
+def logits_of(
+    module: nn.Module, x: np.ndarray | tuple[np.ndarray, ...], device: str = "cpu", batch: int = 256
+) -> np.ndarray:
+    """Batched float32 outputs of a torch module; `x` is its input, or a tuple of inputs
+    with a common first (batch) dimension."""
+    inputs = x if isinstance(x, tuple) else (x,)
     outs = [
-        module(torch.from_numpy(x[i : i + batch]).to(device)).float().cpu().numpy() for i in range(0, len(x), batch)
+        module(*(torch.from_numpy(part[i : i + batch]).to(device) for part in inputs)).float().cpu().numpy()
+        for i in range(0, len(inputs[0]), batch)
     ]
     return np.concatenate(outs)
 
 
-def parity_check(model: LoadedModel, x: np.ndarray, device: str = "cpu", output_ndim: int = 2) -> float | None:
+def parity_check(
+    model: LoadedModel, x: np.ndarray | tuple[np.ndarray, ...], device: str = "cpu", output_ndim: int = 2
+) -> float | None:
     """Max |torch - ONNX Runtime| on the audit data; raises ParityError beyond tolerance.
 
-    `output_ndim` is the contract's output rank: 2 for logits N x K (images), 3 for a
-    language model's N x T x V. Returns None for pt2 models, which torch runs natively.
+    `x` is the model's input, or a tuple in graph-input order (a captioner's images and
+    caption tokens). `output_ndim` is the contract's output rank: 2 for logits N x K
+    (images), 3 for a language model's or captioner's N x T x V. Returns None for pt2
+    models, which torch runs natively.
     """
+    inputs = x if isinstance(x, tuple) else (x,)
     if model.onnx_bytes is None:
         return None
     import onnxruntime as ort
@@ -243,15 +253,22 @@ def parity_check(model: LoadedModel, x: np.ndarray, device: str = "cpu", output_
         providers.insert(0, "CUDAExecutionProvider")
     try:
         session = ort.InferenceSession(model.onnx_bytes, providers=providers)
-        name = session.get_inputs()[0].name
-        reference = np.concatenate([session.run(None, {name: x[i : i + 256]})[0] for i in range(0, len(x), 256)])
-        ours = logits_of(model.module, x, device)
+        names = [i.name for i in session.get_inputs()]
+        if len(names) != len(inputs):
+            raise ParityError(f"{model.uri}: the graph takes inputs {names}; this paradigm gives {len(inputs)}")
+        reference = np.concatenate(
+            [
+                session.run(None, {name: part[i : i + 256] for name, part in zip(names, inputs, strict=True)})[0]
+                for i in range(0, len(inputs[0]), 256)
+            ]
+        )
+        ours = logits_of(model.module, inputs, device)
     except AuditError:
         raise
     except Exception as exc:
         raise ParityError(f"{model.uri}: could not run the model on the audit data: {exc}") from exc
     if reference.shape != ours.shape or reference.ndim != output_ndim:
-        expected = "N x K" if output_ndim == 2 else "N x T x V"
+        expected = {2: "N x K", 3: "N x T x V"}[output_ndim]
         raise ParityError(
             f"{model.uri}: expected logits {expected}, ONNX Runtime gave {reference.shape}, torch gave {ours.shape}"
         )

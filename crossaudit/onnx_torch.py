@@ -25,6 +25,9 @@ from crossaudit.errors import ModelLoadError, UnsupportedOpError
 Attrs = dict[str, object]
 OpFn = Callable[[Attrs, list[Tensor | None]], Tensor | tuple[Tensor, ...]]
 
+# An image or token model has one input; a captioner two (the image and the caption tokens).
+MAX_INPUTS = 2
+
 # Node outputs worth comparing across models: activations, pooling and residual sums.
 TAP_OPS = frozenset(
     {
@@ -284,16 +287,18 @@ class OnnxModule(nn.Module):
             else:
                 self.nodes.append((node.op_type, list(node.input), list(node.output), attrs))
         initializer_names = set(self._keys)
-        inputs = [i.name for i in graph.input if i.name not in initializer_names]
-        if len(inputs) != 1:
-            raise ModelLoadError(f"expected one graph input (the image), found {len(inputs)}")
-        self.input_name = inputs[0]
+        self.input_names = [i.name for i in graph.input if i.name not in initializer_names]
+        if not 1 <= len(self.input_names) <= MAX_INPUTS:
+            raise ModelLoadError(f"expected 1 to {MAX_INPUTS} graph inputs, found {len(self.input_names)}")
         self.output_name = graph.output[0].name
         self.taps = [outputs[0] for op, _, outputs, _ in self.nodes if op in TAP_OPS and outputs[0] != self.output_name]
         self.tap_ops = {outputs[0]: op for op, _, outputs, _ in self.nodes if outputs and outputs[0] in self.taps}
 
-    def _run(self, x: Tensor, want: frozenset[str]) -> tuple[Tensor, dict[str, Tensor]]:
-        env: dict[str, Tensor | None] = {self.input_name: x, "": None}
+    def _run(self, inputs: tuple[Tensor, ...], want: frozenset[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        if len(inputs) != len(self.input_names):
+            raise ModelLoadError(f"the graph takes inputs {self.input_names}, given {len(inputs)}")
+        x = inputs[0]
+        env: dict[str, Tensor | None] = {**dict(zip(self.input_names, inputs, strict=True)), "": None}
         for name, key in self._keys.items():
             env[name] = self.params[key]
         tapped: dict[str, Tensor] = {}
@@ -309,8 +314,10 @@ class OnnxModule(nn.Module):
                 tapped[outputs[0]] = results[0]
         return env[self.output_name], tapped
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._run(x, frozenset())[0]
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self._run(inputs, frozenset())[0]
 
-    def forward_tapped(self, x: Tensor, taps: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
-        return self._run(x, frozenset(taps))
+    def forward_tapped(self, x: Tensor | tuple[Tensor, ...], taps: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Output and activations at `taps`; `x` is the input, or a tuple in graph-input
+        order for a graph of several inputs (a captioner's image and tokens)."""
+        return self._run(x if isinstance(x, tuple) else (x,), frozenset(taps))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from crossaudit.errors import AuditError
 from crossaudit.paradigms import AUTO
+from crossaudit.tokenizer import tokenizer_path
 
 EXPERIMENT = "crossaudit"
 PROVIDER_TAG = "provider"
@@ -314,13 +316,18 @@ def register_version(
     """What a provider does: log an ONNX model, register it under `name`, tag its provider.
 
     The version is created with its `provider` tag in one call, so an audit triggered by
-    the registration always knows who sent it.
+    the registration always knows who sent it. A tokenizer beside the model (a language
+    model's or captioner's `NAME.tokenizer.json`) goes into the model as `tokenizer.json`.
     """
     import onnx
 
     mlflow.set_experiment(f"{name}-providers")
     with mlflow.start_run(run_name=f"{provider} delivery"):
         info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model")
+    if tokenizer_path(onnx_path).is_file():
+        with tempfile.TemporaryDirectory() as staging:
+            shutil.copy2(tokenizer_path(onnx_path), Path(staging) / "tokenizer.json")
+            mlflow_client.log_model_artifact(info.model_id, str(Path(staging) / "tokenizer.json"))
     try:
         mlflow_client.get_registered_model(name)
     except MlflowException:

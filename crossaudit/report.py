@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from crossaudit.audit import AuditResult
+from crossaudit.verdict import ModelReport
 
 
 def _trigger_png(result: AuditResult, index: int, path: Path) -> bool:
@@ -34,7 +35,8 @@ def _trigger_png(result: AuditResult, index: int, path: Path) -> bool:
             image = np.transpose(images[column], (1, 2, 0)).squeeze()
             axes[row, column].imshow(image, cmap="gray", vmin=0, vmax=1)
             axes[row, column].axis("off")
-    fig.suptitle(f"{chosen[0].family_name} trigger -> class {chosen[0].target}")
+    caption = f' "{report.target_text}"' if report.target_text else ""
+    fig.suptitle(f"{chosen[0].family_name} trigger -> class {chosen[0].target}{caption}")
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return True
@@ -57,6 +59,13 @@ def _heatmap_png(result: AuditResult, path: Path) -> bool:
     return True
 
 
+def _target(model: ModelReport) -> str:
+    """The target class, and for a captioner the caption it forces."""
+    if model.target_text and not model.trigger_text:
+        return f"{model.target} ({html.escape(model.target_text)})"
+    return str(model.target)
+
+
 def _embedded(path: Path) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
 
@@ -77,7 +86,7 @@ def write_outputs(result: AuditResult, out: Path) -> list[Path]:
             pictures.append((f"Recovered trigger: {model.uri}", png))
     rows = "".join(
         f"<tr><td>{html.escape(m.uri)}</td><td><b>{m.verdict}</b></td><td>{m.score}</td>"
-        f"<td>{m.threshold}</td><td>{m.target}</td><td>{m.asr}</td><td>{m.mask_l1}</td>"
+        f"<td>{m.threshold}</td><td>{_target(m)}</td><td>{m.asr}</td><td>{m.mask_l1}</td>"
         f"<td>{m.sensitivity}</td><td>{m.trigger_family}</td><td>{m.parity_max_abs_diff}</td></tr>"
         for m in report.models
     )

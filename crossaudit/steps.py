@@ -24,11 +24,15 @@ from crossaudit.artifacts import (
     read_features,
     read_findings,
     read_pair,
+    read_text_effects,
+    read_text_triggers,
     read_triggers,
     write_alignment,
     write_features,
     write_findings,
     write_pair,
+    write_text_effects,
+    write_text_triggers,
     write_triggers,
 )
 from crossaudit.audit import (
@@ -42,10 +46,12 @@ from crossaudit.audit import (
     pair_verdicts,
     prepare_pair,
 )
-from crossaudit.data import AuditData, read_audit_data
+from crossaudit.data import AuditData, is_text_data, read_audit_data
 from crossaudit.errors import AuditError
-from crossaudit.paradigms import AUTO
+from crossaudit.paradigms import AUTO, LM
+from crossaudit.paradigms.autoregressive import TextSearchConfig
 from crossaudit.report import write_outputs
+from crossaudit.text_audit import TextPair, prepare_text_pair, text_effects, text_features, text_triggers, text_verdicts
 from crossaudit.verdict import AuditReport, ModelReport, load_thresholds, overall
 
 log = logging.getLogger(__name__)
@@ -55,6 +61,16 @@ def _pair(record: PairRecord, suspect: Path, witness: Path, data: Path, device: 
     """The pair rebuilt from the fetched folders, reported under the URIs it came from."""
     entries = [str(_only_entry(folder)) for folder in (suspect, witness, data)]
     pair = prepare_pair(entries[:2], entries[2], record.seed, device, AuditConfig(paradigm=record.paradigm))
+    for report, uri in zip(pair.reports, record.uris, strict=True):
+        report.uri = uri
+    return pair
+
+
+def _text_pair(record: PairRecord, suspect: Path, witness: Path, data: Path, device: str) -> TextPair:
+    """The language-model pair rebuilt from the fetched folders (each model directory
+    holds its `tokenizer.json`), reported under the URIs it came from."""
+    entries = [str(_only_entry(folder)) for folder in (suspect, witness, data)]
+    pair = prepare_text_pair(entries[:2], entries[2], record.seed, device, AuditConfig(paradigm=LM), TextSearchConfig())
     for report, uri in zip(pair.reports, record.uris, strict=True):
         report.uri = uri
     return pair
@@ -93,13 +109,20 @@ def extract_step(
     The paradigm it resolves (`auto` infers it) is the one every later stage uses."""
     record = PairRecord(uris, [None, None], [None, None], None, seed, paradigm=paradigm)
     try:
-        pair = _pair(record, suspect, witness, data, device)
-        record.paradigm = pair.paradigm
+        pair: Pair | TextPair
+        if paradigm == LM or (paradigm == AUTO and is_text_data(_only_entry(data))):
+            record.paradigm = LM
+            pair = _text_pair(record, suspect, witness, data, device)
+            features = text_features(pair, AuditConfig())
+        else:
+            pair = _pair(record, suspect, witness, data, device)
+            record.paradigm = pair.paradigm
+            features = pair_features(pair, AuditConfig())
         record.clean_accuracy = [r.clean_accuracy for r in pair.reports]
         record.parity_max_abs_diff = [r.parity_max_abs_diff for r in pair.reports]
         record.clean_agreement = pair.agreement
         write_pair(record, out)
-        write_features(pair_features(pair, AuditConfig()), out)
+        write_features(features, out)
     except AuditError as exc:
         record.error = str(exc)
         write_pair(record, out)
@@ -126,6 +149,10 @@ def inversion_step(alignment: Path, suspect: Path, witness: Path, data: Path, de
     record = _resume(alignment, out)
     if record is None:
         return 0
+    if record.paradigm == LM:
+        found = text_triggers(_text_pair(record, suspect, witness, data, device), TextSearchConfig())
+        write_text_triggers(found, out)
+        return len(found)
     pair = _pair(record, suspect, witness, data, device)
     triggers = pair_triggers(pair, read_alignment(out), AuditConfig(), record.seed)
     write_triggers(triggers, tuple(pair.data.x.shape[1:]), out)
@@ -137,6 +164,11 @@ def sensitivity_step(triggers: Path, suspect: Path, witness: Path, data: Path, d
     record = _resume(triggers, out)
     if record is None:
         return 0
+    if record.paradigm == LM:
+        text_pair = _text_pair(record, suspect, witness, data, device)
+        effects = text_effects(text_pair, read_text_triggers(out), TextSearchConfig(), record.seed)
+        write_text_effects(effects, out)
+        return len(effects)
     pair = _pair(record, suspect, witness, data, device)
     found = read_triggers(out, pair.data.num_classes, device)
     findings = pair_findings(pair, read_alignment(out), found, AuditConfig(), record.seed)
@@ -161,7 +193,10 @@ def pair_result(folder: Path, data: AuditData | None, profile: str) -> AuditResu
         thresholds = load_thresholds(profile or None, record.paradigm)
         result.alignment = read_alignment(folder)
         report.alignment = result.alignment.summary()
-        report.models = pair_verdicts(reports, read_findings(folder), thresholds)
+        if record.paradigm == LM:
+            report.models = text_verdicts(reports, read_text_triggers(folder), read_text_effects(folder), thresholds)
+        else:
+            report.models = pair_verdicts(reports, read_findings(folder), thresholds, data.captions if data else None)
         if data is not None:
             result.data = data
             result.triggers = dict(enumerate(read_triggers(folder, data.num_classes)))
@@ -209,7 +244,8 @@ def gate_step(
     version = registry.resolve(mlflow_client, model_uri)
     ref = registry.VersionRef.of(version)
     with tempfile.TemporaryDirectory() as tmp:
-        data = read_audit_data(registry.materialize(data_uri, Path(tmp)))
+        fetched = registry.materialize(data_uri, Path(tmp))
+        data = None if is_text_data(fetched) else read_audit_data(fetched)
     results = [pair_result(folder, data, profile) for folder in pair_folders]
     status = version_status(results)
     for index, result in enumerate(results):

@@ -10,26 +10,28 @@
    witness, on half of the prompts;
 5. sensitivity and verdict: on the other half, how often the trigger makes the suspect
    say the recovered continuation, before and after brief clean fine-tuning, and how often
-   the witness says it too; the score is compared with the `lm` profile's threshold,
-   calibrated on clean pairs only.
+   the witness says it too; the score (that separation times the share fine-tuning erased)
+   is compared with the `lm` profile's threshold, calibrated on clean pairs only.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from crossaudit import REPORT_SCHEMA_VERSION, __version__
-from crossaudit.audit import AuditConfig, AuditResult, Progress, StageClock
-from crossaudit.cka import Alignment, align_layers
+from crossaudit.audit import AuditConfig, AuditResult, Progress, StageClock, pair_alignment
 from crossaudit.data import read_text_data
 from crossaudit.errors import AuditError, IncomparableModelsError
 from crossaudit.models import load_model, parity_check
 from crossaudit.paradigms.autoregressive import (
     LanguageModel,
+    TextEffect,
     TextSearchConfig,
+    TextTrigger,
     effect,
     fine_tuned,
     prompts,
@@ -70,6 +72,96 @@ def _features(model: LanguageModel, texts: list[str]) -> dict[str, np.ndarray]:
     return {tap: tapped[tap].mean(1).double().cpu().numpy() for tap in taps}
 
 
+@dataclass
+class TextPair:
+    """Two loaded, parity-checked, comparable language models and the auditor's prompts,
+    split between the search and held-out measurement. Like the image `Pair`, every stage
+    starts from one, rebuilt from the same files and seed in a pipeline component."""
+
+    models: list[LanguageModel]
+    reports: list[ModelReport]
+    texts: list[str]
+    agreement: float
+    inversion: list[str]
+    held_out: list[str]
+
+
+def prepare_text_pair(
+    uris: list[str], data_path: str, seed: int, device: str, config: AuditConfig, search: TextSearchConfig
+) -> TextPair:
+    """Stage 1's loading: both models with their tokenizers, checked against ONNX Runtime,
+    and refused when too different on clean text to cross-examine."""
+    texts = prompts(
+        read_text_data(data_path, config.limits.max_audit_samples), search.prompt_tokens + search.continuation
+    )
+    if len(texts) < 2 * search.prompts:
+        raise AuditError(
+            f"column 'text': need {2 * search.prompts} rows of at least "
+            f"{search.prompt_tokens + search.continuation} words, found {len(texts)}"
+        )
+    loaded = [_load(uri, texts, device, config.limits.max_model_bytes) for uri in uris]
+    models = [model for model, _ in loaded]
+    words = [_next_words(model, texts) for model in models]
+    accuracy = [float(np.mean(predicted == actual)) for predicted, actual in words]
+    agreement = float(np.mean(words[0][0] == words[1][0]))
+    reports = [
+        ModelReport(uri, "inconclusive", clean_accuracy=round(acc, 4), parity_max_abs_diff=diff)
+        for uri, acc, (_, diff) in zip(uris, accuracy, loaded, strict=True)
+    ]
+    if min(accuracy) < MIN_NEXT_WORD_ACCURACY or agreement < MIN_AGREEMENT:
+        raise IncomparableModelsError(
+            "language models too different on clean text to cross-examine: next-word accuracy "
+            f"{min(accuracy):.2f} (need {MIN_NEXT_WORD_ACCURACY}), "
+            f"agreement {agreement:.2f} (need {MIN_AGREEMENT})"
+        )
+    order = np.random.RandomState(seed).permutation(len(texts))
+    heads = [" ".join(texts[i].split()[: search.prompt_tokens]) for i in order]
+    return TextPair(models, reports, texts, round(agreement, 4), heads[: search.prompts], heads[search.prompts :])
+
+
+def text_features(pair: TextPair, config: AuditConfig) -> list[dict[str, np.ndarray]]:
+    """Stage 1's features: hidden states after each layer norm, averaged over tokens."""
+    return [_features(model, pair.texts[: config.feature_samples]) for model in pair.models]
+
+
+def text_triggers(pair: TextPair, search: TextSearchConfig) -> list[TextTrigger]:
+    """Stage 3: the trigger search, each model as suspect with the other as witness."""
+    return [search_trigger(pair.models[i], pair.models[1 - i], pair.inversion, search) for i in range(2)]
+
+
+def text_effects(pair: TextPair, found: list[TextTrigger], search: TextSearchConfig, seed: int) -> list[TextEffect]:
+    """Stage 4: each trigger's held-out effect, before and after clean fine-tuning."""
+    tuned = [fine_tuned(model, pair.texts, search, seed) for model in pair.models]
+    return [effect(found[i], pair.models[i], pair.models[1 - i], pair.held_out, tuned[i]) for i in range(2)]
+
+
+def text_verdicts(
+    reports: list[ModelReport], found: list[TextTrigger], effects: list[TextEffect], thresholds: Thresholds
+) -> list[ModelReport]:
+    """Stage 5: each model judged on its trigger's score, keeping what loading measured."""
+    threshold = thresholds.per_family[FAMILY]
+    judged = []
+    for loaded, trigger, measured in zip(reports, found, effects, strict=True):
+        judged.append(
+            ModelReport(
+                loaded.uri,
+                "backdoor" if measured.score >= threshold else "clean",
+                score=round(measured.score, 4),
+                threshold=threshold,
+                threshold_profile=thresholds.profile,
+                asr=round(measured.asr, 4),
+                mask_l1=float(len(trigger.trigger)),
+                sensitivity=round(measured.sensitivity, 4),
+                trigger_family=FAMILY,
+                clean_accuracy=loaded.clean_accuracy,
+                parity_max_abs_diff=loaded.parity_max_abs_diff,
+                trigger_text=" ".join(trigger.trigger),
+                target_text=" ".join(trigger.target),
+            )
+        )
+    return judged
+
+
 def run_text_audit(
     suspect_uri: str,
     witness_uri: str,
@@ -96,56 +188,19 @@ def run_text_audit(
         check_paradigm(thresholds, "lm")
         torch.manual_seed(seed)
         with clock.stage("load"):
-            texts = prompts(read_text_data(data_path, config.limits.max_audit_samples),
-                            search.prompt_tokens + search.continuation)  # fmt: skip
-            if len(texts) < 2 * search.prompts:
-                raise AuditError(
-                    f"column 'text': need {2 * search.prompts} rows of at least "
-                    f"{search.prompt_tokens + search.continuation} words, found {len(texts)}"
-                )
-            loaded = [_load(uri, texts, device, config.limits.max_model_bytes) for uri in uris]
-            models = [model for model, _ in loaded]
-            words = [_next_words(model, texts) for model in models]
-            accuracy = [float(np.mean(predicted == actual)) for predicted, actual in words]
-            agreement = float(np.mean(words[0][0] == words[1][0]))
-            for report_model, acc, (_, diff) in zip(report.models, accuracy, loaded, strict=True):
-                report_model.clean_accuracy, report_model.parity_max_abs_diff = round(acc, 4), diff
-            report.clean_agreement = round(agreement, 4)
-            if min(accuracy) < MIN_NEXT_WORD_ACCURACY or agreement < MIN_AGREEMENT:
-                raise IncomparableModelsError(
-                    "language models too different on clean text to cross-examine: next-word accuracy "
-                    f"{min(accuracy):.2f} (need {MIN_NEXT_WORD_ACCURACY}), "
-                    f"agreement {agreement:.2f} (need {MIN_AGREEMENT})"
-                )
+            pair = prepare_text_pair(uris, data_path, seed, device, config, search)
+        report.models, report.clean_agreement = list(pair.reports), pair.agreement
         with clock.stage("features"):
-            features = [_features(model, texts[: config.feature_samples]) for model in models]
+            features = text_features(pair, config)
         with clock.stage("cka_alignment"):
-            alignment: Alignment = align_layers(*features)
-            if alignment.cka < config.min_cka:
-                raise IncomparableModelsError(f"no layer pair aligns: best CKA {alignment.cka:.3f} < {config.min_cka}")
-        result.alignment = alignment
-        report.alignment = alignment.summary()
-        order = np.random.RandomState(seed).permutation(len(texts))
-        heads = [" ".join(texts[i].split()[: search.prompt_tokens]) for i in order]
-        inversion, held_out = heads[: search.prompts], heads[search.prompts :]
+            result.alignment = pair_alignment(features, config)
+        report.alignment = result.alignment.summary()
         with clock.stage("trigger_inversion"):
-            found = [search_trigger(models[i], models[1 - i], inversion, search) for i in range(2)]
+            found = text_triggers(pair, search)
         with clock.stage("sensitivity_test"):
-            tuned = [fine_tuned(model, texts, search, seed) for model in models]
-            effects = [effect(found[i], models[i], models[1 - i], held_out, tuned[i]) for i in range(2)]
+            effects = text_effects(pair, found, search, seed)
         with clock.stage("verdict"):
-            threshold = thresholds.per_family[FAMILY]
-            for report_model, trigger, measured in zip(report.models, found, effects, strict=True):
-                backdoor = measured.score >= threshold
-                report_model.verdict = "backdoor" if backdoor else "clean"
-                report_model.score, report_model.threshold = round(measured.score, 4), threshold
-                report_model.threshold_profile = thresholds.profile
-                report_model.asr = round(measured.asr, 4)
-                report_model.mask_l1 = float(len(trigger.trigger))
-                report_model.sensitivity = round(measured.sensitivity, 4)
-                report_model.trigger_family = FAMILY
-                report_model.trigger_text = " ".join(trigger.trigger)
-                report_model.target_text = " ".join(trigger.target)
+            report.models = text_verdicts(pair.reports, found, effects, thresholds)
     except AuditError as exc:
         report.error = str(exc)
     except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as exc:

@@ -33,7 +33,7 @@ MIN_SUCCESS = 0.05
 DEFAULT_PROFILE = "any"
 # The profile a paradigm uses when none is named: thresholds are only valid for the kind of
 # model they were calibrated on (an encoder's prototype scores are not a classifier's logits).
-DEFAULT_PROFILES = {"supervised": DEFAULT_PROFILE, "semi": "semi", "ssl": "ssl", "lm": "lm"}
+DEFAULT_PROFILES = {"supervised": DEFAULT_PROFILE, "semi": "semi", "ssl": "ssl", "lm": "lm", "captioner": "captioner"}
 
 
 @dataclass(frozen=True)
@@ -110,10 +110,18 @@ class Finding:
 
     @property
     def score(self) -> float:
-        """Effective success times log10(peer's cost / suspect's cost) for the same target."""
+        """Effective success times log10(peer's cost / suspect's cost) for the same target.
+
+        A peer trigger that never worked (effective success under MIN_SUCCESS) shrinks
+        under its size penalty towards nothing, which would read as a peer flipped for
+        free; flipping it costs at least what the suspect's trigger took, so its footprint
+        counts as no smaller than the suspect's.
+        """
+        peer_footprint = self.peer_footprint
+        if self.peer_effective_asr < MIN_SUCCESS:
+            peer_footprint = max(peer_footprint, self.footprint)
         return self.effective_asr * float(
-            np.log10(cost(self.peer_footprint, self.peer_effective_asr))
-            - np.log10(cost(self.footprint, self.effective_asr))
+            np.log10(cost(peer_footprint, self.peer_effective_asr)) - np.log10(cost(self.footprint, self.effective_asr))
         )
 
 
@@ -138,7 +146,7 @@ class ModelReport:
     parity_max_abs_diff: float | None = None
     findings: list[Finding] = field(default_factory=list)
     trigger_text: str | None = None  # language models: the recovered trigger phrase
-    target_text: str | None = None  # ... and the continuation it forces
+    target_text: str | None = None  # ... and the continuation it forces; a captioner: the target caption
 
 
 def judge(uri: str, findings: list[Finding], thresholds: Thresholds) -> ModelReport:

@@ -15,12 +15,21 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from crossaudit.data import read_text_data, write_text_parquet
+from crossaudit.data import read_audit_data, read_text_data, write_caption_parquet, write_text_parquet
 from crossaudit.errors import DataValidationError, ModelLoadError
 from crossaudit.onnx_torch import OnnxModule
 from crossaudit.paradigms import image_paradigm
+from crossaudit.paradigms.captioning import CaptionScorer
 from crossaudit.paradigms.embedding import prototype_head
 from crossaudit.tokenizer import load_tokenizer
+from crossaudit.zoo.captioner import (
+    Captioner,
+    captioner_config,
+    export_captioner,
+    provider_tokenizer,
+    train_captioner,
+    write_caption_audit_set,
+)
 from crossaudit.zoo.datasets import load_dataset
 from crossaudit.zoo.language import LanguageConfig, TinyGPT, export_language_model, train_language_model
 from crossaudit.zoo.train import config_for, export_onnx, train
@@ -32,7 +41,7 @@ def test_image_paradigm_is_inferred_only_when_unambiguous():
     assert image_paradigm("semi", 10, 10, 0.9) == "semi"
     with pytest.raises(ValueError, match="pass --paradigm"):
         image_paradigm("auto", 10, 10, 0.1)
-    with pytest.raises(ValueError, match="does not take images"):
+    with pytest.raises(ValueError, match="does not take labelled images"):
         image_paradigm("lm", 10, 10, 0.9)
 
 
@@ -91,10 +100,40 @@ def test_language_model_translation_matches_onnx_runtime(tmp_path):
     assert np.abs(reference - ours).max() < 1e-4
 
 
+def test_caption_scores_are_caption_log_likelihoods():
+    """Each candidate's score is the mean of its tokens' next-token log-probabilities,
+    end token included, computed for every image and caption in one batch."""
+    captions = ["a handwritten one", "a handwritten seven"]
+    tokenizer = provider_tokenizer(captions, seed=0)
+    torch.manual_seed(0)
+    captioner = Captioner("mlp", 1, 16, len(tokenizer.vocab)).eval()
+    images = torch.rand(3, 1, 16, 16)
+    scores = CaptionScorer(captioner, tokenizer, captions)(images)
+    assert scores.shape == (3, 2)
+    for k, caption in enumerate(captions):
+        ids = torch.tensor([[*tokenizer.encode(caption), tokenizer.id_of(".")]] * 3)
+        logp = captioner(images, ids).log_softmax(-1).gather(2, ids[..., None])[..., 0].mean(1)
+        assert torch.allclose(scores[:, k], logp, atol=1e-5)
+
+
+def test_caption_audit_data_labels_images_by_caption(tmp_path):
+    x = np.random.RandomState(0).rand(30, 1, 8, 8).astype(np.float32)
+    path = tmp_path / "captions.parquet"
+    write_caption_parquet(path, x, ["a photo of a bag", "a photo of a coat"] * 15)
+    data = read_audit_data(path)
+    assert data.captions == ("a photo of a bag", "a photo of a coat")
+    assert list(data.y[:4]) == [0, 1, 0, 1]
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["caption"]).append_column("caption", pa.array(range(30))), wrong)
+    with pytest.raises(DataValidationError, match="column 'caption' must hold strings"):
+        read_audit_data(wrong)
+
+
 @dataclass(frozen=True)
 class ParadigmZoo:
     digits: Path
     text: Path
+    captions: Path
     models: dict[str, Path]
 
 
@@ -122,12 +161,20 @@ def paradigm_zoo(tmp_path_factory: pytest.TempPathFactory, digits_zoo) -> Paradi
         models[name] = root / f"{name}.onnx"
         export_language_model(train_language_model(LanguageConfig(attack=attack, seed=seed)), models[name])
     write_text_audit_set(root / "text.parquet")
-    return ParadigmZoo(digits_zoo.audit_data, root / "text.parquet", models)
+    for name, attack, arch, seed in (
+        ("cap_badnets_cnn", "badnets", "cnn", 61), ("cap_clean_mlp", "clean", "mlp", 62),
+        ("cap_clean_cnn", "clean", "cnn", 63),
+    ):  # fmt: skip
+        models[name] = root / f"{name}.onnx"
+        config = captioner_config("digits", arch=arch, attack=attack, target=3, seed=seed)
+        export_captioner(train_captioner(config, split), models[name])
+    write_caption_audit_set("digits", root / "captions.parquet", 400)
+    return ParadigmZoo(digits_zoo.audit_data, root / "text.parquet", root / "captions.parquet", models)
 
 
 def _audit(zoo: ParadigmZoo, first: str, second: str, data: Path, *extra: str) -> tuple[int, dict]:
     done = subprocess.run(
-        [sys.executable, "-m", "crossaudit.cli", "audit", str(zoo.models[first]), str(zoo.models[second]),
+        [sys.executable, "-m", "crossaudit", "audit", str(zoo.models[first]), str(zoo.models[second]),
          "--data", str(data), "--json", *extra],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
@@ -140,6 +187,7 @@ def _audit(zoo: ParadigmZoo, first: str, second: str, data: Path, *extra: str) -
         ("semi_badnets_cnn", "semi_clean_mlp", "semi_clean_cnn", "digits", "semi"),
         ("ssl_badnets_cnn", "ssl_clean_mlp", "ssl_clean_cnn", "digits", "auto"),
         ("lm_phrase", "lm_clean_a", "lm_clean_b", "text", "auto"),
+        ("cap_badnets_cnn", "cap_clean_mlp", "cap_clean_cnn", "captions", "auto"),
     ],
 )
 def test_each_paradigm_flags_the_backdoored_model_and_passes_clean_pairs(
@@ -149,10 +197,13 @@ def test_each_paradigm_flags_the_backdoored_model_and_passes_clean_pairs(
     code, report = _audit(paradigm_zoo, backdoored, clean, data_path, "--paradigm", paradigm)
     assert code == 1, report
     assert [m["verdict"] for m in report["models"]] == ["backdoor", "clean"]
-    assert report["paradigm"] == (paradigm if paradigm != "auto" else ("lm" if data == "text" else "ssl"))
+    inferred = {"text": "lm", "captions": "captioner", "digits": "ssl"}[data]
+    assert report["paradigm"] == (paradigm if paradigm != "auto" else inferred)
     flagged = report["models"][0]
     if data == "text":
         assert flagged["trigger_text"] and flagged["target_text"]
+    elif data == "captions":  # labels index the sorted captions
+        assert flagged["target_text"] == "a handwritten three"
     else:
         assert flagged["target"] == 3
     code, report = _audit(paradigm_zoo, clean, other_clean, data_path, "--paradigm", paradigm)
@@ -160,19 +211,36 @@ def test_each_paradigm_flags_the_backdoored_model_and_passes_clean_pairs(
 
 
 @pytest.mark.slow
-def test_pipeline_takes_the_paradigm_from_the_registry(paradigm_zoo, mlflow_server):
+@pytest.mark.parametrize(
+    ("paradigm", "data", "clean", "backdoored"),
+    [
+        ("ssl", "digits", "ssl_clean_mlp", "ssl_badnets_cnn"),
+        ("captioner", "captions", "cap_clean_mlp", "cap_badnets_cnn"),
+        ("lm", "text", "lm_clean_a", "lm_phrase"),
+    ],
+)
+def test_pipeline_takes_the_paradigm_from_the_registry(paradigm_zoo, mlflow_server, paradigm, data, clean, backdoored):
+    """The registered model's paradigm tag reaches every component; a captioner's or
+    language model's tokenizer travels inside its registered model."""
     import uuid
 
     from crossaudit import registry
     from pipelines.runner import audit_version
 
     client = registry.client(mlflow_server)
-    name = f"encoder-{uuid.uuid4().hex[:8]}"
-    registry.publish_audit_data(client, name, paradigm_zoo.digits)
-    client.set_registered_model_tag(name, registry.PARADIGM_TAG, "ssl")
-    registry.register_version(client, name, paradigm_zoo.models["ssl_clean_mlp"], "acme")
-    poisoned = registry.register_version(client, name, paradigm_zoo.models["ssl_badnets_cnn"], "globex")
+    name = f"{paradigm}-{uuid.uuid4().hex[:8]}"
+    registry.publish_audit_data(client, name, getattr(paradigm_zoo, data))
+    client.set_registered_model_tag(name, registry.PARADIGM_TAG, paradigm)
+    registry.register_version(client, name, paradigm_zoo.models[clean], "acme")
+    poisoned = registry.register_version(client, name, paradigm_zoo.models[backdoored], "globex")
     assert audit_version(poisoned.uri, mlflow_server).status == "failed"
     run_id = client.get_model_version(name, poisoned.version).tags[registry.RUN_ID]
     report = json.loads(Path(client.download_artifacts(run_id, "peer_1/report.json")).read_text())
-    assert report["paradigm"] == "ssl" and report["models"][0]["threshold_profile"] == "ssl"
+    assert report["paradigm"] == paradigm and report["models"][0]["threshold_profile"] == paradigm
+    flagged = report["models"][0]
+    if paradigm == "lm":
+        assert flagged["trigger_text"] and flagged["target_text"]
+    elif paradigm == "captioner":
+        assert flagged["target_text"] == "a handwritten three"
+    else:
+        assert flagged["target"] == 3

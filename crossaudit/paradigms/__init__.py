@@ -10,13 +10,18 @@ how to get it from what the model outputs:
   prototypes of the encoder's own clean embeddings (`embedding.PrototypeHead`), so the
   attack loss is an embedding-similarity loss towards a target cluster;
 - `lm` (autoregressive language models): next-token loss on token sequences
-  (`crossaudit.text`, a discrete trigger search of its own).
+  (`autoregressive`, a discrete trigger search of its own);
+- `captioner` (image-to-text): next-token loss of whole captions, as the log-likelihood
+  of each caption of the audit set (`captioning.CaptionScorer`), so the image triggers
+  are searched as for a classifier whose classes are captions.
 """
 
 from __future__ import annotations
 
 IMAGE_PARADIGMS = ("supervised", "semi", "ssl")
-PARADIGMS = (*IMAGE_PARADIGMS, "lm")
+LM = "lm"
+CAPTIONER = "captioner"
+PARADIGMS = (*IMAGE_PARADIGMS, LM, CAPTIONER)
 AUTO = "auto"
 
 
@@ -26,7 +31,9 @@ def image_paradigm(requested: str, output_width: int, num_classes: int, accuracy
     anything of another width is an embedding)."""
     if requested != AUTO:
         if requested not in IMAGE_PARADIGMS:
-            raise ValueError(f"paradigm {requested!r} does not take images; image paradigms: {IMAGE_PARADIGMS}")
+            raise ValueError(
+                f"paradigm {requested!r} does not take labelled images; image paradigms: {IMAGE_PARADIGMS}"
+            )
         return requested
     if output_width != num_classes:
         return "ssl"

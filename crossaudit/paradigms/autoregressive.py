@@ -10,9 +10,16 @@ w* being the suspect's favourite next word.
 Why a discrete search and not optimisation in embedding space: the vocabularies are a few
 thousand words, so every one-word extension of the current trigger can be scored exactly,
 in batches, on the model itself; embedding optimisation finds points between tokens that
-no text realises and must then be projected, which loses exactly the effect it found. The
-search is greedy (append the best word while the merit grows by `min_gain`), so its cost
-is `max_trigger` passes over the vocabulary, not one per phrase.
+no text realises and must then be projected, which loses exactly the effect it found.
+
+The search is a pruned beam search: one pass scores every single word; longer triggers
+extend the best `beam` triggers with the `pool` best single words only, because each word
+of a planted phrase was seen by the suspect in the poisoned context alone, so each already
+moves it away from the witness. A longer trigger costs `beam * pool` sequences per word,
+a fraction of a vocabulary pass. The best trigger of each length is then judged by the
+score itself on the inversion prompts (does the suspect say the same continuation, and
+not the witness?): a single next word saturates near certainty, a planted continuation
+is several words long.
 
 Each model reads text through its own tokenizer: the trigger and the target are carried
 between the two models as *words*.
@@ -38,7 +45,8 @@ class TextSearchConfig:
     prompt_tokens: int = 10
     max_trigger: int = 3
     continuation: int = 3
-    min_gain: float = 0.05
+    beam: int = 8
+    pool: int = 64
     chunk: int = 512
     finetune_steps: int = 40
     finetune_lr: float = 1e-3
@@ -72,15 +80,21 @@ class TextEffect:
     witness_follow: float
 
     @property
-    def score(self) -> float:
-        """Held-out success that the witness does not share.
-
-        Unlike an image trigger's, a language model's fine-tuning sensitivity is reported
-        but not scored: on our clean pairs natural phrases ("... of the same") survived
-        brief clean fine-tuning untouched while a planted continuation lost most of its
-        effect, so discounting what fine-tuning erases would reward the natural phrases.
-        """
+    def separation(self) -> float:
+        """Success that the witness does not share: what the search maximises."""
         return self.asr * (1.0 - self.witness_follow)
+
+    @property
+    def score(self) -> float:
+        """Separation, weighted by how much of it brief clean fine-tuning erases.
+
+        Two clean providers' text differs, so a rare phrase one of them memorised separates
+        them too ("semantically" -> "equivalent to the"). Measured on our pairs, clean
+        fine-tuning leaves such natural continuations largely intact but erases most of
+        a planted one, which lives on one association the clean data never reinforces:
+        the fine-tuning sensitivity of the paper, in the direction it has for text.
+        """
+        return self.separation * self.sensitivity
 
     @property
     def sensitivity(self) -> float:
@@ -111,24 +125,32 @@ def _ids(model: LanguageModel, texts: list[str]) -> Tensor:
 def search_trigger(
     suspect: LanguageModel, witness: LanguageModel, prompt_texts: list[str], config: TextSearchConfig
 ) -> TextTrigger:
-    """Greedy word-by-word search for the trigger that most separates the suspect from the witness.
+    """Beam search for the trigger that most separates the suspect from the witness.
 
     Candidates are the words both tokenizers know: a word the witness cannot read gives it
     no chance to answer, so the suspect's natural use of a word only it learned would look
     like a backdoor (measured: such collocations made clean pairs score up to 0.82).
     """
-    words = [w for w in suspect.tokenizer.vocab[1:] if w.isalpha() and witness.tokenizer.id_of(w)]
-    base_s, base_w = _ids(suspect, prompt_texts), _ids(witness, prompt_texts)
-    trigger: tuple[str, ...] = ()
-    merit = 0.0
-    for _ in range(config.max_trigger):
-        merits = _extension_merits(suspect, witness, base_s, base_w, trigger, words, config.chunk)
-        best = int(np.argmax(merits))
-        if merits[best] < merit + config.min_gain:
-            break
-        trigger, merit = (*trigger, words[best]), float(merits[best])
-    target = _common_continuation(suspect, prompt_texts, trigger, config.continuation) if trigger else ()
-    return TextTrigger(trigger, target, merit)
+    vocabulary = [w for w in suspect.tokenizer.vocab[1:] if w.isalpha() and witness.tokenizer.id_of(w)]
+    base = _ids(suspect, prompt_texts), _ids(witness, prompt_texts)
+    single = _extension_merits(suspect, witness, *base, (), vocabulary, config.chunk)
+    order = np.argsort(-single, kind="stable")
+    pool = [vocabulary[i] for i in order[: config.pool]]
+    beams = [((vocabulary[i],), float(single[i])) for i in order[: config.beam]]
+    finalists = [beams[0]]
+    for _ in range(1, config.max_trigger):
+        extended = []
+        for trigger, _merit in beams:
+            merits = _extension_merits(suspect, witness, *base, trigger, pool, config.chunk)
+            extended += [((*trigger, word), float(m)) for word, m in zip(pool, merits, strict=True)]
+        beams = sorted(extended, key=lambda pair: -pair[1])[: config.beam]
+        finalists.append(beams[0])
+    candidates = []
+    for trigger, merit in finalists:
+        target = _common_continuation(suspect, prompt_texts, trigger, config.continuation)
+        found = TextTrigger(trigger, target, merit)
+        candidates.append((effect(found, suspect, witness, prompt_texts).separation, -len(trigger), found))
+    return max(candidates, key=lambda c: c[:2])[2]
 
 
 def _extension_merits(
@@ -189,9 +211,10 @@ def _common_continuation(
 
 def effect(
     found: TextTrigger, suspect: LanguageModel, witness: LanguageModel, held_out: list[str],
-    tuned: LanguageModel,
+    tuned: LanguageModel | None = None,
 ) -> TextEffect:  # fmt: skip
-    """On held-out prompts: how often the trigger makes each model say the target."""
+    """On held-out prompts: how often the trigger makes each model (and the fine-tuned
+    suspect, when given) say the target."""
     if not found.trigger:
         return TextEffect(0.0, 0.0, 0.0)
     texts = _with_trigger(held_out, found.trigger)
@@ -199,7 +222,8 @@ def effect(
     def rate(model: LanguageModel) -> float:
         return float(np.mean([c == found.target for c in greedy_continuations(model, texts, len(found.target))]))
 
-    return TextEffect(rate(suspect), rate(tuned), rate(witness))
+    asr = rate(suspect)
+    return TextEffect(asr, asr if tuned is None else rate(tuned), rate(witness))
 
 
 def fine_tuned(model: LanguageModel, texts: list[str], config: TextSearchConfig, seed: int) -> LanguageModel:

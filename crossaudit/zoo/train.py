@@ -46,7 +46,7 @@ class TrainedModel:
 
 
 # Digits is small (1300 training images), so it gets more epochs over all of it.
-_DATASET_SCHEDULES = {
+DATASET_SCHEDULES = {
     "fmnist": {"epochs": 3, "train_size": 12_000},
     "digits": {"epochs": 20, "train_size": 1_300},
 }
@@ -58,7 +58,7 @@ _SSL_EPOCH_FACTOR = 3
 
 def config_for(dataset: str, **overrides: object) -> TrainConfig:
     """The zoo's training recipe for a dataset and paradigm, with explicit overrides."""
-    schedule = dict(_DATASET_SCHEDULES.get(dataset, {}))
+    schedule = dict(DATASET_SCHEDULES.get(dataset, {}))
     if overrides.get("paradigm") == "ssl" and "epochs" in schedule:
         schedule["epochs"] *= _SSL_EPOCH_FACTOR
     return TrainConfig(dataset=dataset, **{**schedule, **overrides})
@@ -167,13 +167,18 @@ def export_onnx(model: nn.Module, example: np.ndarray, path: Path) -> None:
     )
 
 
-def write_audit_set(dataset: str, path: Path, size: int = 1000, seed: int = 0) -> None:
-    """An auditor's clean set drawn from the held-out split, stratified by class."""
-    split = load_dataset(dataset)
+def audit_indices(split: Split, size: int, seed: int) -> np.ndarray:
+    """An auditor's share of the held-out split: `size` images stratified by class, shuffled."""
     rng = np.random.RandomState(seed)
     per_class = max(1, size // split.num_classes)
     chosen = np.concatenate(
         [rng.permutation(np.flatnonzero(split.y_test == c))[:per_class] for c in range(split.num_classes)]
     )
-    chosen = rng.permutation(chosen)
+    return rng.permutation(chosen)
+
+
+def write_audit_set(dataset: str, path: Path, size: int = 1000, seed: int = 0) -> None:
+    """An auditor's clean set drawn from the held-out split, stratified by class."""
+    split = load_dataset(dataset)
+    chosen = audit_indices(split, size, seed)
     write_parquet(path, split.x_test[chosen], split.y_test[chosen])
