@@ -271,7 +271,9 @@ def _load_captioner(uri: str, data: AuditData, device: str, max_bytes: int) -> t
     tokens, _ = caption_tokens(tokenizer, captions)
     sample = np.arange(min(len(data.x), PARITY_SAMPLES))
     diff = parity_check(model, (data.x[sample], tokens[data.y[sample]]), device, output_ndim=3)
-    return CaptionScorer(model.module, tokenizer, captions).to(device), diff
+    scorer = CaptionScorer(model.module, tokenizer, captions).to(device)
+    scorer.check_broadcast(torch.from_numpy(data.x[:8]).to(device))
+    return scorer, diff
 
 
 def _scored(

@@ -293,21 +293,48 @@ class OnnxModule(nn.Module):
         self.output_name = graph.output[0].name
         self.taps = [outputs[0] for op, _, outputs, _ in self.nodes if op in TAP_OPS and outputs[0] != self.output_name]
         self.tap_ops = {outputs[0]: op for op, _, outputs, _ in self.nodes if outputs and outputs[0] in self.taps}
+        self._first_only = self._first_input_only() if len(self.input_names) > 1 else set()
 
-    def _run(self, inputs: tuple[Tensor, ...], want: frozenset[str]) -> tuple[Tensor, dict[str, Tensor]]:
-        if len(inputs) != len(self.input_names):
-            raise ModelLoadError(f"the graph takes inputs {self.input_names}, given {len(inputs)}")
-        x = inputs[0]
-        env: dict[str, Tensor | None] = {**dict(zip(self.input_names, inputs, strict=True)), "": None}
+    def _first_input_only(self) -> set[str]:
+        """Values computed from the first graph input alone (with weights and constants):
+        for a captioner, everything its image encoder computes before meeting the tokens."""
+        origins: dict[str, frozenset[int]] = {name: frozenset({i}) for i, name in enumerate(self.input_names)}
+        for _, inputs, outputs, _ in self.nodes:
+            found = frozenset().union(*(origins.get(name, frozenset()) for name in inputs))
+            origins.update(dict.fromkeys(outputs, found))
+        return {name for name, found in origins.items() if found == {0}}
+
+    def _run(
+        self, feeds: tuple[Tensor, ...], want: frozenset[str], broadcast: int = 1
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        if len(feeds) != len(self.input_names):
+            raise ModelLoadError(f"the graph takes inputs {self.input_names}, given {len(feeds)}")
+        x = feeds[0]
+        env: dict[str, Tensor | None] = {**dict(zip(self.input_names, feeds, strict=True)), "": None}
         for name, key in self._keys.items():
             env[name] = self.params[key]
+        first_only = self._first_only if broadcast > 1 else set()
+        repeated: dict[str, Tensor] = {}
+
+        def grown(name: str, value: Tensor | None) -> Tensor | None:
+            """A first-input activation repeated row by row where it meets the other inputs;
+            shape and index tensors (integers) pass unchanged."""
+            if value is None or name not in first_only or not value.is_floating_point() or value.dim() == 0:
+                return value
+            if name not in repeated:
+                repeated[name] = value.repeat_interleave(broadcast, 0)
+            return repeated[name]
+
         tapped: dict[str, Tensor] = {}
         for op, inputs, outputs, attrs in self.nodes:
             if op == "Constant":
                 value = attrs.get("value")
                 env[outputs[0]] = torch.as_tensor(np.array(value), device=x.device)
                 continue
-            result = OPS[op](attrs, [env[i] for i in inputs])
+            args = [env[i] for i in inputs]
+            if first_only and outputs[0] not in first_only:
+                args = [grown(name, value) for name, value in zip(inputs, args, strict=True)]
+            result = OPS[op](attrs, args)
             results = result if isinstance(result, tuple) else (result,)
             env.update(zip(outputs, results, strict=False))
             if outputs[0] in want:
@@ -317,7 +344,15 @@ class OnnxModule(nn.Module):
     def forward(self, *inputs: Tensor) -> Tensor:
         return self._run(inputs, frozenset())[0]
 
-    def forward_tapped(self, x: Tensor | tuple[Tensor, ...], taps: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward_tapped(
+        self, x: Tensor | tuple[Tensor, ...], taps: Sequence[str], broadcast: int = 1
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Output and activations at `taps`; `x` is the input, or a tuple in graph-input
-        order for a graph of several inputs (a captioner's image and tokens)."""
-        return self._run(x if isinstance(x, tuple) else (x,), frozenset(taps))
+        order for a graph of several inputs (a captioner's image and tokens).
+
+        With `broadcast` k, the first input holds one row per k rows of the others: what
+        is computed from it alone runs once per row and is repeated where it meets the
+        others (a captioner's image encoder runs once per image, not once per caption).
+        Activations from the first input alone are returned unrepeated.
+        """
+        return self._run(x if isinstance(x, tuple) else (x,), frozenset(taps), broadcast)

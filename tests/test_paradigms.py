@@ -116,6 +116,31 @@ def test_caption_scores_are_caption_log_likelihoods():
         assert torch.allclose(scores[:, k], logp, atol=1e-5)
 
 
+def test_captioner_translation_matches_onnx_runtime_and_runs_each_image_once(tmp_path):
+    """The ONNX captioner, translated, agrees with ONNX Runtime; scoring with the encoder
+    run once per image gives the scores of running it once per (image, caption)."""
+    import onnx
+    import onnxruntime as ort
+
+    config = captioner_config("digits", arch="cnn", seed=7, epochs=1, train_size=64)
+    trained = train_captioner(config)
+    path = tmp_path / "captioner.onnx"
+    export_captioner(trained, path)
+    images = np.random.RandomState(0).rand(3, 1, 16, 16).astype(np.float32)
+    tokens = np.array([[1, 2, 3]] * 3, dtype=np.int64)
+    model = onnx.load(str(path))
+    reference = ort.InferenceSession(model.SerializeToString()).run(None, {"image": images, "tokens": tokens})[0]
+    module = OnnxModule(model)
+    assert np.abs(reference - module(torch.from_numpy(images), torch.from_numpy(tokens)).detach().numpy()).max() < 1e-4
+    scorer = CaptionScorer(
+        module, load_tokenizer(tmp_path / "captioner.tokenizer.json"), ["a handwritten one", "a handwritten two"]
+    )
+    expanded = scorer(torch.from_numpy(images))
+    scorer.check_broadcast(torch.from_numpy(images))
+    assert scorer.broadcast
+    assert torch.allclose(scorer(torch.from_numpy(images)), expanded, atol=1e-5)
+
+
 def test_caption_audit_data_labels_images_by_caption(tmp_path):
     x = np.random.RandomState(0).rand(30, 1, 8, 8).astype(np.float32)
     path = tmp_path / "captions.parquet"
@@ -214,14 +239,14 @@ def test_each_paradigm_flags_the_backdoored_model_and_passes_clean_pairs(
 @pytest.mark.parametrize(
     ("paradigm", "data", "clean", "backdoored"),
     [
-        ("ssl", "digits", "ssl_clean_mlp", "ssl_badnets_cnn"),
         ("captioner", "captions", "cap_clean_mlp", "cap_badnets_cnn"),
         ("lm", "text", "lm_clean_a", "lm_phrase"),
     ],
 )
 def test_pipeline_takes_the_paradigm_from_the_registry(paradigm_zoo, mlflow_server, paradigm, data, clean, backdoored):
-    """The registered model's paradigm tag reaches every component; a captioner's or
-    language model's tokenizer travels inside its registered model."""
+    """The registered model's paradigm tag reaches every component, and a captioner's or
+    language model's tokenizer travels inside its registered model. (Semi- and
+    self-supervised pairs take the image path that test_pipeline.py runs end to end.)"""
     import uuid
 
     from crossaudit import registry

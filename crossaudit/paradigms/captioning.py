@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from crossaudit.errors import IncomparableModelsError
+from crossaudit.onnx_torch import OnnxModule
 from crossaudit.tokenizer import WordTokenizer
 
 END = "."
@@ -52,6 +53,7 @@ class CaptionScorer(nn.Module):
     Every image is paired with every candidate in one batch (N x K sequences), so the
     scores are differentiable in the image. Activations at taps are averaged over the
     candidates: an image layer is the same for each, a text layer summarised over them.
+    Call `check_broadcast` once to let each image's encoder run once, not once per caption.
     """
 
     def __init__(self, captioner: nn.Module, tokenizer: WordTokenizer, captions: list[str]) -> None:
@@ -64,15 +66,39 @@ class CaptionScorer(nn.Module):
         self.captioner = captioner
         self.taps: list[str] = list(getattr(captioner, "taps", []))
         self.tap_ops: dict[str, str] = dict(getattr(captioner, "tap_ops", {}))
+        self.broadcast = False
         tokens, mask = caption_tokens(tokenizer, captions)
         self.register_buffer("tokens", torch.from_numpy(tokens))
         self.register_buffer("mask", torch.from_numpy(mask))
 
+    def _outputs(self, x: Tensor, tokens: Tensor, taps: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The captioner on every (image, candidate) pair: each image's encoder runs once
+        when the graph allows it (`broadcast`), else on every pair."""
+        k = len(self.tokens)
+        if self.broadcast:
+            return self.captioner.forward_tapped((x, tokens), taps, broadcast=k)
+        inputs = (x.repeat_interleave(k, 0), tokens)
+        return self.captioner.forward_tapped(inputs, taps) if taps else (self.captioner(*inputs), {})
+
+    @torch.no_grad()
+    def check_broadcast(self, x: Tensor) -> None:
+        """Run each image's encoder once per image only where that provably gives the same
+        scores as running it per caption (a graph that mixes the image into the tokens'
+        shapes would not)."""
+        if not isinstance(self.captioner, OnnxModule):
+            return
+        self.broadcast = False
+        expanded = self(x)
+        self.broadcast = True
+        try:
+            self.broadcast = torch.allclose(self(x), expanded, atol=1e-4, rtol=1e-4)
+        except (RuntimeError, ValueError, IndexError):
+            self.broadcast = False
+
     def forward_tapped(self, x: Tensor, taps: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
         n, k = len(x), len(self.tokens)
         tokens = self.tokens.repeat(n, 1)
-        inputs = (x.repeat_interleave(k, 0), tokens)
-        logits, tapped = self.captioner.forward_tapped(inputs, taps) if taps else (self.captioner(*inputs), {})
+        logits, tapped = self._outputs(x, tokens, taps)
         if logits.dim() != 3 or logits.shape[:2] != tokens.shape:
             raise IncomparableModelsError(
                 f"a captioner's logits must be N x T x V for tokens {tuple(tokens.shape)}, got {tuple(logits.shape)}"
@@ -80,7 +106,7 @@ class CaptionScorer(nn.Module):
         token_logp = logits.log_softmax(-1).gather(2, tokens[..., None])[..., 0]
         mask = self.mask.repeat(n, 1)
         scores = ((token_logp * mask).sum(1) / mask.sum(1)).view(n, k)
-        return scores, {tap: a.view(n, k, *a.shape[1:]).mean(1) for tap, a in tapped.items()}
+        return scores, {tap: a.view(n, k, *a.shape[1:]).mean(1) if len(a) == n * k else a for tap, a in tapped.items()}
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_tapped(x, [])[0]
