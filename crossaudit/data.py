@@ -52,17 +52,23 @@ def write_caption_parquet(path: Path, x: np.ndarray, captions: list[str]) -> Non
 MAX_CAPTIONS = 200
 
 
+def _strings(table: pa.Table, name: str) -> list[str]:
+    """A column of strings without nulls, each at most MAX_TEXT_CHARS long."""
+    column = table.column(name)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise DataValidationError(f"column {name!r} must hold strings, got {column.type}")
+    if column.null_count:
+        raise DataValidationError(f"column {name!r} has {column.null_count} null rows")
+    texts = column.to_pylist()
+    if max((len(t) for t in texts), default=0) > MAX_TEXT_CHARS:
+        raise DataValidationError(f"column {name!r}: rows must be at most {MAX_TEXT_CHARS} characters")
+    return texts
+
+
 def _caption_labels(table: pa.Table) -> tuple[np.ndarray, tuple[str, ...]]:
     """Labels of a captioner's audit set: the index of each row's caption among the
     distinct captions, which are the candidates the captioner is examined over."""
-    column = table.column("caption")
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        raise DataValidationError(f"column 'caption' must hold strings, got {column.type}")
-    if column.null_count:
-        raise DataValidationError(f"column 'caption' has {column.null_count} null rows")
-    texts = column.to_pylist()
-    if max((len(t) for t in texts), default=0) > MAX_TEXT_CHARS:
-        raise DataValidationError(f"column 'caption': captions must be at most {MAX_TEXT_CHARS} characters")
+    texts = _strings(table, "caption")
     captions, labels = np.unique(np.array(texts, dtype=object), return_inverse=True)
     if len(captions) > MAX_CAPTIONS:
         raise DataValidationError(
@@ -187,14 +193,7 @@ def read_text_data(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES) -> 
         raise DataValidationError(f"{path}: not a readable Parquet file ({exc})") from exc
     if "text" not in table.column_names:
         raise DataValidationError(f"column 'text' is missing (found {table.column_names})")
-    column = table.column("text")
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        raise DataValidationError(f"column 'text' must hold strings, got {column.type}")
-    if column.null_count:
-        raise DataValidationError(f"column 'text' has {column.null_count} null rows")
-    texts = column.to_pylist()
+    texts = _strings(table, "text")
     if not 20 <= len(texts) <= max_samples:
         raise DataValidationError(f"column 'text': between 20 and {max_samples} rows needed, got {len(texts)}")
-    if max(len(t) for t in texts) > MAX_TEXT_CHARS:
-        raise DataValidationError(f"column 'text': rows must be at most {MAX_TEXT_CHARS} characters")
     return texts
