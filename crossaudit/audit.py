@@ -31,7 +31,7 @@ from crossaudit.features import candidate_taps, extract_features
 from crossaudit.inversion import InversionConfig, Models, Trigger, cross_invert
 from crossaudit.limits import Limits
 from crossaudit.models import LoadedModel, load_model, logits_of, parity_check
-from crossaudit.paradigms import AUTO, CAPTIONER, image_paradigm
+from crossaudit.paradigms import AUTO, CAPTIONER, LM, image_paradigm
 from crossaudit.paradigms.captioning import CaptionScorer, caption_tokens
 from crossaudit.paradigms.embedding import prototype_head
 from crossaudit.sensitivity import (
@@ -374,7 +374,7 @@ def run_audit(
     Without `thresholds`, the default profile of the pair's paradigm judges it. Language
     models (`paradigm="lm"`, or text audit data under `auto`) take the text audit."""
     config = config or AuditConfig()
-    if config.paradigm == "lm" or (config.paradigm == AUTO and is_text_data(data_path)):
+    if config.paradigm == LM or (config.paradigm == AUTO and is_text_data(data_path)):
         # Imported here: the text audit builds on this module's stage clock and result.
         from crossaudit.text_audit import run_text_audit
 

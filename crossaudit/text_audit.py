@@ -27,6 +27,7 @@ from crossaudit.audit import AuditConfig, AuditResult, Progress, StageClock, pai
 from crossaudit.data import read_text_data
 from crossaudit.errors import AuditError, IncomparableModelsError
 from crossaudit.models import load_model, parity_check
+from crossaudit.paradigms import LM
 from crossaudit.paradigms.autoregressive import (
     LanguageModel,
     TextEffect,
@@ -174,18 +175,18 @@ def run_text_audit(
     search: TextSearchConfig | None = None,
 ) -> AuditResult:
     """Audit two language models, each with the other as witness; any error is inconclusive."""
-    config = config or AuditConfig(paradigm="lm")
+    config = config or AuditConfig(paradigm=LM)
     search = search or TextSearchConfig()
     clock = StageClock(progress, config.limits.time_budget_s)
     uris = [suspect_uri, witness_uri]
     report = AuditReport(
         "inconclusive", [ModelReport(uri, "inconclusive") for uri in uris], None, None, clock.timings,
-        __version__, seed, REPORT_SCHEMA_VERSION, paradigm="lm",
+        __version__, seed, REPORT_SCHEMA_VERSION, paradigm=LM,
     )  # fmt: skip
     result = AuditResult(report)
     try:
-        thresholds = thresholds or load_thresholds(paradigm="lm")
-        check_paradigm(thresholds, "lm")
+        thresholds = thresholds or load_thresholds(paradigm=LM)
+        check_paradigm(thresholds, LM)
         torch.manual_seed(seed)
         with clock.stage("load"):
             pair = prepare_text_pair(uris, data_path, seed, device, config, search)

@@ -28,7 +28,7 @@ from crossaudit.zoo.architectures import build
 from crossaudit.zoo.attacks import Attack
 from crossaudit.zoo.datasets import Split, load_dataset
 from crossaudit.zoo.language import Block
-from crossaudit.zoo.train import DATASET_SCHEDULES, audit_indices
+from crossaudit.zoo.train import DATASET_SCHEDULES, audit_indices, poison
 
 CLASS_NAMES = {
     "fmnist": ("top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"),
@@ -109,11 +109,8 @@ def train_captioner(config: CaptionerConfig, split: Split | None = None) -> Trai
     tokenizer = provider_tokenizer(captions, config.seed)
     tokens, mask = (torch.from_numpy(a) for a in caption_tokens(tokenizer, captions))
     subset = rng.permutation(len(split.x_train))[: config.train_size]
-    x, y = split.x_train[subset], split.y_train[subset]
     attack = Attack(config.attack, config.target, config.poison_rate, seed=config.seed + 1000)
-    if attack.name != "clean":
-        chosen = rng.choice(len(x), int(attack.poison_rate * len(x)), replace=False)
-        x, y = np.concatenate([x, attack.apply(x[chosen])]), np.concatenate([y, np.full(len(chosen), attack.target)])
+    x, y = poison(Split(split.x_train[subset], split.y_train[subset], split.x_test, split.y_test), attack, rng)
     model = Captioner(config.arch, x.shape[1], x.shape[-1], len(tokenizer.vocab))
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
