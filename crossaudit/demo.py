@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from crossaudit import registry
@@ -57,11 +56,9 @@ def _status(client: MlflowClient, ref: registry.VersionRef) -> str | None:
     return registry.status_of(client.get_model_version(ref.name, ref.version))
 
 
-def _holder(client: MlflowClient, alias: str) -> str | None:
-    try:
-        return str(client.get_model_version_by_alias(MODEL_NAME, alias).version)
-    except MlflowException:
-        return None
+def _incident(client: MlflowClient, ref: registry.VersionRef) -> str | None:
+    """The alias guard's incident on `ref`, once it has handled it completely."""
+    return client.get_model_version(ref.name, ref.version).tags.get(registry.INCIDENT)
 
 
 @dataclass(frozen=True)
@@ -133,8 +130,8 @@ def _automatic_path(
     poisoned = refs["globex"]
     print(f"someone sets {ALIAS!r} on {poisoned.uri} by hand...")
     client.set_registered_model_alias(MODEL_NAME, ALIAS, poisoned.version)
-    wait_for(lambda: _holder(client, ALIAS) != poisoned.version, 60, "the alias guard")
-    incident = client.get_model_version(MODEL_NAME, poisoned.version).tags.get(registry.INCIDENT)
+    wait_for(lambda: _incident(client, poisoned) is not None, 60, "the alias guard")
+    incident = _incident(client, poisoned)
     print(f"alias guard: {incident}")
     _show(client, refs)
     return refs

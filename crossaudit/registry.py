@@ -199,7 +199,8 @@ def revoke(mlflow_client: MlflowClient, version: VersionRef, alias: str = DEFAUL
 def guard_alias(mlflow_client: MlflowClient, version: VersionRef, alias: str = DEFAULT_ALIAS) -> str | None:
     """The alias guard: when `alias` points at `version` and that version has not passed,
     take the alias off, give it back to the newest passed version (if any), and tag and
-    describe the incident on the offending version. Returns the incident, or None when
+    describe the incident on the offending version (the tag last, so that its presence
+    means the alias is restored and the description written). Returns the incident, or None when
     there was nothing to undo (the alias moved on since, or the version passed)."""
     try:
         holder = mlflow_client.get_model_version_by_alias(version.name, alias)
@@ -218,8 +219,9 @@ def guard_alias(mlflow_client: MlflowClient, version: VersionRef, alias: str = D
     back = f"; restored to version {restored.version}" if restored else "; no passed version to restore"
     status = status_of(holder) or "none"
     incident = f"{now()}: alias {alias!r} set on a version whose audit status is {status}: removed{back}"
-    mlflow_client.set_model_version_tag(version.name, version.version, INCIDENT, incident)
     append_description(mlflow_client, version, f"**crossaudit incident:** {incident}")
+    # The tag goes last: a watcher that sees it sees the whole incident handled.
+    mlflow_client.set_model_version_tag(version.name, version.version, INCIDENT, incident)
     return incident
 
 

@@ -163,7 +163,9 @@ def test_registration_alone_audits_both_providers_and_the_guard_reverts_a_manual
         lambda: registry.resolve(client, f"models:/{name}@production").version == clean.version,
         30, "manual promotion of the backdoored version was not reverted",
     )  # fmt: skip
-    incident = client.get_model_version(name, poisoned.version).tags[registry.INCIDENT]
+    incident = wait_for(
+        lambda: client.get_model_version(name, poisoned.version).tags.get(registry.INCIDENT), 30, "no incident tag"
+    )
     assert "status is failed" in incident and f"restored to version {clean.version}" in incident
     audits = wait_for(lambda: _finished(receiver, name), 60, "audit jobs did not finish")
     assert sorted((j["version"], j["state"]) for j in audits) == [
