@@ -1,6 +1,18 @@
-"""Shared fixtures: a small real zoo on sklearn digits, trained once per test session."""
+"""Shared fixtures: a small real zoo on sklearn digits, trained once per test session.
+
+`make test` runs the suite in parallel (pytest-xdist, one worker per core). Each worker
+and every process it starts gets its share of the cores before torch is first imported:
+on small models one thread runs nearly as fast as two, and workers with a full thread
+pool each would oversubscribe the CPU and all slow down several times.
+"""
 
 from __future__ import annotations
+
+import os
+
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    _threads = str(max(1, (os.cpu_count() or 1) // workers))
+    os.environ.update(OMP_NUM_THREADS=_threads, MKL_NUM_THREADS=_threads)
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -65,12 +77,12 @@ class StageFolders:
 
 @pytest.fixture(scope="session")
 def stage_folders(digits_zoo: DigitsZoo, tmp_path_factory: pytest.TempPathFactory) -> StageFolders:
-    from crossaudit import steps
+    from crossaudit import registry, steps
 
     root = tmp_path_factory.mktemp("stages")
     uris = [str(digits_zoo.clean_cnn), str(digits_zoo.clean_mlp)]
     inputs = [root / "suspect", root / "witness", root / "data"]
-    steps.fetch_inputs(*uris, str(digits_zoo.audit_data), "", *inputs)
+    registry.fetch_inputs(*uris, str(digits_zoo.audit_data), "", *inputs)
     outs = [root / name for name in ("features", "alignment", "triggers", "findings")]
     steps.extract_step(uris, *inputs, 0, "cpu", outs[0])
     steps.alignment_step(outs[0], outs[1])

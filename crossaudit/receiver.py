@@ -270,8 +270,12 @@ class Receiver:
 
     def _audit_env(self) -> dict[str, str]:
         """Share the cores between the workers: audits running side by side with a full
-        thread pool each oversubscribe the CPU and all slow down several times."""
+        thread pool each oversubscribe the CPU and all slow down several times. A smaller
+        OMP_NUM_THREADS already in the environment (an operator's, or a parallel test
+        run's) stands."""
         threads = max(1, (os.cpu_count() or 1) // max(1, self.config.workers))
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            threads = max(1, min(threads, int(os.environ["OMP_NUM_THREADS"])))
         return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
     def _queue_waiting_peers(self, versions: list[ModelVersion], source: str) -> int:

@@ -147,6 +147,17 @@ def materialize(uri: str, dest: Path) -> Path:
     return target
 
 
+def fetch_inputs(
+    suspect_uri: str, witness_uri: str, data_uri: str, tracking_uri: str, suspect: Path, witness: Path, data: Path
+) -> None:
+    """Bring both models and the audit set out of MLflow (or the file system) as files.
+    An empty `tracking_uri` keeps MLflow's own default (environment or local)."""
+    if tracking_uri:
+        client(tracking_uri)
+    for uri, dest in ((suspect_uri, suspect), (witness_uri, witness), (data_uri, data)):
+        materialize(uri, dest)
+
+
 def set_status(mlflow_client: MlflowClient, version: VersionRef, status: str, **tags: str) -> None:
     """Write `crossaudit.status` (and any other audit tags) on a version."""
     if status not in STATUSES:
@@ -357,3 +368,19 @@ def publish_audit_data(mlflow_client: MlflowClient, name: str, path: Path) -> st
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def close_audit(model_uri: str, tracking_uri: str, state: str, message: str) -> str:
+    """The pipeline's exit handler: a run that ended without the gate's final word marks
+    the version `error` (fail closed: a missing result never reads as passed)."""
+    mlflow_client = client(tracking_uri)
+    version = resolve(mlflow_client, model_uri)
+    status = status_of(version)
+    if state == "SUCCEEDED" and status in FINAL:
+        return status
+    reason = message or f"audit pipeline ended {state} without a verdict"
+    set_status(
+        mlflow_client, VersionRef.of(version), "error",
+        **{ERROR: reason[:4000], AUDITED_AT: now()},
+    )  # fmt: skip
+    return "error"

@@ -1,30 +1,28 @@
-"""The audit as separate steps, one per pipeline component, joined by files.
+"""The audit's compute stages 1-4 as separate steps, one per pipeline component, joined by files.
 
 Each step is the same library call `run_audit` makes in one process (`prepare_pair`,
 `pair_features`, ...), with its inputs read from and its outputs written to folders
 (see `artifacts`). A KFP component is a thin shell over one of these functions, so the
 pipeline and the CLI give one pair one answer. A pair that cannot be audited (bad model,
-parity failure, incomparable models) is written down as an error and carried to the gate,
-which makes it `inconclusive`; anything else raises, the component fails, and the
-pipeline's exit handler marks the version `error`.
+parity failure, incomparable models) is written down as an error and carried to the gate
+(`crossaudit.gate`), which makes it `inconclusive`; anything else raises, the component
+fails, and the pipeline's exit handler marks the version `error`.
+
+This module imports neither MLflow nor matplotlib: every component process pays for its
+imports, and those two were most of the pipeline's start-up beyond the audit itself.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 from pathlib import Path
 
-from crossaudit import REPORT_SCHEMA_VERSION, __version__, registry
 from crossaudit.artifacts import (
     PairRecord,
     carry,
     read_alignment,
     read_features,
-    read_findings,
     read_pair,
-    read_text_effects,
     read_text_triggers,
     read_triggers,
     write_alignment,
@@ -37,22 +35,18 @@ from crossaudit.artifacts import (
 )
 from crossaudit.audit import (
     AuditConfig,
-    AuditResult,
     Pair,
     pair_alignment,
     pair_features,
     pair_findings,
     pair_triggers,
-    pair_verdicts,
     prepare_pair,
 )
-from crossaudit.data import AuditData, is_text_data, read_audit_data
+from crossaudit.data import is_text_data
 from crossaudit.errors import AuditError
 from crossaudit.paradigms import AUTO, LM
 from crossaudit.paradigms.autoregressive import TextSearchConfig
-from crossaudit.report import write_outputs
-from crossaudit.text_audit import TextPair, prepare_text_pair, text_effects, text_features, text_triggers, text_verdicts
-from crossaudit.verdict import AuditReport, ModelReport, load_thresholds, overall
+from crossaudit.text_audit import TextPair, prepare_text_pair, text_effects, text_features, text_triggers
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +68,6 @@ def _text_pair(record: PairRecord, suspect: Path, witness: Path, data: Path, dev
     for report, uri in zip(pair.reports, record.uris, strict=True):
         report.uri = uri
     return pair
-
-
-def fetch_inputs(
-    suspect_uri: str, witness_uri: str, data_uri: str, tracking_uri: str, suspect: Path, witness: Path, data: Path
-) -> None:
-    """Bring both models and the audit set out of MLflow (or the file system) as files.
-    An empty `tracking_uri` keeps MLflow's own default (environment or local)."""
-    if tracking_uri:
-        registry.client(tracking_uri)
-    for uri, dest in ((suspect_uri, suspect), (witness_uri, witness), (data_uri, data)):
-        registry.materialize(uri, dest)
 
 
 def _only_entry(folder: Path) -> Path:
@@ -174,116 +157,3 @@ def sensitivity_step(triggers: Path, suspect: Path, witness: Path, data: Path, d
     findings = pair_findings(pair, read_alignment(out), found, AuditConfig(), record.seed)
     write_findings(findings, out)
     return sum(len(f) for f in findings)
-
-
-def pair_result(folder: Path, data: AuditData | None, profile: str) -> AuditResult:
-    """Stage 5 for one pair: judge its findings (with the named profile, or the default
-    of the pair's paradigm when `profile` is empty) and rebuild the full audit result."""
-    record = read_pair(folder)
-    reports = [
-        ModelReport(uri, "inconclusive", clean_accuracy=acc, parity_max_abs_diff=diff)
-        for uri, acc, diff in zip(record.uris, record.clean_accuracy, record.parity_max_abs_diff, strict=True)
-    ]
-    report = AuditReport(
-        "inconclusive", reports, None, record.clean_agreement, {}, __version__, record.seed, REPORT_SCHEMA_VERSION,
-        record.error, None if record.paradigm == AUTO else record.paradigm,
-    )  # fmt: skip
-    result = AuditResult(report)
-    if record.error is None:
-        thresholds = load_thresholds(profile or None, record.paradigm)
-        result.alignment = read_alignment(folder)
-        report.alignment = result.alignment.summary()
-        if record.paradigm == LM:
-            report.models = text_verdicts(reports, read_text_triggers(folder), read_text_effects(folder), thresholds)
-        else:
-            report.models = pair_verdicts(reports, read_findings(folder), thresholds, data.captions if data else None)
-        if data is not None:
-            result.data = data
-            result.triggers = dict(enumerate(read_triggers(folder, data.num_classes)))
-    report.verdict = overall(report.models)
-    return result
-
-
-def version_status(results: list[AuditResult]) -> str:
-    """The audited version is model 0 of every pair: found in any pair -> failed; any pair
-    that could not tell -> inconclusive; passed only when every peer's audit says clean."""
-    verdicts = [r.report.models[0].verdict for r in results]
-    if not verdicts:
-        return "error"
-    if "backdoor" in verdicts:
-        return "failed"
-    if any(v != "clean" for v in verdicts) or any(r.report.error for r in results):
-        return "inconclusive"
-    return "passed"
-
-
-def _params(model_uri: str, peers: list[str], results: list[AuditResult]) -> dict[str, str]:
-    seeds = {r.report.seed for r in results}
-    return {"model_uri": model_uri, "peers": ",".join(peers), "seed": ",".join(map(str, sorted(seeds))),
-            "crossaudit_version": __version__}  # fmt: skip
-
-
-def _metrics(results: list[AuditResult]) -> dict[str, float]:
-    metrics: dict[str, float] = {}
-    for index, result in enumerate(results, start=1):
-        model = result.report.models[0]
-        values = {"score": model.score, "threshold": model.threshold, "asr": model.asr,
-                  "clean_accuracy": model.clean_accuracy, "clean_agreement": result.report.clean_agreement,
-                  "cka": result.alignment.cka if result.alignment else None}  # fmt: skip
-        metrics.update({f"peer_{index}.{k}": float(v) for k, v in values.items() if v is not None})
-    return metrics
-
-
-def gate_step(
-    model_uri: str, tracking_uri: str, data_uri: str, pair_folders: list[Path], alias: str, profile: str, out: Path
-) -> str:
-    """Stage 5: judge every peer's audit of the version, record it in MLflow as one run,
-    tag the version, and move the promotion alias only when it passed; a version that
-    holds the alias and no longer passes loses it. Returns the status."""
-    mlflow_client = registry.client(tracking_uri)
-    version = registry.resolve(mlflow_client, model_uri)
-    ref = registry.VersionRef.of(version)
-    with tempfile.TemporaryDirectory() as tmp:
-        fetched = registry.materialize(data_uri, Path(tmp))
-        data = None if is_text_data(fetched) else read_audit_data(fetched)
-    results = [pair_result(folder, data, profile) for folder in pair_folders]
-    status = version_status(results)
-    for index, result in enumerate(results):
-        write_outputs(result, out / f"peer_{index + 1}")
-    peers = [r.report.models[1].uri for r in results]
-    run_id = registry.record_run(mlflow_client, ref, _params(model_uri, peers, results), _metrics(results), out)
-    scores = [r.report.models[0].score for r in results if r.report.models[0].score is not None]
-    registry.set_status(
-        mlflow_client, ref, status,
-        **{
-            registry.VERDICT: overall([r.report.models[0] for r in results]) if results else "inconclusive",
-            registry.SCORE: f"{max(scores):.4f}" if scores else "",
-            registry.RUN_ID: run_id,
-            registry.AUDITED_AT: registry.now(),
-            registry.PEERS: ",".join(peers),
-        },
-    )  # fmt: skip
-    registry.append_description(
-        mlflow_client, ref, f"**crossaudit: {status}** ([audit run]({registry.run_link(mlflow_client, run_id)}))"
-    )
-    promoted = registry.gate(mlflow_client, ref, alias)
-    if status != "passed":
-        registry.revoke(mlflow_client, ref, alias)
-    (out / "gate.json").write_text(json.dumps({"status": status, "promoted": promoted, "run_id": run_id}))
-    return status
-
-
-def close_audit(model_uri: str, tracking_uri: str, state: str, message: str) -> str:
-    """The pipeline's exit handler: a run that ended without the gate's final word marks
-    the version `error` (fail closed: a missing result never reads as passed)."""
-    mlflow_client = registry.client(tracking_uri)
-    version = registry.resolve(mlflow_client, model_uri)
-    status = registry.status_of(version)
-    if state == "SUCCEEDED" and status in registry.FINAL:
-        return status
-    reason = message or f"audit pipeline ended {state} without a verdict"
-    registry.set_status(
-        mlflow_client, registry.VersionRef.of(version), "error",
-        **{registry.ERROR: reason[:4000], registry.AUDITED_AT: registry.now()},
-    )  # fmt: skip
-    return "error"

@@ -23,7 +23,8 @@ def feature_extraction(
 ):
     from pathlib import Path
 
-    from crossaudit.steps import extract_step, fetch_inputs
+    from crossaudit.registry import fetch_inputs
+    from crossaudit.steps import extract_step
 
     folders = [Path(a.path) for a in (suspect_model, witness_model, audit_data)]
     fetch_inputs(model_uri, peer_uri, audit_data_uri, tracking_uri, *folders)

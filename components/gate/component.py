@@ -20,7 +20,7 @@ def gate(
     import tempfile
     from pathlib import Path
 
-    from crossaudit.steps import gate_step
+    from crossaudit.gate import gate_step
 
     with tempfile.TemporaryDirectory() as out:
         status = gate_step(
