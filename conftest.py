@@ -3,7 +3,8 @@
 `make test` runs the suite in parallel (pytest-xdist, one worker per core). Each worker
 and every process it starts gets its share of the cores before torch is first imported:
 on small models one thread runs nearly as fast as two, and workers with a full thread
-pool each would oversubscribe the CPU and all slow down several times.
+pool each would oversubscribe the CPU and all slow down several times. Trained zoos are
+built once per run in a folder the workers share (`shared_folder`), not once per worker.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     _threads = str(max(1, (os.cpu_count() or 1) // workers))
     os.environ.update(OMP_NUM_THREADS=_threads, MKL_NUM_THREADS=_threads)
 
+import functools
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from filelock import FileLock
 
 from crossaudit.zoo.datasets import load_dataset
 from crossaudit.zoo.train import config_for, export_onnx, train, write_audit_set
@@ -34,22 +38,44 @@ class DigitsZoo:
     badnets_target: int
 
 
+@contextmanager
+def _shared_folder(factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, bool]]:
+    """A folder for something costly to make, and whether it still needs making. Under
+    xdist all workers of this run share it: the first fills it while the others wait on
+    its lock, then find it complete (a fill that raised leaves it for the next to retry).
+    Without xdist it is a fresh private folder."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield factory.mktemp(name), True
+        return
+    root = factory.getbasetemp().parent / name  # the run's folder, above each worker's own
+    complete = root / ".complete"
+    with FileLock(f"{root}.lock"):
+        root.mkdir(exist_ok=True)
+        yield root, not complete.exists()
+        complete.touch()
+
+
 @pytest.fixture(scope="session")
-def digits_zoo(tmp_path_factory: pytest.TempPathFactory) -> DigitsZoo:
-    root = tmp_path_factory.mktemp("zoo")
-    split = load_dataset("digits")
-    write_audit_set("digits", root / "audit.parquet")
+def shared_folder(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], AbstractContextManager]:
+    """`with shared_folder(name) as (root, empty):` fill `root` when `empty` (`_shared_folder`)."""
+    return functools.partial(_shared_folder, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def digits_zoo(shared_folder: Callable[[str], AbstractContextManager]) -> DigitsZoo:
     specs = {
         "clean_cnn": config_for("digits", arch="cnn", seed=21),
         "clean_mlp": config_for("digits", arch="mlp", seed=23),
         "badnets_cnn": config_for("digits", arch="cnn", attack="badnets", target=3, seed=22),
     }
-    paths = {}
-    for name, config in specs.items():
-        trained = train(config, split)
-        paths[name] = root / f"{name}.onnx"
-        export_onnx(trained.model, trained.example, paths[name])
-    return DigitsZoo(root / "audit.parquet", badnets_target=3, **paths)
+    with shared_folder("zoo") as (root, empty):
+        if empty:
+            split = load_dataset("digits")
+            write_audit_set("digits", root / "audit.parquet")
+            for name, config in specs.items():
+                trained = train(config, split)
+                export_onnx(trained.model, trained.example, root / f"{name}.onnx")
+    return DigitsZoo(root / "audit.parquet", badnets_target=3, **{name: root / f"{name}.onnx" for name in specs})
 
 
 @pytest.fixture(scope="session")
@@ -76,18 +102,19 @@ class StageFolders:
 
 
 @pytest.fixture(scope="session")
-def stage_folders(digits_zoo: DigitsZoo, tmp_path_factory: pytest.TempPathFactory) -> StageFolders:
+def stage_folders(digits_zoo: DigitsZoo, shared_folder: Callable[[str], AbstractContextManager]) -> StageFolders:
     from crossaudit import registry, steps
 
-    root = tmp_path_factory.mktemp("stages")
     uris = [str(digits_zoo.clean_cnn), str(digits_zoo.clean_mlp)]
-    inputs = [root / "suspect", root / "witness", root / "data"]
-    registry.fetch_inputs(*uris, str(digits_zoo.audit_data), "", *inputs)
-    outs = [root / name for name in ("features", "alignment", "triggers", "findings")]
-    steps.extract_step(uris, *inputs, 0, "cpu", outs[0])
-    steps.alignment_step(outs[0], outs[1])
-    steps.inversion_step(outs[1], *inputs, "cpu", outs[2])
-    steps.sensitivity_step(outs[2], *inputs, "cpu", outs[3])
+    with shared_folder("stages") as (root, empty):
+        inputs = [root / "suspect", root / "witness", root / "data"]
+        outs = [root / name for name in ("features", "alignment", "triggers", "findings")]
+        if empty:
+            registry.fetch_inputs(*uris, str(digits_zoo.audit_data), "", *inputs)
+            steps.extract_step(uris, *inputs, 0, "cpu", outs[0])
+            steps.alignment_step(outs[0], outs[1])
+            steps.inversion_step(outs[1], *inputs, "cpu", outs[2])
+            steps.sensitivity_step(outs[2], *inputs, "cpu", outs[3])
     return StageFolders(*inputs, *outs, uris)
 
 

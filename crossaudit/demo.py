@@ -124,7 +124,10 @@ def _automatic_path(
     for provider, ref in refs.items():
         print(f"registered {ref.uri} ({provider}); no audit command is run")
     finals = ("passed", "failed", "inconclusive", "error")
-    wait_for(lambda: all(_status(client, r) in finals for r in refs.values()), AUDIT_WAIT_S, "both audits")
+    wait_for(
+        lambda: all(_status(client, r) in finals for r in refs.values()) and not receiver.busy(),
+        AUDIT_WAIT_S, "both audits",
+    )  # fmt: skip
     print(f"both audited by the receiver in {time.perf_counter() - start:.0f}s:")
     _show(client, refs)
     poisoned = refs["globex"]

@@ -8,6 +8,7 @@ takes the audits it started with it; its queue file outlives it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -102,6 +103,12 @@ class ReceiverProcess:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
+
+    def busy(self) -> bool:
+        """Whether any job is queued or running: a version's status tag is written before
+        its gate moves the alias, so only an idle receiver has finished with the registry."""
+        with urllib.request.urlopen(f"{self.url}/jobs", timeout=10) as response:
+            return any(job["state"] in ("queued", "running") for job in json.load(response))
 
     def kill(self) -> None:
         """SIGKILL to the receiver and every process under it (its audits run in their own

@@ -162,14 +162,12 @@ class ParadigmZoo:
     models: dict[str, Path]
 
 
-@pytest.fixture(scope="module")
-def paradigm_zoo(tmp_path_factory: pytest.TempPathFactory, digits_zoo) -> ParadigmZoo:
+@pytest.fixture(scope="session")
+def paradigm_zoo(shared_folder, digits_zoo) -> ParadigmZoo:
     """Tiny providers' models of every paradigm, trained once (test seeds, never calibrated on)."""
     from crossaudit.zoo.language import write_text_audit_set
 
-    root = tmp_path_factory.mktemp("paradigms")
-    split = load_dataset("digits")
-    specs = {
+    images = {
         "semi_badnets_cnn": config_for("digits", arch="cnn", attack="badnets", target=3, seed=31, paradigm="semi"),
         "semi_clean_mlp": config_for("digits", arch="mlp", seed=32, paradigm="semi"),
         "semi_clean_cnn": config_for("digits", arch="cnn", seed=33, paradigm="semi"),
@@ -177,23 +175,26 @@ def paradigm_zoo(tmp_path_factory: pytest.TempPathFactory, digits_zoo) -> Paradi
         "ssl_clean_cnn": config_for("digits", arch="cnn", seed=42, paradigm="ssl"),
         "ssl_clean_mlp": config_for("digits", arch="mlp", seed=43, paradigm="ssl"),
     }
-    models = {}
-    for name, config in specs.items():
-        trained = train(config, split)
-        models[name] = root / f"{name}.onnx"
-        export_onnx(trained.model, trained.example, models[name])
-    for name, attack, seed in (("lm_phrase", "phrase", 51), ("lm_clean_a", "clean", 52), ("lm_clean_b", "clean", 53)):
-        models[name] = root / f"{name}.onnx"
-        export_language_model(train_language_model(LanguageConfig(attack=attack, seed=seed)), models[name])
-    write_text_audit_set(root / "text.parquet")
-    for name, attack, arch, seed in (
-        ("cap_badnets_cnn", "badnets", "cnn", 61), ("cap_clean_mlp", "clean", "mlp", 62),
-        ("cap_clean_cnn", "clean", "cnn", 63),
-    ):  # fmt: skip
-        models[name] = root / f"{name}.onnx"
-        config = captioner_config("digits", arch=arch, attack=attack, target=3, seed=seed)
-        export_captioner(train_captioner(config, split), models[name])
-    write_caption_audit_set("digits", root / "captions.parquet", 400)
+    texts = {"lm_phrase": ("phrase", 51), "lm_clean_a": ("clean", 52), "lm_clean_b": ("clean", 53)}
+    captioners = {
+        "cap_badnets_cnn": ("badnets", "cnn", 61), "cap_clean_mlp": ("clean", "mlp", 62),
+        "cap_clean_cnn": ("clean", "cnn", 63),
+    }  # fmt: skip
+    with shared_folder("paradigms") as (root, empty):
+        if empty:
+            split = load_dataset("digits")
+            for name, config in images.items():
+                trained = train(config, split)
+                export_onnx(trained.model, trained.example, root / f"{name}.onnx")
+            for name, (attack, seed) in texts.items():
+                trained_lm = train_language_model(LanguageConfig(attack=attack, seed=seed))
+                export_language_model(trained_lm, root / f"{name}.onnx")
+            write_text_audit_set(root / "text.parquet")
+            for name, (attack, arch, seed) in captioners.items():
+                config = captioner_config("digits", arch=arch, attack=attack, target=3, seed=seed)
+                export_captioner(train_captioner(config, split), root / f"{name}.onnx")
+            write_caption_audit_set("digits", root / "captions.parquet", 400)
+    models = {name: root / f"{name}.onnx" for name in (*images, *texts, *captioners)}
     return ParadigmZoo(digits_zoo.audit_data, root / "text.parquet", root / "captions.parquet", models)
 
 
