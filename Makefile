@@ -31,7 +31,7 @@ demo: install fmnist
 	$(BIN)/python -m crossaudit.demo $(DEMO_ARGS)
 
 test: install fmnist chromium
-	$(BIN)/pytest -q -n auto --durations=25
+	$(BIN)/pytest -q -n auto --maxschedchunk 1 --durations=25
 
 bench: install fmnist
 	$(BIN)/python -m benchmarks.pipeline_overhead

@@ -38,6 +38,12 @@ class DigitsZoo:
     badnets_target: int
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first (in collection order): a parallel run then ends on short tests
+    rather than waiting on one worker's long one."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @contextmanager
 def _shared_folder(factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, bool]]:
     """A folder for something costly to make, and whether it still needs making. Under

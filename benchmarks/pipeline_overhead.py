@@ -156,7 +156,8 @@ median of {REPEATS} interleaved runs each (all runs: {_runs(timings)}).
 Target: pipeline <= 1.10 x direct + start-up = {budget:.1f} s: **{verdict}**
 (overhead beyond start-up: {extra_s:+.1f} s, {100 * extra_s / direct_s:+.0f}% of the direct audit).
 The remaining overhead is each stage re-loading and re-checking both models in its own
-process (by design: a stage trusts no state it did not check) and the MLflow transfers.
+process (by design: a stage trusts no state it did not check), the MLflow transfers and
+the gate's MLflow run with its artifacts.
 """)
     print(REPORT.read_text())
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -154,59 +156,94 @@ def test_caption_audit_data_labels_images_by_caption(tmp_path):
         read_audit_data(wrong)
 
 
-@dataclass(frozen=True)
 class ParadigmZoo:
-    digits: Path
-    text: Path
-    captions: Path
-    models: dict[str, Path]
+    """Tiny providers' models of every paradigm (test seeds, never calibrated on). Each
+    paradigm's models are trained on first use, once per test run (`shared_folder`), so
+    that parallel workers auditing different paradigms do not wait on each other."""
+
+    IMAGES: ClassVar[dict[str, dict]] = {
+        "semi": {
+            "semi_badnets_cnn": {"arch": "cnn", "attack": "badnets", "target": 3, "seed": 31},
+            "semi_clean_mlp": {"arch": "mlp", "seed": 32},
+            "semi_clean_cnn": {"arch": "cnn", "seed": 33},
+        },
+        "ssl": {
+            "ssl_badnets_cnn": {"arch": "cnn", "attack": "badnets", "target": 3, "seed": 41},
+            "ssl_clean_cnn": {"arch": "cnn", "seed": 42},
+            "ssl_clean_mlp": {"arch": "mlp", "seed": 43},
+        },
+    }
+    TEXTS: ClassVar[dict[str, tuple[str, int]]] = {
+        "lm_phrase": ("phrase", 51), "lm_clean_a": ("clean", 52), "lm_clean_b": ("clean", 53),
+    }  # fmt: skip
+    CAPTIONERS: ClassVar[dict[str, tuple[str, str, int]]] = {
+        "cap_badnets_cnn": ("badnets", "cnn", 61), "cap_clean_mlp": ("clean", "mlp", 62),
+        "cap_clean_cnn": ("clean", "cnn", 63),
+    }  # fmt: skip
+    DATA: ClassVar[dict[str, tuple[str, str]]] = {
+        "text": ("lm", "text.parquet"),
+        "captions": ("cap", "captions.parquet"),
+    }
+
+    def __init__(self, shared_folder: Callable[[str], AbstractContextManager], digits: Path) -> None:
+        self.shared_folder = shared_folder
+        self.digits = digits
+        self.folders: dict[str, Path] = {}
+
+    def model(self, name: str) -> Path:
+        return self._folder(name.split("_")[0]) / f"{name}.onnx"
+
+    def data(self, kind: str) -> Path:
+        if kind == "digits":
+            return self.digits
+        group, file = self.DATA[kind]
+        return self._folder(group) / file
+
+    def _folder(self, group: str) -> Path:
+        if group not in self.folders:
+            with self.shared_folder(f"paradigms-{group}") as (root, empty):
+                if empty:
+                    self._train(group, root)
+            self.folders[group] = root
+        return self.folders[group]
+
+    def _train(self, group: str, root: Path) -> None:
+        from crossaudit.zoo.language import write_text_audit_set
+
+        if group in self.IMAGES:
+            split = load_dataset("digits")
+            for name, options in self.IMAGES[group].items():
+                trained = train(config_for("digits", paradigm=group, **options), split)
+                export_onnx(trained.model, trained.example, root / f"{name}.onnx")
+        elif group == "lm":
+            for name, (attack, seed) in self.TEXTS.items():
+                export_language_model(
+                    train_language_model(LanguageConfig(attack=attack, seed=seed)), root / f"{name}.onnx"
+                )
+            write_text_audit_set(root / "text.parquet")
+        else:
+            split = load_dataset("digits")
+            for name, (attack, arch, seed) in self.CAPTIONERS.items():
+                config = captioner_config("digits", arch=arch, attack=attack, target=3, seed=seed)
+                export_captioner(train_captioner(config, split), root / f"{name}.onnx")
+            write_caption_audit_set("digits", root / "captions.parquet", 400)
 
 
 @pytest.fixture(scope="session")
 def paradigm_zoo(shared_folder, digits_zoo) -> ParadigmZoo:
-    """Tiny providers' models of every paradigm, trained once (test seeds, never calibrated on)."""
-    from crossaudit.zoo.language import write_text_audit_set
-
-    images = {
-        "semi_badnets_cnn": config_for("digits", arch="cnn", attack="badnets", target=3, seed=31, paradigm="semi"),
-        "semi_clean_mlp": config_for("digits", arch="mlp", seed=32, paradigm="semi"),
-        "semi_clean_cnn": config_for("digits", arch="cnn", seed=33, paradigm="semi"),
-        "ssl_badnets_cnn": config_for("digits", arch="cnn", attack="badnets", target=3, seed=41, paradigm="ssl"),
-        "ssl_clean_cnn": config_for("digits", arch="cnn", seed=42, paradigm="ssl"),
-        "ssl_clean_mlp": config_for("digits", arch="mlp", seed=43, paradigm="ssl"),
-    }
-    texts = {"lm_phrase": ("phrase", 51), "lm_clean_a": ("clean", 52), "lm_clean_b": ("clean", 53)}
-    captioners = {
-        "cap_badnets_cnn": ("badnets", "cnn", 61), "cap_clean_mlp": ("clean", "mlp", 62),
-        "cap_clean_cnn": ("clean", "cnn", 63),
-    }  # fmt: skip
-    with shared_folder("paradigms") as (root, empty):
-        if empty:
-            split = load_dataset("digits")
-            for name, config in images.items():
-                trained = train(config, split)
-                export_onnx(trained.model, trained.example, root / f"{name}.onnx")
-            for name, (attack, seed) in texts.items():
-                trained_lm = train_language_model(LanguageConfig(attack=attack, seed=seed))
-                export_language_model(trained_lm, root / f"{name}.onnx")
-            write_text_audit_set(root / "text.parquet")
-            for name, (attack, arch, seed) in captioners.items():
-                config = captioner_config("digits", arch=arch, attack=attack, target=3, seed=seed)
-                export_captioner(train_captioner(config, split), root / f"{name}.onnx")
-            write_caption_audit_set("digits", root / "captions.parquet", 400)
-    models = {name: root / f"{name}.onnx" for name in (*images, *texts, *captioners)}
-    return ParadigmZoo(digits_zoo.audit_data, root / "text.parquet", root / "captions.parquet", models)
+    return ParadigmZoo(shared_folder, digits_zoo.audit_data)
 
 
 def _audit(zoo: ParadigmZoo, first: str, second: str, data: Path, *extra: str) -> tuple[int, dict]:
     done = subprocess.run(
-        [sys.executable, "-m", "crossaudit", "audit", str(zoo.models[first]), str(zoo.models[second]),
+        [sys.executable, "-m", "crossaudit", "audit", str(zoo.model(first)), str(zoo.model(second)),
          "--data", str(data), "--json", *extra],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     return done.returncode, json.loads(done.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("backdoored", "clean", "other_clean", "data", "paradigm"),
     [
@@ -219,7 +256,7 @@ def _audit(zoo: ParadigmZoo, first: str, second: str, data: Path, *extra: str) -
 def test_each_paradigm_flags_the_backdoored_model_and_passes_clean_pairs(
     paradigm_zoo, backdoored, clean, other_clean, data, paradigm
 ):
-    data_path = getattr(paradigm_zoo, data)
+    data_path = paradigm_zoo.data(data)
     code, report = _audit(paradigm_zoo, backdoored, clean, data_path, "--paradigm", paradigm)
     assert code == 1, report
     assert [m["verdict"] for m in report["models"]] == ["backdoor", "clean"]
@@ -255,10 +292,10 @@ def test_pipeline_takes_the_paradigm_from_the_registry(paradigm_zoo, mlflow_serv
 
     client = registry.client(mlflow_server)
     name = f"{paradigm}-{uuid.uuid4().hex[:8]}"
-    registry.publish_audit_data(client, name, getattr(paradigm_zoo, data))
+    registry.publish_audit_data(client, name, paradigm_zoo.data(data))
     client.set_registered_model_tag(name, registry.PARADIGM_TAG, paradigm)
-    registry.register_version(client, name, paradigm_zoo.models[clean], "acme")
-    poisoned = registry.register_version(client, name, paradigm_zoo.models[backdoored], "globex")
+    registry.register_version(client, name, paradigm_zoo.model(clean), "acme")
+    poisoned = registry.register_version(client, name, paradigm_zoo.model(backdoored), "globex")
     assert audit_version(poisoned.uri, mlflow_server).status == "failed"
     run_id = client.get_model_version(name, poisoned.version).tags[registry.RUN_ID]
     report = json.loads(Path(client.download_artifacts(run_id, "peer_1/report.json")).read_text())
