@@ -1,4 +1,5 @@
-"""KFP v2 components: one folder per audit stage, each a thin shell over `crossaudit.steps`."""
+"""KFP v2 components: one folder per audit stage, each a thin shell over one library call
+(`crossaudit.steps`, `crossaudit.gate` or `crossaudit.registry`)."""
 
 # The project image from images/Dockerfile: crossaudit and its pinned dependencies,
 # so components install nothing at run time.
