@@ -159,13 +159,13 @@ def test_registration_alone_audits_both_providers_and_the_guard_reverts_a_manual
     assert registry.resolve(client, f"models:/{name}@production").version == clean.version
 
     client.set_registered_model_alias(name, "production", poisoned.version)
-    wait_for(
-        lambda: registry.resolve(client, f"models:/{name}@production").version == clean.version,
+    # The guard takes the alias off, gives it back and writes the incident tag last: wait for
+    # the tag, since the alias is briefly absent in between.
+    incident = wait_for(
+        lambda: client.get_model_version(name, poisoned.version).tags.get(registry.INCIDENT),
         30, "manual promotion of the backdoored version was not reverted",
     )  # fmt: skip
-    incident = wait_for(
-        lambda: client.get_model_version(name, poisoned.version).tags.get(registry.INCIDENT), 30, "no incident tag"
-    )
+    assert registry.resolve(client, f"models:/{name}@production").version == clean.version
     assert "status is failed" in incident and f"restored to version {clean.version}" in incident
     audits = wait_for(lambda: _finished(receiver, name), 60, "audit jobs did not finish")
     assert sorted((j["version"], j["state"]) for j in audits) == [
