@@ -104,11 +104,15 @@ class ReceiverProcess:
         except (urllib.error.URLError, OSError):
             return False
 
+    def jobs(self) -> list[dict]:
+        """Every job in the receiver's queue, as its `GET /jobs` lists them."""
+        with urllib.request.urlopen(f"{self.url}/jobs", timeout=10) as response:
+            return json.load(response)
+
     def busy(self) -> bool:
         """Whether any job is queued or running: a version's status tag is written before
         its gate moves the alias, so only an idle receiver has finished with the registry."""
-        with urllib.request.urlopen(f"{self.url}/jobs", timeout=10) as response:
-            return any(job["state"] in ("queued", "running") for job in json.load(response))
+        return any(job["state"] in ("queued", "running") for job in self.jobs())
 
     def kill(self) -> None:
         """SIGKILL to the receiver and every process under it (its audits run in their own

@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import requests
 
 from crossaudit import registry
 from crossaudit.receiver_process import ReceiverProcess, wait_for
@@ -37,8 +36,8 @@ def _status(client, name: str, version: str) -> str | None:
     return registry.status_of(client.get_model_version(name, version))
 
 
-def _mine(jobs_url: str, name: str, version: str) -> list[dict]:
-    return [j for j in requests.get(jobs_url, timeout=10).json() if j["key"] == f"audit:{name}/{version}"]
+def _mine(receiver: ReceiverProcess, name: str, version: str) -> list[dict]:
+    return [j for j in receiver.jobs() if j["key"] == f"audit:{name}/{version}"]
 
 
 def _receiver(url: str, tmp_path: Path, *options: str) -> ReceiverProcess:
@@ -79,17 +78,18 @@ def test_mlflow_down_mid_audit_is_retried_until_the_audit_ends(digits_zoo, tmp_p
         second = registry.register_version(client, name, digits_zoo.clean_mlp, "globex")
         wait_for(lambda: _status(client, name, second.version) == "running", 60, "the second audit to start")
     # MLflow is down now, mid-audit: the audit cannot finish; its job must wait for a retry.
-    jobs = f"{receiver.url}/jobs"
 
     def retrying() -> bool:
-        mine = _mine(jobs, name, second.version)
+        mine = _mine(receiver, name, second.version)
         return bool(mine) and mine[0]["state"] == "queued" and mine[0]["attempts"] >= 1
 
     try:
         wait_for(retrying, 120, "the failed attempt to be queued for a retry")
         with local_server(store, port):
             wait_for(lambda: _status(client, name, second.version) == "passed", 300, "the retried audit")
-            job = wait_for(lambda: [j for j in _mine(jobs, name, second.version) if j["state"] == "done"], 60, "job")
+            job = wait_for(
+                lambda: [j for j in _mine(receiver, name, second.version) if j["state"] == "done"], 60, "job"
+            )
             assert job[0]["attempts"] >= 2
     finally:
         receiver.stop()

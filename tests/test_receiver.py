@@ -73,7 +73,7 @@ def test_forged_signature_is_rejected(start_receiver):
     receiver = start_receiver()
     response = post(receiver.url, "model_version.created", _ghost(), secret="not-the-secret-at-all")
     assert response.status_code == 401 and "signature" in response.json()["error"]
-    assert jobs(receiver) == []
+    assert receiver.jobs() == []
 
 
 def test_stale_timestamp_is_rejected(start_receiver):
@@ -82,14 +82,14 @@ def test_stale_timestamp_is_rejected(start_receiver):
     assert response.status_code == 401 and "tolerance" in response.json()["error"]
     unsigned = requests.post(f"{receiver.url}/webhook", json={"entity": "model_version"}, timeout=10)
     assert unsigned.status_code == 401
-    assert jobs(receiver) == []
+    assert receiver.jobs() == []
 
 
 def test_oversized_body_is_refused_before_it_is_read_whole(start_receiver):
     receiver = start_receiver()
     response = requests.post(f"{receiver.url}/webhook", data=b"x" * (2 << 20), timeout=30)
     assert response.status_code == 413
-    assert jobs(receiver) == []
+    assert receiver.jobs() == []
 
 
 def test_replayed_and_duplicate_deliveries_start_one_audit(start_receiver):
@@ -101,8 +101,8 @@ def test_replayed_and_duplicate_deliveries_start_one_audit(start_receiver):
     assert first.json() == {"status": "queued", "jobs": 1}
     assert replay.json()["status"] == "duplicate"
     assert duplicate.json() == {"status": "ignored", "jobs": 0}
-    ran = wait_for(lambda: [j for j in jobs(receiver) if j["state"] not in ("queued", "running")], 30, "the job")
-    assert len(jobs(receiver)) == 1
+    ran = wait_for(lambda: [j for j in receiver.jobs() if j["state"] not in ("queued", "running")], 30, "the job")
+    assert len(receiver.jobs()) == 1
     assert ran[0]["state"] == "dropped" and "no such version" in ran[0]["outcome"]
 
 
@@ -112,7 +112,7 @@ def test_events_that_ask_for_nothing_queue_nothing(start_receiver):
     other_alias = {"name": "m", "alias": "staging", "version": "1"}
     assert post(receiver.url, "model_version_tag.set", tag).json()["status"] == "ignored"
     assert post(receiver.url, "model_version_alias.created", other_alias).json()["status"] == "ignored"
-    assert jobs(receiver) == []
+    assert receiver.jobs() == []
 
 
 def _task(client, digits_zoo, prefix: str) -> str:
@@ -122,13 +122,9 @@ def _task(client, digits_zoo, prefix: str) -> str:
     return name
 
 
-def jobs(receiver: ReceiverProcess) -> list[dict]:
-    return requests.get(f"{receiver.url}/jobs", timeout=10).json()
-
-
 def _finished(receiver: ReceiverProcess, name: str) -> list[dict]:
     """The model's audit jobs, once none is queued or running (else empty)."""
-    audits = [j for j in jobs(receiver) if j["kind"] == "audit" and j["name"] == name]
+    audits = [j for j in receiver.jobs() if j["kind"] == "audit" and j["name"] == name]
     return [] if any(j["state"] in ("queued", "running") for j in audits) else audits
 
 
@@ -155,7 +151,7 @@ def test_registration_alone_audits_both_providers_and_the_guard_reverts_a_manual
     poisoned = registry.register_version(client, name, digits_zoo.badnets_cnn, "globex")
     wait_for(lambda: _status(client, name, poisoned.version) == "failed", 240, "backdoored version not failed")
     wait_for(lambda: _status(client, name, clean.version) == "passed", 240, "clean version not re-audited")
-    wait_for(lambda: registry.promoted_versions(client), 30, "clean version not promoted")
+    wait_for(lambda: registry.promoted_versions(client) and not receiver.busy(), 30, "clean version not promoted")
     assert registry.resolve(client, f"models:/{name}@production").version == clean.version
 
     client.set_registered_model_alias(name, "production", poisoned.version)
@@ -188,7 +184,7 @@ def test_lost_webhooks_and_a_killed_receiver_still_end_in_one_audit_each(start_r
         lambda: "running" in {_status(client, name, v.version) for v in (first, second)},
         120, "reconciliation did not start an audit",
     )  # fmt: skip
-    queued = [j for j in jobs(receiver) if j["name"] == name]
+    queued = [j for j in receiver.jobs() if j["name"] == name]
     assert {j["source"] for j in queued} == {"reconcile"} and {j["state"] for j in queued} == {"running", "queued"}
     receiver.kill()
 
