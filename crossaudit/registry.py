@@ -159,10 +159,12 @@ def fetch_inputs(
 
 
 def set_status(mlflow_client: MlflowClient, version: VersionRef, status: str, **tags: str) -> None:
-    """Write `crossaudit.status` (and any other audit tags) on a version."""
+    """Write the audit tags on a version, `crossaudit.status` last: MLflow sets one tag per
+    call, and whoever watches the status (a deploy script, the demo, the tests) must find
+    the error, run or verdict it names already there when it changes."""
     if status not in STATUSES:
         raise ValueError(f"unknown audit status {status!r}")
-    for key, value in {STATUS: status, **tags}.items():
+    for key, value in {**tags, STATUS: status}.items():
         mlflow_client.set_model_version_tag(version.name, version.version, key, value)
 
 
