@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from crossaudit.cka import Alignment
+from crossaudit.errors import AuditError
 from crossaudit.inversion import FAMILY_CLASSES, Trigger, TriggerFamily
 from crossaudit.paradigms.autoregressive import TextEffect, TextTrigger
 from crossaudit.verdict import Finding
@@ -39,6 +40,22 @@ class PairRecord:
     seed: int
     error: str | None = None
     paradigm: str = "auto"
+    model_sha256: list[str | None] | None = None  # None until stage 1 has loaded the models
+
+    def checked(self) -> dict[str, float | None]:
+        """The models stage 1 proved against ONNX Runtime, by digest (`parity_check`)."""
+        if self.model_sha256 is None:
+            return {}
+        pairs = zip(self.model_sha256, self.parity_max_abs_diff, strict=True)
+        return {digest: diff for digest, diff in pairs if digest is not None}
+
+
+def only_entry(folder: Path) -> Path:
+    """The model or data file a `registry.materialize` put into its folder."""
+    entries = sorted(folder.iterdir())
+    if len(entries) != 1:
+        raise AuditError(f"{folder}: expected one model or data entry, found {len(entries)}")
+    return entries[0]
 
 
 def carry(upstream: Path, out: Path) -> None:

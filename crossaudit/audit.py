@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -181,7 +181,8 @@ class Pair:
     inversion and held-out samples (both models right on every kept sample).
 
     Every stage starts from a Pair: the pipeline components rebuild it in their own
-    process from the same files and seed, so each stage checks the models it uses.
+    process from the same files and seed, and check that the models are the bytes
+    stage 1 proved (`steps`).
     """
 
     modules: list[nn.Module]
@@ -207,18 +208,28 @@ class Pair:
         ]
 
 
-def prepare_pair(uris: list[str], data_path: str, seed: int, device: str, config: AuditConfig) -> Pair:
-    """Load both models, prove their torch view matches ONNX Runtime, give them the
+def prepare_pair(
+    uris: list[str],
+    data_path: str,
+    seed: int,
+    device: str,
+    config: AuditConfig,
+    checked: Mapping[str, float | None] | None = None,
+) -> Pair:
+    """Load both models, prove their torch view matches ONNX Runtime (unless `checked`
+    says an earlier stage proved these exact bytes: `parity_check`), give them the
     paradigm's scores, and refuse pairs too different on clean data to cross-examine."""
     data = read_audit_data(data_path, config.limits.max_audit_samples)
     captioners = _captioner_audit(config.paradigm, data)
     modules, reports, labels, paradigms = [], [], [], []
     for uri in uris:
+        model = load_model(uri, config.limits.max_model_bytes)
+        model.module.to(device).requires_grad_(False).eval()
         if captioners:
-            module, diff = _load_captioner(uri, data, device, config.limits.max_model_bytes)
+            module, diff = _captioner_scorer(model, data, device, checked)
             logits, paradigm = logits_of(module, data.x, device), CAPTIONER
         else:
-            model, diff = _load_checked(uri, data, device, config.limits.max_model_bytes)
+            diff = parity_check(model, data.x, device, checked=checked)
             module, logits, paradigm = _scored(model.module, uri, data, config.paradigm, device)
         modules.append(module)
         paradigms.append(paradigm)
@@ -228,6 +239,7 @@ def prepare_pair(uris: list[str], data_path: str, seed: int, device: str, config
                 "inconclusive",
                 clean_accuracy=round(float(np.mean(logits.argmax(1) == data.y)), 4),
                 parity_max_abs_diff=diff,
+                sha256=model.sha256,
             )
         )
         labels.append(logits.argmax(1))
@@ -259,18 +271,18 @@ def _captioner_audit(requested: str, data: AuditData) -> bool:
     return data.captions is not None
 
 
-def _load_captioner(uri: str, data: AuditData, device: str, max_bytes: int) -> tuple[nn.Module, float | None]:
+def _captioner_scorer(
+    model: LoadedModel, data: AuditData, device: str, checked: Mapping[str, float | None] | None
+) -> tuple[nn.Module, float | None]:
     """A captioner (ONNX plus its tokenizer) as a scorer of the audit set's captions, its
     translation checked against ONNX Runtime on images paired with their true captions."""
-    model = load_model(uri, max_bytes)
     if model.onnx_bytes is None:
-        raise ModelLoadError(f"{uri}: a captioner must be ONNX (inputs image and tokens) with its tokenizer.json")
-    tokenizer = load_tokenizer(tokenizer_path(Path(uri)))
-    model.module.to(device).requires_grad_(False).eval()
+        raise ModelLoadError(f"{model.uri}: a captioner must be ONNX (inputs image and tokens) with its tokenizer.json")
+    tokenizer = load_tokenizer(tokenizer_path(Path(model.uri)))
     captions = list(data.captions or ())
     tokens, _ = caption_tokens(tokenizer, captions)
     sample = np.arange(min(len(data.x), PARITY_SAMPLES))
-    diff = parity_check(model, (data.x[sample], tokens[data.y[sample]]), device, output_ndim=3)
+    diff = parity_check(model, (data.x[sample], tokens[data.y[sample]]), device, output_ndim=3, checked=checked)
     scorer = CaptionScorer(model.module, tokenizer, captions).to(device)
     scorer.check_broadcast(torch.from_numpy(data.x[:8]).to(device))
     return scorer, diff
@@ -348,16 +360,11 @@ def pair_verdicts(
         verdict = judge(report.uri, found, thresholds)
         verdict.clean_accuracy = report.clean_accuracy
         verdict.parity_max_abs_diff = report.parity_max_abs_diff
+        verdict.sha256 = report.sha256
         if captions is not None and verdict.target is not None:
             verdict.target_text = captions[verdict.target]
         judged.append(verdict)
     return judged
-
-
-def _load_checked(uri: str, data: AuditData, device: str, max_bytes: int) -> tuple[LoadedModel, float | None]:
-    model = load_model(uri, max_bytes)
-    model.module.to(device).requires_grad_(False).eval()
-    return model, parity_check(model, data.x, device)
 
 
 def run_audit(

@@ -8,11 +8,11 @@ for importing it (and matplotlib, for the report).
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 from crossaudit import REPORT_SCHEMA_VERSION, __version__, registry
 from crossaudit.artifacts import (
+    only_entry,
     read_alignment,
     read_findings,
     read_pair,
@@ -33,8 +33,14 @@ def pair_result(folder: Path, data: AuditData | None, profile: str) -> AuditResu
     of the pair's paradigm when `profile` is empty) and rebuild the full audit result."""
     record = read_pair(folder)
     reports = [
-        ModelReport(uri, "inconclusive", clean_accuracy=acc, parity_max_abs_diff=diff)
-        for uri, acc, diff in zip(record.uris, record.clean_accuracy, record.parity_max_abs_diff, strict=True)
+        ModelReport(uri, "inconclusive", clean_accuracy=acc, parity_max_abs_diff=diff, sha256=digest)
+        for uri, acc, diff, digest in zip(
+            record.uris,
+            record.clean_accuracy,
+            record.parity_max_abs_diff,
+            record.model_sha256 or [None, None],
+            strict=True,
+        )
     ]
     report = AuditReport(
         "inconclusive", reports, None, record.clean_agreement, {}, __version__, record.seed, REPORT_SCHEMA_VERSION,
@@ -87,17 +93,19 @@ def _metrics(results: list[AuditResult]) -> dict[str, float]:
 
 
 def gate_step(
-    model_uri: str, tracking_uri: str, data_uri: str, pair_folders: list[Path], alias: str, profile: str, out: Path
+    model_uri: str, tracking_uri: str, data_folder: Path, pair_folders: list[Path], alias: str, profile: str, out: Path
 ) -> str:
     """Stage 5: judge every peer's audit of the version, record it in MLflow as one run,
     tag the version, and move the promotion alias only when it passed; a version that
-    holds the alias and no longer passes loses it. Returns the status."""
+    holds the alias and no longer passes loses it. Returns the status.
+
+    `data_folder` is the audit set as stage 1 fetched it (not fetched again: the gate
+    draws the triggers and names the captions of the data the branches audited)."""
     mlflow_client = registry.client(tracking_uri)
     version = registry.resolve(mlflow_client, model_uri)
     ref = registry.VersionRef.of(version)
-    with tempfile.TemporaryDirectory() as tmp:
-        fetched = registry.materialize(data_uri, Path(tmp))
-        data = None if is_text_data(fetched) else read_audit_data(fetched)
+    fetched = only_entry(data_folder)
+    data = None if is_text_data(fetched) else read_audit_data(fetched)
     results = [pair_result(folder, data, profile) for folder in pair_folders]
     status = version_status(results)
     for index, result in enumerate(results):

@@ -87,7 +87,8 @@ def write_outputs(result: AuditResult, out: Path) -> list[Path]:
     rows = "".join(
         f"<tr><td>{html.escape(m.uri)}</td><td><b>{m.verdict}</b></td><td>{m.score}</td>"
         f"<td>{m.threshold}</td><td>{_target(m)}</td><td>{m.asr}</td><td>{m.mask_l1}</td>"
-        f"<td>{m.sensitivity}</td><td>{m.trigger_family}</td><td>{m.parity_max_abs_diff}</td></tr>"
+        f"<td>{m.sensitivity}</td><td>{m.trigger_family}</td><td>{m.parity_max_abs_diff}</td>"
+        f"<td><code>{m.sha256 or ''}</code></td></tr>"
         for m in report.models
     )
     figures = "".join(f"<h3>{html.escape(title)}</h3>{_embedded(path)}" for title, path in pictures)
@@ -107,7 +108,7 @@ table{{border-collapse:collapse}}</style></head><body>
 <p>Paradigm {report.paradigm}; clean agreement {report.clean_agreement};
 aligned layers {html.escape(str(report.alignment))}; seed {report.seed}; crossaudit {report.version}.</p>
 <table><tr><th>model</th><th>verdict</th><th>score</th><th>threshold</th><th>target</th>
-<th>held-out ASR</th><th>mask L1</th><th>sensitivity</th><th>family</th><th>parity diff</th></tr>
+<th>held-out ASR</th><th>mask L1</th><th>sensitivity</th><th>family</th><th>parity diff</th><th>sha256</th></tr>
 {rows}</table>{figures}
 <h3>Timings (s)</h3><pre>{html.escape(json.dumps(report.timings, indent=1))}</pre>
 </body></html>"""

@@ -20,6 +20,7 @@ from pathlib import Path
 from crossaudit.artifacts import (
     PairRecord,
     carry,
+    only_entry,
     read_alignment,
     read_features,
     read_pair,
@@ -47,35 +48,41 @@ from crossaudit.errors import AuditError
 from crossaudit.paradigms import AUTO, LM
 from crossaudit.paradigms.autoregressive import TextSearchConfig
 from crossaudit.text_audit import TextPair, prepare_text_pair, text_effects, text_features, text_triggers
+from crossaudit.verdict import ModelReport
 
 log = logging.getLogger(__name__)
 
 
 def _pair(record: PairRecord, suspect: Path, witness: Path, data: Path, device: str) -> Pair:
     """The pair rebuilt from the fetched folders, reported under the URIs it came from."""
-    entries = [str(_only_entry(folder)) for folder in (suspect, witness, data)]
-    pair = prepare_pair(entries[:2], entries[2], record.seed, device, AuditConfig(paradigm=record.paradigm))
+    entries = [str(only_entry(folder)) for folder in (suspect, witness, data)]
+    config = AuditConfig(paradigm=record.paradigm)
+    pair = prepare_pair(entries[:2], entries[2], record.seed, device, config, record.checked())
+    _same_models(record, pair.reports)
     for report, uri in zip(pair.reports, record.uris, strict=True):
         report.uri = uri
     return pair
+
+
+def _same_models(record: PairRecord, reports: list[ModelReport]) -> None:
+    """A later stage must audit the bytes stage 1 checked: a model artifact changed
+    between stages fails the step (and the exit handler marks the version `error`)."""
+    found = [r.sha256 for r in reports]
+    if record.model_sha256 is not None and found != record.model_sha256:
+        raise AuditError(f"the models changed between stages: sha256 {found} where stage 1 saw {record.model_sha256}")
 
 
 def _text_pair(record: PairRecord, suspect: Path, witness: Path, data: Path, device: str) -> TextPair:
     """The language-model pair rebuilt from the fetched folders (each model directory
     holds its `tokenizer.json`), reported under the URIs it came from."""
-    entries = [str(_only_entry(folder)) for folder in (suspect, witness, data)]
-    pair = prepare_text_pair(entries[:2], entries[2], record.seed, device, AuditConfig(paradigm=LM), TextSearchConfig())
+    entries = [str(only_entry(folder)) for folder in (suspect, witness, data)]
+    pair = prepare_text_pair(
+        entries[:2], entries[2], record.seed, device, AuditConfig(paradigm=LM), TextSearchConfig(), record.checked()
+    )
+    _same_models(record, pair.reports)
     for report, uri in zip(pair.reports, record.uris, strict=True):
         report.uri = uri
     return pair
-
-
-def _only_entry(folder: Path) -> Path:
-    """The model or data file a `materialize` put into its folder."""
-    entries = sorted(folder.iterdir())
-    if len(entries) != 1:
-        raise AuditError(f"{folder}: expected one model or data entry, found {len(entries)}")
-    return entries[0]
 
 
 def _resume(upstream: Path, out: Path) -> PairRecord | None:
@@ -93,7 +100,7 @@ def extract_step(
     record = PairRecord(uris, [None, None], [None, None], None, seed, paradigm=paradigm)
     try:
         pair: Pair | TextPair
-        if paradigm == LM or (paradigm == AUTO and is_text_data(_only_entry(data))):
+        if paradigm == LM or (paradigm == AUTO and is_text_data(only_entry(data))):
             record.paradigm = LM
             pair = _text_pair(record, suspect, witness, data, device)
             features = text_features(pair, AuditConfig())
@@ -103,6 +110,7 @@ def extract_step(
             features = pair_features(pair, AuditConfig())
         record.clean_accuracy = [r.clean_accuracy for r in pair.reports]
         record.parity_max_abs_diff = [r.parity_max_abs_diff for r in pair.reports]
+        record.model_sha256 = [r.sha256 for r in pair.reports]
         record.clean_agreement = pair.agreement
         write_pair(record, out)
         write_features(features, out)

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from crossaudit import REPORT_SCHEMA_VERSION, __version__
 from crossaudit.audit import AuditConfig, AuditResult, Progress, StageClock, pair_alignment
 from crossaudit.data import read_text_data
 from crossaudit.errors import AuditError, IncomparableModelsError
-from crossaudit.models import load_model, parity_check
+from crossaudit.models import LoadedModel, load_model, parity_check
 from crossaudit.paradigms import LM
 from crossaudit.paradigms.autoregressive import (
     LanguageModel,
@@ -46,12 +47,15 @@ MIN_NEXT_WORD_ACCURACY = 0.1
 MIN_AGREEMENT = 0.3
 
 
-def _load(uri: str, texts: list[str], device: str, max_bytes: int) -> tuple[LanguageModel, float | None]:
+def _load(
+    uri: str, texts: list[str], device: str, max_bytes: int, checked: Mapping[str, float | None] | None
+) -> tuple[LanguageModel, LoadedModel, float | None]:
     loaded = load_model(uri, max_bytes)
     tokenizer = load_tokenizer(tokenizer_path(Path(uri)))
     module = loaded.module.to(device).requires_grad_(False).eval()
     tokens = np.array([tokenizer.encode(t) for t in texts], dtype=np.int64)
-    return LanguageModel(module, tokenizer), parity_check(loaded, tokens, device, output_ndim=3)
+    diff = parity_check(loaded, tokens, device, output_ndim=3, checked=checked)
+    return LanguageModel(module, tokenizer), loaded, diff
 
 
 @torch.no_grad()
@@ -88,10 +92,17 @@ class TextPair:
 
 
 def prepare_text_pair(
-    uris: list[str], data_path: str, seed: int, device: str, config: AuditConfig, search: TextSearchConfig
+    uris: list[str],
+    data_path: str,
+    seed: int,
+    device: str,
+    config: AuditConfig,
+    search: TextSearchConfig,
+    checked: Mapping[str, float | None] | None = None,
 ) -> TextPair:
-    """Stage 1's loading: both models with their tokenizers, checked against ONNX Runtime,
-    and refused when too different on clean text to cross-examine."""
+    """Stage 1's loading: both models with their tokenizers, checked against ONNX Runtime
+    (`checked`: as in `prepare_pair`), and refused when too different on clean text to
+    cross-examine."""
     texts = prompts(
         read_text_data(data_path, config.limits.max_audit_samples), search.prompt_tokens + search.continuation
     )
@@ -100,14 +111,14 @@ def prepare_text_pair(
             f"column 'text': need {2 * search.prompts} rows of at least "
             f"{search.prompt_tokens + search.continuation} words, found {len(texts)}"
         )
-    loaded = [_load(uri, texts, device, config.limits.max_model_bytes) for uri in uris]
-    models = [model for model, _ in loaded]
+    loaded = [_load(uri, texts, device, config.limits.max_model_bytes, checked) for uri in uris]
+    models = [model for model, _, _ in loaded]
     words = [_next_words(model, texts) for model in models]
     accuracy = [float(np.mean(predicted == actual)) for predicted, actual in words]
     agreement = float(np.mean(words[0][0] == words[1][0]))
     reports = [
-        ModelReport(uri, "inconclusive", clean_accuracy=round(acc, 4), parity_max_abs_diff=diff)
-        for uri, acc, (_, diff) in zip(uris, accuracy, loaded, strict=True)
+        ModelReport(uri, "inconclusive", clean_accuracy=round(acc, 4), parity_max_abs_diff=diff, sha256=model.sha256)
+        for uri, acc, (_, model, diff) in zip(uris, accuracy, loaded, strict=True)
     ]
     if min(accuracy) < MIN_NEXT_WORD_ACCURACY or agreement < MIN_AGREEMENT:
         raise IncomparableModelsError(
@@ -156,6 +167,7 @@ def text_verdicts(
                 trigger_family=FAMILY,
                 clean_accuracy=loaded.clean_accuracy,
                 parity_max_abs_diff=loaded.parity_max_abs_diff,
+                sha256=loaded.sha256,
                 trigger_text=" ".join(trigger.trigger),
                 target_text=" ".join(trigger.target),
             )

@@ -144,6 +144,7 @@ class ModelReport:
     trigger_family: str | None = None
     clean_accuracy: float | None = None
     parity_max_abs_diff: float | None = None
+    sha256: str | None = None  # of the model bytes audited (`LoadedModel.sha256`)
     findings: list[Finding] = field(default_factory=list)
     trigger_text: str | None = None  # language models: the recovered trigger phrase
     target_text: str | None = None  # ... and the continuation it forces; a captioner: the target caption

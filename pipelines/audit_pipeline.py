@@ -51,8 +51,8 @@ def audit_pipeline(
             inverted = trigger_inversion(alignment=aligned.outputs["alignment"], device=device, **models)
             measured = sensitivity_test(triggers=inverted.outputs["triggers"], device=device, **models)
         gate(
-            model_uri=model_uri, tracking_uri=tracking_uri, audit_data_uri=audit_data_uri,
-            promotion_alias=promotion_alias, threshold_profile=threshold_profile,
+            model_uri=model_uri, tracking_uri=tracking_uri, promotion_alias=promotion_alias,
+            threshold_profile=threshold_profile, audit_data=dsl.Collected(fetched.outputs["audit_data"]),
             pair_results=dsl.Collected(measured.outputs["findings"]),
         )  # fmt: skip
 

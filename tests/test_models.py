@@ -1,5 +1,6 @@
 """Loaders on real zoo models and on hostile files."""
 
+import hashlib
 import pickle
 import zipfile
 
@@ -21,6 +22,14 @@ def test_onnx_translation_matches_onnx_runtime(digits_zoo):
         model = load_model(str(path))
         assert parity_check(model, data.x) < 1e-3
         assert model.module.taps
+
+
+def test_parity_proved_for_the_same_bytes_is_not_rerun_and_other_bytes_are_checked(digits_zoo):
+    data = read_audit_data(digits_zoo.audit_data)
+    model = load_model(str(digits_zoo.clean_cnn))
+    assert model.sha256 == hashlib.sha256(digits_zoo.clean_cnn.read_bytes()).hexdigest()
+    assert parity_check(model, data.x, checked={model.sha256: 1.5e-7}) == 1.5e-7  # what stage 1 recorded
+    assert parity_check(model, data.x, checked={"0" * 64: 1.5e-7}) < 1e-3  # another model's digest: run
 
 
 def test_resnet_ops_translate(tmp_path):

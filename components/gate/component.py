@@ -10,9 +10,9 @@ from components import BASE_IMAGE
 def gate(
     model_uri: str,
     tracking_uri: str,
-    audit_data_uri: str,
     promotion_alias: str,
     threshold_profile: str,
+    audit_data: Input[list[Dataset]],
     pair_results: Input[list[Dataset]],
     report: Output[HTML],
 ) -> str:
@@ -26,7 +26,7 @@ def gate(
         status = gate_step(
             model_uri,
             tracking_uri,
-            audit_data_uri,
+            Path(audit_data[0].path),
             [Path(a.path) for a in pair_results],
             promotion_alias,
             threshold_profile,

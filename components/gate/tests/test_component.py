@@ -1,7 +1,6 @@
 """The gate's kfp.local run is the whole pipeline: tests/test_pipeline.py."""
 
 import uuid
-from pathlib import Path
 
 from kfp.dsl import HTML, Dataset
 
@@ -12,11 +11,10 @@ from crossaudit import registry
 def test_python_func_records_the_audit_and_promotes_a_clean_version(stage_folders, mlflow_server, digits_zoo, tmp_path):
     client = registry.client(mlflow_server)
     name = f"gate-{uuid.uuid4().hex[:8]}"
-    data_uri = registry.publish_audit_data(client, name, Path(digits_zoo.audit_data))
     ref = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
     status = gate.python_func(
-        model_uri=ref.uri, tracking_uri=mlflow_server, audit_data_uri=data_uri, promotion_alias="production",
-        threshold_profile="any", pair_results=[Dataset(uri=str(stage_folders.findings))],
+        model_uri=ref.uri, tracking_uri=mlflow_server, promotion_alias="production", threshold_profile="any",
+        audit_data=[Dataset(uri=str(stage_folders.data))], pair_results=[Dataset(uri=str(stage_folders.findings))],
         report=HTML(uri=str(tmp_path / "report.html")),
     )  # fmt: skip
     tags = client.get_model_version(name, ref.version).tags
