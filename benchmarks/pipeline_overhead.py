@@ -39,7 +39,7 @@ from crossaudit.zoo.train import config_for, export_onnx, train, write_audit_set
 from pipelines.runner import audit_version
 
 REPORT = Path("docs/pipeline_overhead.md")
-REPEATS = 3
+REPEATS = 5
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.store.entities.paged_list import PagedList
@@ -306,10 +307,12 @@ def record_run(
     )
     run_id = run.info.run_id
     try:
-        for key, value in params.items():
-            mlflow_client.log_param(run_id, key, value)
-        for key, value in metrics.items():
-            mlflow_client.log_metric(run_id, key, value)
+        stamp = int(time.time() * 1000)
+        mlflow_client.log_batch(  # one request, not one per value
+            run_id,
+            metrics=[Metric(key, value, stamp, 0) for key, value in metrics.items()],
+            params=[Param(key, value) for key, value in params.items()],
+        )
         mlflow_client.log_artifacts(run_id, str(artifacts))
     except Exception:
         mlflow_client.set_terminated(run_id, "FAILED")
