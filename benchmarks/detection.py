@@ -76,8 +76,8 @@ FULL = Plan(
     tuple(ABLATIONS), (10, 20, 40), ("mlp", "cnn", "resnet"), NeuralCleanseConfig(),
 )  # fmt: skip
 STANDARD = dataclasses.replace(FULL, name="standard", seeds=(200,))
-QUICK = Plan(
-    "quick", ("digits",), (("cnn", "cnn"),), ("badnets",), (200,), tuple(ABLATIONS), (10, 20), (),
+QUICK = Plan(  # one scaling point: 20 classes, the smallest that builds a multi-quadrant task
+    "quick", ("digits",), (("cnn", "cnn"),), ("badnets",), (200,), tuple(ABLATIONS), (20,), (),
     NeuralCleanseConfig(steps=60), bootstrap=200,
 )  # fmt: skip
 PLANS = {plan.name: plan for plan in (QUICK, STANDARD, FULL)}

@@ -155,9 +155,10 @@ median of {REPEATS} interleaved runs each (all runs: {_runs(timings)}).
 
 Target: pipeline <= 1.10 x direct + start-up = {budget:.1f} s: **{verdict}**
 (overhead beyond start-up: {extra_s:+.1f} s, {100 * extra_s / direct_s:+.0f}% of the direct audit).
-The remaining overhead is each stage re-loading and re-checking both models in its own
-process (by design: a stage trusts no state it did not check), the MLflow transfers and
-the gate's MLflow run with its artifacts.
+The remaining overhead is each stage loading both models again in its own process (by
+design: a stage trusts no state it did not check; the stages after the first compare the
+models' sha256 with what stage 1 proved instead of re-running ONNX Runtime), the MLflow
+transfers, and the gate's MLflow run with its artifacts and tags.
 """)
     print(REPORT.read_text())
 
