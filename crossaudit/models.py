@@ -162,7 +162,8 @@ def load_pt2(path: Path, uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> 
     """
     _check_size(path, max_bytes)
     try:
-        with zipfile.ZipFile(path) as archive:
+        delivered = path.read_bytes()  # read once: the digest names exactly the bytes loaded
+        with zipfile.ZipFile(io.BytesIO(delivered)) as archive:
             members = {info.filename: archive.read(info) for info in archive.infolist()}
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise ModelLoadError(f"{uri}: not a readable pt2 archive ({exc})") from exc
@@ -178,7 +179,7 @@ def load_pt2(path: Path, uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> 
         program = torch.export.load(io.BytesIO(rebuilt.getvalue()))
     except Exception as exc:
         raise ModelLoadError(f"{uri}: torch.export could not load the archive: {exc}") from exc
-    return LoadedModel(uri, "pt2", FxTapped(program.module()), hashlib.sha256(path.read_bytes()).hexdigest())
+    return LoadedModel(uri, "pt2", FxTapped(program.module()), hashlib.sha256(delivered).hexdigest())
 
 
 def _load_mlflow_dir(path: Path, uri: str, max_bytes: int) -> LoadedModel:
