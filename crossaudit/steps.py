@@ -58,18 +58,19 @@ def _pair(record: PairRecord, suspect: Path, witness: Path, data: Path, device: 
     entries = [str(only_entry(folder)) for folder in (suspect, witness, data)]
     config = AuditConfig(paradigm=record.paradigm)
     pair = prepare_pair(entries[:2], entries[2], record.seed, device, config, record.checked())
-    _same_models(record, pair.reports)
-    for report, uri in zip(pair.reports, record.uris, strict=True):
-        report.uri = uri
+    _as_recorded(record, pair.reports)
     return pair
 
 
-def _same_models(record: PairRecord, reports: list[ModelReport]) -> None:
-    """A later stage must audit the bytes stage 1 checked: a model artifact changed
-    between stages fails the step (and the exit handler marks the version `error`)."""
+def _as_recorded(record: PairRecord, reports: list[ModelReport]) -> None:
+    """Report the rebuilt models under the URIs they came from. A later stage must audit
+    the bytes stage 1 checked: a model artifact changed between stages fails the step
+    (and the exit handler marks the version `error`)."""
     found = [r.sha256 for r in reports]
     if record.model_sha256 is not None and found != record.model_sha256:
         raise AuditError(f"the models changed between stages: sha256 {found} where stage 1 saw {record.model_sha256}")
+    for report, uri in zip(reports, record.uris, strict=True):
+        report.uri = uri
 
 
 def _text_pair(record: PairRecord, suspect: Path, witness: Path, data: Path, device: str) -> TextPair:
@@ -79,9 +80,7 @@ def _text_pair(record: PairRecord, suspect: Path, witness: Path, data: Path, dev
     pair = prepare_text_pair(
         entries[:2], entries[2], record.seed, device, AuditConfig(paradigm=LM), TextSearchConfig(), record.checked()
     )
-    _same_models(record, pair.reports)
-    for report, uri in zip(pair.reports, record.uris, strict=True):
-        report.uri = uri
+    _as_recorded(record, pair.reports)
     return pair
 
 
