@@ -4,7 +4,7 @@ Every test pair is a suspect (backdoored with one of the zoo's attacks, or clean
 clean witness from another provider; both detectors judge *every* model of the pair, so
 each model is one sample (positive when it carries a backdoor). Thresholds are never
 fitted here: crossaudit uses the shipped profiles (`crossaudit calibrate`, clean pairs of
-seeds 100-109 only, no backdoored model), Neural Cleanse its published rule (anomaly index
+seeds 100-119 only, no backdoored model), Neural Cleanse its published rule (anomaly index
 >= 2). Test pairs use seeds 200 and up. Also measured, in the same run:
 - adversarially vulnerable clean models (MLPs, with their FGSM error shown): must pass;
 - ablations (no witness, no CKA term, no sensitivity stage), same pairs and thresholds;
@@ -39,6 +39,7 @@ from benchmarks.paradigms import existing_section, write_section
 from crossaudit import __version__
 from crossaudit.audit import AuditConfig, run_audit
 from crossaudit.baselines.neural_cleanse import NeuralCleanseConfig, neural_cleanse
+from crossaudit.calibrate import CLEAN_PAIRS, pair_seeds
 from crossaudit.data import read_audit_data, write_parquet
 from crossaudit.inversion import InversionConfig
 from crossaudit.models import load_model
@@ -72,7 +73,7 @@ class Plan:
 
 
 FULL = Plan(
-    "full", ("digits", "fmnist"), (("cnn", "cnn"), ("cnn", "mlp")), ATTACKS[1:], (200, 210, 220),
+    "full", ("digits", "fmnist"), (("cnn", "cnn"), ("cnn", "mlp"), ("resnet", "cnn")), ATTACKS[1:], (200, 210, 220),
     tuple(ABLATIONS), (10, 20, 40), ("mlp", "cnn", "resnet"), NeuralCleanseConfig(),
 )  # fmt: skip
 STANDARD = dataclasses.replace(FULL, name="standard", seeds=(200,))
@@ -335,6 +336,24 @@ def detector_table(results: Results, detector: str, rounds: int, arch_pairs: set
     ])  # fmt: skip
 
 
+def arch_pair_table(results: Results) -> str:
+    """crossaudit per architecture pair: a threshold that holds for CNNs may not for ResNets."""
+    rows = []
+    for pair in sorted({s.arch_pair for s in results.samples if s.detector == "crossaudit" and s.arch_pair}):
+        samples = [s for s in results.samples if s.detector == "crossaudit" and s.arch_pair == pair]
+        positives = [s for s in samples if s.positive]
+        negatives = [s for s in samples if not s.positive]
+        rows.append(
+            f"| {pair} | {sum(s.flagged for s in positives)} of {len(positives)} | "
+            f"{sum(s.flagged for s in negatives)} of {len(negatives)} |"
+        )
+    return "\n".join([
+        "| suspect/witness | backdoored models detected | clean models flagged |",
+        "|---|---|---|",
+        *rows,
+    ])  # fmt: skip
+
+
 def targets_line(results: Results) -> str:
     ours = [s for s in results.samples if s.detector == "crossaudit"]
     nc = [s for s in results.samples if s.detector == "Neural Cleanse"]
@@ -388,6 +407,11 @@ def plot_scaling(results: Results, path: Path) -> None:
     plt.close(figure)
 
 
+def _calibration_seeds() -> str:
+    last = len(CLEAN_PAIRS["supervised"]) - 1
+    return f"{pair_seeds('supervised', 0)[0]}-{pair_seeds('supervised', last)[1]}"
+
+
 def write_report(plan: Plan, results: Results, out: Path, plot: Path, seconds: float) -> None:
     ablated = {f"{a}/{b}" for a, b in plan.arch_pairs[: plan.ablation_arch_pairs]}
     detectors = ["crossaudit", "Neural Cleanse", *(f"crossaudit ({a})" for a in plan.ablations if a != "full")]
@@ -414,7 +438,7 @@ Zoo: datasets {", ".join(plan.datasets)}; architecture pairs (suspect/witness)
 seeds {", ".join(map(str, plan.seeds))} (targets {", ".join(map(str, TARGETS[: len(plan.seeds)]))}).
 Each model of each pair is one sample; clean models include every witness and an adversarially
 vulnerable clean MLP/CNN pair per dataset (FGSM error at eps 0.03: {vulnerability}).
-Thresholds: the shipped per-dataset profiles from `crossaudit calibrate` (clean pairs, seeds 100-109,
+Thresholds: the shipped per-dataset profiles from `crossaudit calibrate` (clean pairs, seeds {_calibration_seeds()},
 no backdoored model); nothing here is fitted to these pairs. Neural Cleanse: anomaly index >= 2
 ({plan.neural_cleanse.steps} steps per class). Scores for AUROC: crossaudit's score / threshold, Neural
 Cleanse's anomaly index. Bootstrap: {plan.bootstrap} rounds.
@@ -428,6 +452,10 @@ Cleanse's anomaly index. Bootstrap: {plan.bootstrap} rounds.
 {detector_table(results, "crossaudit", plan.bootstrap)}
 
 {detector_table(results, "Neural Cleanse", plan.bootstrap)}
+
+**crossaudit by architecture pair** (the adversarially vulnerable pair not included):
+
+{arch_pair_table(results)}
 
 ## Ablations (same thresholds; on the {", ".join(f"{a}/{b}" for a, b in plan.arch_pairs[: plan.ablation_arch_pairs])} pairs)
 

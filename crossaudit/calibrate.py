@@ -35,6 +35,11 @@ CLEAN_PAIRS = {
         ("digits", "resnet", "cnn"),
         ("fmnist", "cnn", "resnet"),
         ("fmnist", "cnn", "mlp"),
+        ("digits", "resnet", "cnn"),
+        ("digits", "cnn", "cnn"),
+        ("digits", "cnn", "mlp"),
+        ("fmnist", "resnet", "cnn"),
+        ("fmnist", "cnn", "cnn"),
     ),
     "semi": (("digits", "cnn", "mlp"), ("digits", "cnn", "cnn"), ("digits", "resnet", "cnn")),
     "ssl": (("digits", "cnn", "mlp"), ("digits", "cnn", "cnn"), ("digits", "resnet", "cnn")),
@@ -65,7 +70,7 @@ def calibrate(paradigm: str = "supervised") -> tuple[list[Thresholds], list[Cali
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for number, (dataset, first, second) in enumerate(pairs):
-            seeds = (FIRST_SEED[paradigm] + 2 * number, FIRST_SEED[paradigm] + 2 * number + 1)
+            seeds = pair_seeds(paradigm, number)
             data, paths = _clean_pair(paradigm, dataset, (first, second), seeds, work)
             config = AuditConfig(paradigm=paradigm)
             result = run_audit(str(paths[0]), str(paths[1]), str(data), config=config, thresholds=provisional)
@@ -77,16 +82,26 @@ def calibrate(paradigm: str = "supervised") -> tuple[list[Thresholds], list[Cali
                     scores[finding.family] = max(scores[finding.family], finding.score)
                 if paradigm == "lm":
                     scores[TEXT_FAMILY] = max(scores[TEXT_FAMILY], model.score or 0.0)
-            name = f"{dataset}:{first}-vs-{second}"
-            if paradigm != "supervised":
-                name = f"{paradigm}:{dataset}:{first}{seeds[0]}-vs-{second}{seeds[1]}"
-            runs.append(CalibrationRun(name, scores))
+            runs.append(CalibrationRun(pair_name(paradigm, dataset, (first, second), seeds), scores))
     if paradigm != "supervised":
         return [profile(paradigm, paradigm, runs)], runs
     return [profile(DEFAULT_PROFILE, paradigm, runs)] + [
         profile(dataset, paradigm, [run for run in runs if run.pair.startswith(f"{dataset}:")])
         for dataset in sorted({dataset for dataset, _, _ in pairs})
     ], runs
+
+
+def pair_seeds(paradigm: str, number: int) -> tuple[int, int]:
+    """The two providers' seeds of the paradigm's `number`th clean pair."""
+    first = FIRST_SEED[paradigm] + 2 * number
+    return first, first + 1
+
+
+def pair_name(paradigm: str, dataset: str, archs: tuple[str, str], seeds: tuple[int, int]) -> str:
+    """How thresholds.json names a clean pair's scores: dataset, then each model's
+    architecture and seed; a paradigm other than supervised leads."""
+    name = f"{dataset}:{archs[0]}{seeds[0]}-vs-{archs[1]}{seeds[1]}"
+    return name if paradigm == "supervised" else f"{paradigm}:{name}"
 
 
 def _clean_pair(

@@ -1,0 +1,56 @@
+"""The calibration's bookkeeping: which seeds it may use, and that the shipped thresholds
+follow from the clean-pair scores recorded beside them."""
+
+import json
+from importlib import resources
+
+import pytest
+
+from benchmarks.detection import PLANS
+from benchmarks.paradigms import SEEDS as PARADIGM_BENCHMARK_SEEDS
+from crossaudit.calibrate import CLEAN_PAIRS, MARGIN, CalibrationRun, pair_name, pair_seeds, profile
+from crossaudit.verdict import DEFAULT_PROFILE
+
+
+def _seeds(paradigm: str) -> set[int]:
+    return {seed for number in range(len(CLEAN_PAIRS[paradigm])) for seed in pair_seeds(paradigm, number)}
+
+
+def test_calibration_seeds_are_disjoint_across_paradigms_and_below_every_benchmark_seed():
+    seen: set[int] = set()
+    for paradigm in CLEAN_PAIRS:
+        mine = _seeds(paradigm)
+        assert not mine & seen, f"{paradigm} reuses another paradigm's calibration seeds"
+        seen |= mine
+    test_seeds = {seed for plan in PLANS.values() for seed in plan.seeds} | set(PARADIGM_BENCHMARK_SEEDS)
+    assert max(seen) < min(test_seeds)
+
+
+def test_a_profile_is_the_highest_clean_score_plus_the_margin_with_a_floor():
+    runs = [CalibrationRun("a", {"patch": 0.3, "blend": 0.01, "warp": 0.5}),
+            CalibrationRun("b", {"patch": 0.6, "blend": 0.02, "warp": -0.2})]  # fmt: skip
+    thresholds = profile("p", "supervised", runs)
+    assert thresholds.per_family == {"patch": pytest.approx(0.6 + MARGIN), "blend": 0.2, "warp": 0.6}
+    assert thresholds.clean_pairs == 2
+
+
+def test_shipped_thresholds_follow_from_the_recorded_clean_pair_scores():
+    """A threshold edited by hand, or a calibration whose pairs changed without a rerun,
+    no longer matches the scores of the pairs `crossaudit calibrate` names."""
+    record = json.loads(resources.files("crossaudit").joinpath("thresholds.json").read_text())
+    for paradigm, pairs in CLEAN_PAIRS.items():
+        runs = [
+            CalibrationRun(name, record["clean_pair_scores"][name])
+            for number, (dataset, first, second) in enumerate(pairs)
+            for name in [pair_name(paradigm, dataset, (first, second), pair_seeds(paradigm, number))]
+        ]
+        if paradigm == "supervised":
+            expected = {DEFAULT_PROFILE: runs} | {
+                dataset: [run for run in runs if run.pair.startswith(f"{dataset}:")] for dataset, _, _ in pairs
+            }
+        else:
+            expected = {paradigm: runs}
+        for name, chosen in expected.items():
+            shipped = record["profiles"][name]
+            assert shipped["per_family"] == profile(name, paradigm, chosen).per_family, name
+            assert shipped["clean_pairs"] == len(chosen) and shipped["paradigm"] == paradigm
