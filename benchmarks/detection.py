@@ -73,8 +73,8 @@ class Plan:
 
 
 FULL = Plan(
-    "full", ("digits", "fmnist"), (("cnn", "cnn"), ("cnn", "mlp"), ("resnet", "cnn")), ATTACKS[1:], (200, 210, 220),
-    tuple(ABLATIONS), (10, 20, 40), ("mlp", "cnn", "resnet"), NeuralCleanseConfig(),
+    "full", ("digits", "fmnist"), (("cnn", "cnn"), ("resnet", "cnn"), ("cnn", "mlp")), ATTACKS[1:], (200, 210, 220),
+    tuple(ABLATIONS), (10, 20, 40), ("mlp", "cnn", "resnet"), NeuralCleanseConfig(), ablation_arch_pairs=2,
 )  # fmt: skip
 STANDARD = dataclasses.replace(FULL, name="standard", seeds=(200,))
 QUICK = Plan(  # one scaling point: 20 classes, the smallest that builds a multi-quadrant task
