@@ -11,10 +11,10 @@ seeds 100-119 only, no backdoored model), Neural Cleanse its published rule (ano
 - scaling of audit time with the number of classes (10/20/40 from real digits placed in
   the quadrants of a larger canvas) and with the model size.
 
-`python -m benchmarks.detection` (`--plan full`, three seeds, about an hour on 2 cores; run
-by `make bench`) writes docs/benchmarks.md and docs/benchmarks_scaling.png; `--plan
-standard` is the same zoo with one seed (about 40 minutes); `--quick` runs a smoke version
-of the same code path in a few minutes (the tests run it).
+`python -m benchmarks.detection` (`--plan full`, three seeds, about three and a half hours
+on 2 cores; run by `make bench`) writes docs/benchmarks.md and docs/benchmarks_scaling.png;
+`--plan standard` is the same zoo with one seed (75 minutes); `--quick` runs a smoke
+version of the same code path in a few minutes (the tests run it).
 """
 
 from __future__ import annotations
@@ -483,7 +483,7 @@ Neural Cleanse / crossaudit time ratio (means): {statistics.mean(results.pair_se
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--plan", choices=sorted(PLANS), default="full", help="zoo size (full: about an hour)")
+    parser.add_argument("--plan", choices=sorted(PLANS), default="full", help="zoo size (full: about 3.5 h)")
     parser.add_argument("--quick", action="store_true", help="the smoke plan (same as --plan quick)")
     parser.add_argument("--out", type=Path, default=None, help="report path (default docs/benchmarks[-quick].md)")
     args = parser.parse_args(argv)
