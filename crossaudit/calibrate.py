@@ -140,8 +140,11 @@ def profile(name: str, paradigm: str, runs: list[CalibrationRun]) -> Thresholds:
 
 
 def write_thresholds(thresholds: list[Thresholds], runs: list[CalibrationRun], path: Path) -> None:
-    """Write the new profiles into `path`, keeping the profiles of other paradigms there."""
+    """Write the new profiles into `path`, keeping other paradigms' profiles and scores there.
+    This paradigm's earlier clean-pair scores are replaced, not merged: the file should
+    name only the pairs its thresholds came from."""
     record = json.loads(path.read_text()) if path.is_file() else {"profiles": {}, "clean_pair_scores": {}}
+    paradigm = thresholds[0].paradigm
     record["calibrated_by"] = COMMAND
     record["rule"] = f"per profile and family: max clean-pair score + {MARGIN}, at least {FLOOR}"
     for t in thresholds:
@@ -150,5 +153,13 @@ def write_thresholds(thresholds: list[Thresholds], runs: list[CalibrationRun], p
             "clean_pairs": t.clean_pairs,
             "paradigm": t.paradigm,
         }
-    record["clean_pair_scores"].update({run.pair: run.scores for run in runs})
+    record["clean_pair_scores"] = {
+        name: scores for name, scores in record["clean_pair_scores"].items() if _paradigm_of(name) != paradigm
+    } | {run.pair: run.scores for run in runs}
     path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _paradigm_of(pair: str) -> str:
+    """The paradigm a clean pair's name (`pair_name`) belongs to."""
+    prefix = pair.split(":")[0]
+    return prefix if prefix in CLEAN_PAIRS else "supervised"

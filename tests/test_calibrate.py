@@ -8,7 +8,15 @@ import pytest
 
 from benchmarks.detection import PLANS
 from benchmarks.paradigms import SEEDS as PARADIGM_BENCHMARK_SEEDS
-from crossaudit.calibrate import CLEAN_PAIRS, MARGIN, CalibrationRun, pair_name, pair_seeds, profile
+from crossaudit.calibrate import (
+    CLEAN_PAIRS,
+    MARGIN,
+    CalibrationRun,
+    pair_name,
+    pair_seeds,
+    profile,
+    write_thresholds,
+)
 from crossaudit.verdict import DEFAULT_PROFILE
 
 
@@ -54,3 +62,16 @@ def test_shipped_thresholds_follow_from_the_recorded_clean_pair_scores():
             shipped = record["profiles"][name]
             assert shipped["per_family"] == profile(name, paradigm, chosen).per_family, name
             assert shipped["clean_pairs"] == len(chosen) and shipped["paradigm"] == paradigm
+
+
+def test_recalibrating_a_paradigm_replaces_its_scores_and_keeps_the_others(tmp_path):
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps({
+        "profiles": {"semi": {"per_family": {"patch": 0.5}, "clean_pairs": 1, "paradigm": "semi"}},
+        "clean_pair_scores": {"digits:cnn-vs-mlp": {"patch": 0.9}, "semi:digits:cnn120-vs-mlp121": {"patch": 0.4}},
+    }))  # fmt: skip
+    runs = [CalibrationRun("digits:cnn100-vs-mlp101", {"patch": 0.3, "blend": 0.1, "warp": 0.1})]
+    write_thresholds([profile(DEFAULT_PROFILE, "supervised", runs)], runs, path)
+    record = json.loads(path.read_text())
+    assert set(record["clean_pair_scores"]) == {"digits:cnn100-vs-mlp101", "semi:digits:cnn120-vs-mlp121"}
+    assert set(record["profiles"]) == {"semi", DEFAULT_PROFILE}
