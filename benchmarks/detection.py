@@ -39,7 +39,7 @@ from benchmarks.paradigms import existing_section, write_section
 from crossaudit import __version__
 from crossaudit.audit import AuditConfig, run_audit
 from crossaudit.baselines.neural_cleanse import NeuralCleanseConfig, neural_cleanse
-from crossaudit.calibrate import CLEAN_PAIRS, pair_seeds
+from crossaudit.calibrate import clean_pairs
 from crossaudit.data import read_audit_data, write_parquet
 from crossaudit.inversion import InversionConfig
 from crossaudit.models import load_model
@@ -408,8 +408,8 @@ def plot_scaling(results: Results, path: Path) -> None:
 
 
 def _calibration_seeds() -> str:
-    last = len(CLEAN_PAIRS["supervised"]) - 1
-    return f"{pair_seeds('supervised', 0)[0]}-{pair_seeds('supervised', last)[1]}"
+    pairs = clean_pairs("supervised")
+    return f"{pairs[0].seeds[0]}-{pairs[-1].seeds[1]}"
 
 
 def write_report(plan: Plan, results: Results, out: Path, plot: Path, seconds: float) -> None:

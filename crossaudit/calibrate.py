@@ -57,21 +57,45 @@ class CalibrationRun:
     scores: dict[str, float]
 
 
+@dataclass(frozen=True)
+class CleanPair:
+    """One clean pair the calibration trains: its task, the two providers' architectures
+    and seeds (assigned upwards from the paradigm's first seed)."""
+
+    paradigm: str
+    dataset: str
+    archs: tuple[str, str]
+    seeds: tuple[int, int]
+
+    @property
+    def name(self) -> str:
+        """How thresholds.json names the pair's scores: dataset, then each model's
+        architecture and seed; a paradigm other than supervised leads."""
+        name = f"{self.dataset}:{self.archs[0]}{self.seeds[0]}-vs-{self.archs[1]}{self.seeds[1]}"
+        return name if self.paradigm == "supervised" else f"{self.paradigm}:{name}"
+
+
+def clean_pairs(paradigm: str) -> list[CleanPair]:
+    """The paradigm's clean pairs in calibration order, each with its seeds."""
+    first = FIRST_SEED[paradigm]
+    return [
+        CleanPair(paradigm, dataset, (a, b), (first + 2 * number, first + 2 * number + 1))
+        for number, (dataset, a, b) in enumerate(CLEAN_PAIRS[paradigm])
+    ]
+
+
 def calibrate(paradigm: str = "supervised") -> tuple[list[Thresholds], list[CalibrationRun]]:
     """Audit each clean pair of the paradigm with unreachable thresholds (nothing is
-    judged) and keep the maxima. Supervised pairs give the `any` profile and one per
-    dataset; any other paradigm gives one profile named after it."""
+    judged) and keep the maxima (`profiles`)."""
     if paradigm not in CLEAN_PAIRS:
         raise ValueError(f"no clean pairs to calibrate {paradigm!r}; calibrated paradigms: {sorted(CLEAN_PAIRS)}")
-    pairs = CLEAN_PAIRS[paradigm]
     families = FAMILIES_OF.get(paradigm, DEFAULT_FAMILIES)
     provisional = Thresholds(dict.fromkeys(families, float("inf")), "provisional", 0, "provisional", paradigm)
     runs: list[CalibrationRun] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for number, (dataset, first, second) in enumerate(pairs):
-            seeds = pair_seeds(paradigm, number)
-            data, paths = _clean_pair(paradigm, dataset, (first, second), seeds, work)
+        for pair in clean_pairs(paradigm):
+            data, paths = _clean_pair(paradigm, pair.dataset, pair.archs, pair.seeds, work)
             config = AuditConfig(paradigm=paradigm)
             result = run_audit(str(paths[0]), str(paths[1]), str(data), config=config, thresholds=provisional)
             if result.report.error:
@@ -82,26 +106,19 @@ def calibrate(paradigm: str = "supervised") -> tuple[list[Thresholds], list[Cali
                     scores[finding.family] = max(scores[finding.family], finding.score)
                 if paradigm == "lm":
                     scores[TEXT_FAMILY] = max(scores[TEXT_FAMILY], model.score or 0.0)
-            runs.append(CalibrationRun(pair_name(paradigm, dataset, (first, second), seeds), scores))
+            runs.append(CalibrationRun(pair.name, scores))
+    return profiles(paradigm, runs), runs
+
+
+def profiles(paradigm: str, runs: list[CalibrationRun]) -> list[Thresholds]:
+    """The profiles a paradigm's clean-pair runs give: supervised pairs the `any` profile
+    and one per dataset, any other paradigm one profile named after it."""
     if paradigm != "supervised":
-        return [profile(paradigm, paradigm, runs)], runs
+        return [profile(paradigm, paradigm, runs)]
     return [profile(DEFAULT_PROFILE, paradigm, runs)] + [
         profile(dataset, paradigm, [run for run in runs if run.pair.startswith(f"{dataset}:")])
-        for dataset in sorted({dataset for dataset, _, _ in pairs})
-    ], runs
-
-
-def pair_seeds(paradigm: str, number: int) -> tuple[int, int]:
-    """The two providers' seeds of the paradigm's `number`th clean pair."""
-    first = FIRST_SEED[paradigm] + 2 * number
-    return first, first + 1
-
-
-def pair_name(paradigm: str, dataset: str, archs: tuple[str, str], seeds: tuple[int, int]) -> str:
-    """How thresholds.json names a clean pair's scores: dataset, then each model's
-    architecture and seed; a paradigm other than supervised leads."""
-    name = f"{dataset}:{archs[0]}{seeds[0]}-vs-{archs[1]}{seeds[1]}"
-    return name if paradigm == "supervised" else f"{paradigm}:{name}"
+        for dataset in sorted({pair.dataset for pair in clean_pairs(paradigm)})
+    ]
 
 
 def _clean_pair(
@@ -160,6 +177,6 @@ def write_thresholds(thresholds: list[Thresholds], runs: list[CalibrationRun], p
 
 
 def _paradigm_of(pair: str) -> str:
-    """The paradigm a clean pair's name (`pair_name`) belongs to."""
+    """The paradigm a clean pair's name (`CleanPair.name`) belongs to."""
     prefix = pair.split(":")[0]
     return prefix if prefix in CLEAN_PAIRS else "supervised"

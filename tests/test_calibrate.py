@@ -8,26 +8,14 @@ import pytest
 
 from benchmarks.detection import PLANS
 from benchmarks.paradigms import SEEDS as PARADIGM_BENCHMARK_SEEDS
-from crossaudit.calibrate import (
-    CLEAN_PAIRS,
-    MARGIN,
-    CalibrationRun,
-    pair_name,
-    pair_seeds,
-    profile,
-    write_thresholds,
-)
+from crossaudit.calibrate import CLEAN_PAIRS, MARGIN, CalibrationRun, clean_pairs, profile, profiles, write_thresholds
 from crossaudit.verdict import DEFAULT_PROFILE
-
-
-def _seeds(paradigm: str) -> set[int]:
-    return {seed for number in range(len(CLEAN_PAIRS[paradigm])) for seed in pair_seeds(paradigm, number)}
 
 
 def test_calibration_seeds_are_disjoint_across_paradigms_and_below_every_benchmark_seed():
     seen: set[int] = set()
     for paradigm in CLEAN_PAIRS:
-        mine = _seeds(paradigm)
+        mine = {seed for pair in clean_pairs(paradigm) for seed in pair.seeds}
         assert not mine & seen, f"{paradigm} reuses another paradigm's calibration seeds"
         seen |= mine
     test_seeds = {seed for plan in PLANS.values() for seed in plan.seeds} | set(PARADIGM_BENCHMARK_SEEDS)
@@ -46,22 +34,12 @@ def test_shipped_thresholds_follow_from_the_recorded_clean_pair_scores():
     """A threshold edited by hand, or a calibration whose pairs changed without a rerun,
     no longer matches the scores of the pairs `crossaudit calibrate` names."""
     record = json.loads(resources.files("crossaudit").joinpath("thresholds.json").read_text())
-    for paradigm, pairs in CLEAN_PAIRS.items():
-        runs = [
-            CalibrationRun(name, record["clean_pair_scores"][name])
-            for number, (dataset, first, second) in enumerate(pairs)
-            for name in [pair_name(paradigm, dataset, (first, second), pair_seeds(paradigm, number))]
-        ]
-        if paradigm == "supervised":
-            expected = {DEFAULT_PROFILE: runs} | {
-                dataset: [run for run in runs if run.pair.startswith(f"{dataset}:")] for dataset, _, _ in pairs
-            }
-        else:
-            expected = {paradigm: runs}
-        for name, chosen in expected.items():
-            shipped = record["profiles"][name]
-            assert shipped["per_family"] == profile(name, paradigm, chosen).per_family, name
-            assert shipped["clean_pairs"] == len(chosen) and shipped["paradigm"] == paradigm
+    for paradigm in CLEAN_PAIRS:
+        runs = [CalibrationRun(pair.name, record["clean_pair_scores"][pair.name]) for pair in clean_pairs(paradigm)]
+        for expected in profiles(paradigm, runs):
+            shipped = record["profiles"][expected.profile]
+            assert shipped["per_family"] == expected.per_family, expected.profile
+            assert shipped["clean_pairs"] == expected.clean_pairs and shipped["paradigm"] == paradigm
 
 
 def test_recalibrating_a_paradigm_replaces_its_scores_and_keeps_the_others(tmp_path):
