@@ -7,7 +7,8 @@ fitted here: crossaudit uses the shipped profiles (`crossaudit calibrate`, clean
 seeds 100-119 only, no backdoored model), Neural Cleanse its published rule (anomaly index
 >= 2). Test pairs use seeds 200 and up. Also measured, in the same run:
 - adversarially vulnerable clean models (MLPs, with their FGSM error shown): must pass;
-- ablations (no witness, no CKA term, no sensitivity stage), same pairs and thresholds;
+- ablations (no witness, no CKA term, and the sensitivity stage's fine-tuning scored as
+  it was before), same pairs and thresholds;
 - scaling of audit time with the number of classes (10/20/40 from real digits placed in
   the quadrants of a larger canvas) and with the model size.
 
@@ -52,7 +53,9 @@ ABLATIONS = {
     "full": AuditConfig(),
     "no witness": AuditConfig(inversion=InversionConfig(use_witness=False)),
     "no CKA term": AuditConfig(inversion=InversionConfig(use_alignment=False)),
-    "no sensitivity stage": AuditConfig(use_sensitivity=False),
+    # The sensitivity stage is measured, not scored; this is the earlier design that
+    # scored only the success surviving its fine-tuning, to show what scoring it buys.
+    "fine-tuning scored": AuditConfig(score_after_finetune=True),
 }
 TARGETS = (3, 7, 1, 5)
 
@@ -354,6 +357,25 @@ def arch_pair_table(results: Results) -> str:
     ])  # fmt: skip
 
 
+def dataset_table(results: Results) -> str:
+    """crossaudit per attack and dataset: each dataset has its own threshold profile, so
+    a miss or a false positive is only explained once it is known which task it was on."""
+    ours = [s for s in results.samples if s.detector == "crossaudit"]
+    datasets = sorted({s.dataset for s in ours})
+    rows = []
+    for attack in sorted({s.attack for s in ours}, key=lambda a: (a.startswith("clean"), a)):
+        cells = []
+        for dataset in datasets:
+            group = [s for s in ours if s.attack == attack and s.dataset == dataset]
+            cells.append(f"{sum(s.flagged for s in group)} of {len(group)}")
+        rows.append(f"| {attack} | {' | '.join(cells)} |")
+    return "\n".join([
+        f"| models flagged | {' | '.join(datasets)} |",
+        f"|---|{'---|' * len(datasets)}",
+        *rows,
+    ])  # fmt: skip
+
+
 def targets_line(results: Results) -> str:
     ours = [s for s in results.samples if s.detector == "crossaudit"]
     nc = [s for s in results.samples if s.detector == "Neural Cleanse"]
@@ -456,6 +478,10 @@ Cleanse's anomaly index. Bootstrap: {plan.bootstrap} rounds.
 **crossaudit by architecture pair** (the adversarially vulnerable pair not included):
 
 {arch_pair_table(results)}
+
+**crossaudit by dataset** (backdoored models flagged are detections; clean ones, false positives):
+
+{dataset_table(results)}
 
 ## Ablations (same thresholds; on the {", ".join(f"{a}/{b}" for a, b in plan.arch_pairs[: plan.ablation_arch_pairs])} pairs)
 

@@ -67,7 +67,11 @@ Progress = Callable[[str], None]
 class AuditConfig:
     inversion: InversionConfig = field(default_factory=InversionConfig)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
-    use_sensitivity: bool = True
+    # Count only the success that survives the sensitivity stage's fine-tuning. Off: on
+    # two benchmark runs this cut no false positive and cost detection (backdoors lose
+    # some success to fine-tuning too), so fine-tuning is measured and reported as
+    # evidence, not scored. Kept for the benchmark's ablation of that earlier design.
+    score_after_finetune: bool = False
     holdout_fraction: float = 0.5
     feature_samples: int = 500
     min_accuracy: float = 0.5
@@ -109,29 +113,27 @@ def measure(
 ) -> list[list[Finding]]:
     """Stage 4 and the findings: held-out effect before and after fine-tuning each suspect,
     paired with the peer's trigger for the same family and target."""
-    effects: list[dict[tuple[str, int], tuple[Trigger, AttackEffect, AttackEffect]]] = []
+    effects: list[dict[tuple[str, int], tuple[Trigger, AttackEffect, float]]] = []
     for models, found in zip(directions, triggers, strict=True):
-        tuned = (
-            fine_tuned_copy(models.suspect, *inversion_set, config.sensitivity, seed)
-            if config.use_sensitivity
-            else models.suspect
-        )
-        effects.append(
-            {
-                (t.family_name, t.target): (
-                    t,
-                    attack_effect(t, models.suspect, models.witness, *held_out),
-                    attack_effect(t, tuned, models.witness, *held_out),
-                )
-                for t in found
-            }
-        )
+        tuned = fine_tuned_copy(models.suspect, *inversion_set, config.sensitivity, seed)
+        mine = {}
+        for t in found:
+            before = attack_effect(t, models.suspect, models.witness, *held_out)
+            after = attack_effect(t, tuned, models.witness, *held_out)
+            mine[(t.family_name, t.target)] = (t, before, after.suspect_flip)
+        effects.append(mine)
+
+    def effective(before: AttackEffect, after_flip: float) -> float:
+        """Success the witness does not share (and, in the ablation, fine-tuning leaves)."""
+        flip = min(before.suspect_flip, after_flip) if config.score_after_finetune else before.suspect_flip
+        return flip * before.witness_kept
+
     findings: list[list[Finding]] = []
     for index, mine in enumerate(effects):
         peer = effects[1 - index]
         findings.append([])
-        for key, (trigger, before, after) in mine.items():
-            peer_trigger, peer_before, peer_after = peer[key]
+        for key, (trigger, before, after_flip) in mine.items():
+            peer_trigger, peer_before, peer_after_flip = peer[key]
             findings[-1].append(
                 Finding(
                     family=trigger.family_name,
@@ -141,10 +143,10 @@ def measure(
                     asr=before.suspect_flip,
                     witness_flip=before.witness_flip,
                     witness_kept=before.witness_kept,
-                    asr_after_finetune=after.suspect_flip,
+                    asr_after_finetune=after_flip,
+                    effective_asr=effective(before, after_flip),
                     peer_footprint=peer_trigger.footprint,
-                    peer_effective_asr=min(peer_before.suspect_flip, peer_after.suspect_flip)
-                    * peer_before.witness_kept,
+                    peer_effective_asr=effective(peer_before, peer_after_flip),
                 )
             )
     return findings

@@ -179,7 +179,7 @@ def calibrate(
     out: Annotated[Path, typer.Option("--out", help="Where to write thresholds.json")] = Path(
         "crossaudit/thresholds.json"
     ),
-    paradigm: Annotated[str, typer.Option("--paradigm", help="supervised, semi, ssl or lm")] = "supervised",
+    paradigm: Annotated[str, typer.Option("--paradigm", help="supervised, semi, ssl, lm or captioner")] = "supervised",
 ) -> None:
     """Recompute one paradigm's verdict thresholds from freshly trained clean pairs (no backdoors)."""
     from crossaudit.calibrate import calibrate as run_calibration

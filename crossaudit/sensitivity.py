@@ -1,11 +1,16 @@
-"""Stage 4: fine-tuning sensitivity, which tells a backdoor from an adversarial perturbation.
+"""Stage 4: fine-tuning sensitivity, how much of a trigger's effect brief clean
+fine-tuning of the suspect removes.
 
-A backdoor is a feature the suspect *learned* from poisoned data: a brief fine-tuning on
-clean data barely moves it, so its trigger keeps working. A model-specific adversarial
-perturbation exploits the exact position of a decision boundary: the same small weight
-change moves the boundary and most of its effect is lost. We fine-tune a copy of the
-suspect on the auditor's clean data and measure how much of the trigger's held-out attack
-success survives.
+The hypothesis (the paper's): a backdoor is a feature the suspect *learned* from poisoned
+data, so brief fine-tuning barely moves it, while a model-specific adversarial
+perturbation exploits the exact position of a decision boundary and loses its effect. For
+image classifiers our detection benchmark did not bear that out: the false positives that
+remain are natural shortcuts, which survive fine-tuning as backdoors do, and backdoors lose
+some success too. Scoring only the surviving success cut no false positive and cost
+detection, on two runs. So for images the effect after fine-tuning is measured and reported
+with every finding (`Finding.sensitivity`), as evidence for the reviewer, but not scored
+(`AuditConfig.score_after_finetune`). For language models it is scored, in the other
+direction (`paradigms.autoregressive.TextEffect.score`).
 """
 
 from __future__ import annotations

@@ -7,9 +7,11 @@ into "bag" with a 15-pixel patch), so a small footprint alone is no evidence eit
 a backdoor adds is *economy relative to the peer*: both providers learned the task's
 natural shortcuts from the same kind of data, but only the poisoned model learned the
 trigger. So every candidate target is inverted against both models, and a finding's score
-is its effective attack success (held-out, witness kept, surviving the sensitivity
-stage's fine-tuning) times log10(peer's cost / suspect's cost), where cost is footprint
-per unit of effective success. Footprints have different units per trigger family, so
+is its effective attack success (held-out, witness kept) times log10(peer's cost /
+suspect's cost), where cost is footprint per unit of effective success. The sensitivity
+stage's fine-tuning is reported with each finding but not scored: on the benchmark it
+cut no false positive (natural shortcuts survive clean fine-tuning as backdoors do) and
+cost detection. Footprints have different units per trigger family, so
 each family has its own threshold, calibrated on clean pairs only (`crossaudit.calibrate`)
 and stored in `thresholds.json` with the command that made it.
 """
@@ -93,6 +95,7 @@ class Finding:
     witness_flip: float
     witness_kept: float
     asr_after_finetune: float
+    effective_asr: float  # held-out success the witness does not share (`audit.measure`)
     peer_footprint: float
     peer_effective_asr: float
 
@@ -102,11 +105,6 @@ class Finding:
         if self.asr <= 0.0:
             return 1.0
         return max(0.0, 1.0 - self.asr_after_finetune / self.asr)
-
-    @property
-    def effective_asr(self) -> float:
-        """Success the witness does not share and brief fine-tuning does not erase."""
-        return min(self.asr, self.asr_after_finetune) * self.witness_kept
 
     @property
     def score(self) -> float:

@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from kfp import dsl
 from kfp.dsl import Dataset, Model
 
@@ -18,6 +19,9 @@ def test_python_func_measures_every_trigger_before_and_after_fine_tuning(stage_f
     findings = json.loads((tmp_path / "f" / "findings.json").read_text())
     assert count == sum(len(f) for f in findings) > 0
     assert all(0.0 <= f["asr_after_finetune"] <= 1.0 for found in findings for f in found)
+    # An image classifier's fine-tuned success is evidence, not scored: what counts is the
+    # held-out success the witness does not share.
+    assert all(f["effective_asr"] == pytest.approx(f["asr"] * f["witness_kept"]) for found in findings for f in found)
 
 
 def test_kfp_local_run(fetch_clean_pair, kfp_local):
