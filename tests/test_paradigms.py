@@ -247,7 +247,18 @@ def _audit(zoo: ParadigmZoo, first: str, second: str, data: Path, *extra: str) -
 @pytest.mark.parametrize(
     ("backdoored", "clean", "other_clean", "data", "paradigm"),
     [
-        ("semi_badnets_cnn", "semi_clean_mlp", "semi_clean_cnn", "digits", "semi"),
+        pytest.param(
+            "semi_badnets_cnn",
+            "semi_clean_mlp",
+            "semi_clean_cnn",
+            "digits",
+            "semi",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="a known miss since stop 14 unscored fine-tuning: semi-supervised clean pairs then score "
+                "high, so the recalibrated semi thresholds are high (README, Learning paradigms)",
+            ),
+        ),
         ("ssl_badnets_cnn", "ssl_clean_mlp", "ssl_clean_cnn", "digits", "auto"),
         ("lm_phrase", "lm_clean_a", "lm_clean_b", "text", "auto"),
         ("cap_badnets_cnn", "cap_clean_mlp", "cap_clean_cnn", "captions", "auto"),
