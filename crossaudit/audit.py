@@ -68,7 +68,7 @@ class AuditConfig:
     inversion: InversionConfig = field(default_factory=InversionConfig)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     # Count only the success that survives the sensitivity stage's fine-tuning. Off: on
-    # two benchmark runs this cut no false positive and cost detection (backdoors lose
+    # three benchmark runs this cut no false positive and cost detection (backdoors lose
     # some success to fine-tuning too), so fine-tuning is measured and reported as
     # evidence, not scored. Kept for the benchmark's ablation of that earlier design.
     score_after_finetune: bool = False

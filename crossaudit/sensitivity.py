@@ -7,7 +7,7 @@ perturbation exploits the exact position of a decision boundary and loses its ef
 image classifiers our detection benchmark did not bear that out: the false positives that
 remain are natural shortcuts, which survive fine-tuning as backdoors do, and backdoors lose
 some success too. Scoring only the surviving success cut no false positive and cost
-detection, on two runs. So for images the effect after fine-tuning is measured and reported
+detection, on three runs. So for images the effect after fine-tuning is measured and reported
 with every finding (`Finding.sensitivity`), as evidence for the reviewer, but not scored
 (`AuditConfig.score_after_finetune`). For language models it is scored, in the other
 direction (`paradigms.autoregressive.TextEffect.score`).
