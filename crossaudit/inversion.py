@@ -101,30 +101,41 @@ class BlendTrigger(TriggerFamily):
 
 
 class WarpTrigger(TriggerFamily):
+    """A displacement field in pixels (channel 0 along x, 1 along y), interpolated from a
+    coarse grid of control points so that it stays smooth; images need not be square."""
+
     size_weight = 10.0
     control_points = 4
     max_pixels = 2.0
 
     def __init__(self, targets: int, shape: tuple[int, int, int]) -> None:
         super().__init__()
-        self.side = shape[-1]
+        self.height, self.width = shape[-2], shape[-1]
         k = self.control_points
         self.flow_raw = nn.Parameter(0.01 * torch.randn(targets, 2, k, k))
 
     def flow_pixels(self) -> Tensor:
         coarse = self.max_pixels * torch.tanh(self.flow_raw)
-        return F.interpolate(coarse, size=(self.side, self.side), mode="bicubic", align_corners=True)
+        return F.interpolate(coarse, size=(self.height, self.width), mode="bicubic", align_corners=True)
+
+    def _sides(self, device: torch.device) -> Tensor:
+        """Image side along each flow channel (x: width, y: height)."""
+        return torch.tensor([self.width, self.height], dtype=torch.float32, device=device).view(1, 2, 1, 1)
 
     def forward(self, x: Tensor, which: Tensor) -> Tensor:
-        line = torch.linspace(-1, 1, self.side, device=x.device)
-        grid_y, grid_x = torch.meshgrid(line, line, indexing="ij")
+        grid_y, grid_x = torch.meshgrid(
+            torch.linspace(-1, 1, self.height, device=x.device),
+            torch.linspace(-1, 1, self.width, device=x.device),
+            indexing="ij",
+        )
         identity = torch.stack((grid_x, grid_y), dim=-1)
-        offset = (self.flow_pixels()[which] * 2 / (self.side - 1)).permute(0, 2, 3, 1)
+        offset = (self.flow_pixels()[which] * 2 / (self._sides(x.device) - 1)).permute(0, 2, 3, 1)
         return F.grid_sample(x, identity + offset, align_corners=True, padding_mode="border")
 
     def footprint(self, which: Tensor) -> Tensor:
-        """Mean displacement as a fraction of the image side."""
-        return self.flow_pixels().abs().flatten(1).mean(1)[which] / self.side
+        """Mean displacement as a fraction of the image side it runs along."""
+        flow = self.flow_pixels()
+        return (flow.abs() / self._sides(flow.device)).flatten(1).mean(1)[which]
 
 
 class GeneratorTrigger(TriggerFamily):
