@@ -3,8 +3,11 @@
 Why our own translator: trigger inversion needs gradients through the provider's model,
 and ONNX Runtime gives none. The maintained converter (onnx2torch) imports torchvision,
 which does not run on our machines, so we interpret the graph node by node with torch
-ops. The op set covers what ordinary CNNs, ResNet-style nets and MLPs export to; any
-other op raises `UnsupportedOpError` when the model is loaded, never during an audit.
+ops. The op set covers what ordinary CNNs, ResNet-style nets, MLPs, MobileNet-style nets,
+GroupNorm nets, small vision transformers and upsampling layers export to, with either
+of torch's exporters (`tests/test_foreign_models.py`); any other op, or an op mode we
+cannot reproduce exactly, raises `UnsupportedOpError` when the model is loaded (the
+parity check runs every node), never during an audit.
 Float initializers become `nn.Parameter`s so the sensitivity stage can fine-tune a copy.
 """
 
@@ -147,11 +150,6 @@ def _squeeze(a: Attrs, x: list[Tensor | None]) -> Tensor:
     return x[0].squeeze(tuple(v % x[0].dim() for v in axes))
 
 
-def _reduce_mean(a: Attrs, x: list[Tensor | None]) -> Tensor:
-    axes = _axes(a, x) or list(range(x[0].dim()))
-    return x[0].mean(dim=axes, keepdim=bool(a.get("keepdims", 1)))
-
-
 def _gather(a: Attrs, x: list[Tensor | None]) -> Tensor:
     axis = int(a.get("axis", 0)) % x[0].dim()
     index = x[1].reshape(-1).long() % x[0].shape[axis]
@@ -195,10 +193,82 @@ def _softmax(log: bool) -> OpFn:
 
 def _cast(a: Attrs, x: list[Tensor | None]) -> Tensor:
     to = int(a["to"])
-    dtypes = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.INT64: torch.int64}
+    dtypes = {
+        onnx.TensorProto.FLOAT: torch.float32,
+        onnx.TensorProto.INT64: torch.int64,
+        onnx.TensorProto.INT32: torch.int32,
+        onnx.TensorProto.BOOL: torch.bool,
+    }
     if to not in dtypes:
         raise UnsupportedOpError(f"Cast to ONNX type {to} is not supported")
     return x[0].to(dtypes[to])
+
+
+def _shape(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    """The input's shape, or the part of it between `start` and `end` (opset 15)."""
+    dims = list(x[0].shape)
+    end = a.get("end")
+    return torch.tensor(dims[int(a.get("start", 0)) : None if end is None else int(end)], dtype=torch.int64)
+
+
+def _instance_norm(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    """What GroupNorm and InstanceNorm export to (GroupNorm with a reshape around it)."""
+    return F.instance_norm(x[0], weight=x[1], bias=x[2], eps=float(a.get("epsilon", 1e-5)))
+
+
+def _expand(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    """ONNX Expand broadcasts both ways: a 1 in the target shape keeps the input's size."""
+    return x[0].expand(torch.broadcast_shapes(x[0].shape, tuple(int(v) for v in x[1].tolist())))
+
+
+def _constant_of_shape(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    value = torch.as_tensor(np.array(a.get("value", np.zeros(1, np.float32))).reshape(-1)[0])
+    return torch.full(tuple(int(v) for v in x[0].tolist()), value.item(), dtype=value.dtype, device=x[0].device)
+
+
+def _mod(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    return torch.fmod(x[0], x[1]) if a.get("fmod", 0) else torch.remainder(x[0], x[1])
+
+
+def _reduce(reduce: Callable[..., Tensor]) -> OpFn:
+    def run(a: Attrs, x: list[Tensor | None]) -> Tensor:
+        axes = _axes(a, x) or list(range(x[0].dim()))
+        return reduce(x[0], dim=axes, keepdim=bool(a.get("keepdims", 1)))
+
+    return run
+
+
+# Resize: ONNX coordinate modes that F.interpolate reproduces, per interpolation mode.
+RESIZE_MODES = {
+    ("nearest", "asymmetric"): {"mode": "nearest"},
+    ("linear", "half_pixel"): {"mode": "bilinear", "align_corners": False},
+    ("linear", "pytorch_half_pixel"): {"mode": "bilinear", "align_corners": False},
+    ("linear", "align_corners"): {"mode": "bilinear", "align_corners": True},
+}
+
+
+def _text(value: object, default: str) -> str:
+    if value is None:
+        return default
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _resize(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    """Resize of an image (N x C x H x W) by scales or sizes, in the modes torch's own
+    upsampling exports to; any other mode is refused rather than approximated."""
+    mode = _text(a.get("mode"), "nearest")
+    coordinates = _text(a.get("coordinate_transformation_mode"), "half_pixel")
+    nearest = _text(a.get("nearest_mode"), "round_prefer_floor")
+    options = RESIZE_MODES.get((mode, coordinates))
+    if x[0].dim() != 4 or options is None or (mode == "nearest" and nearest != "floor"):
+        raise UnsupportedOpError(
+            f"Resize mode {mode}/{coordinates}/{nearest} on a {x[0].dim()}-d input is not supported"
+        )
+    sizes = x[3] if len(x) > 3 and x[3] is not None and x[3].numel() else None
+    if sizes is not None:
+        return F.interpolate(x[0], size=tuple(int(v) for v in sizes.tolist()[-2:]), **options)
+    scales = tuple(float(v) for v in x[2].tolist()[-2:])
+    return F.interpolate(x[0], scale_factor=scales, **options)
 
 
 OPS: dict[str, OpFn] = {
@@ -238,10 +308,19 @@ OPS: dict[str, OpFn] = {
     "Pad": _pad,
     "Softmax": _softmax(log=False),
     "LogSoftmax": _softmax(log=True),
-    "ReduceMean": _reduce_mean,
+    "ReduceMean": _reduce(torch.mean),
+    "ReduceSum": _reduce(torch.sum),
+    "ReduceMax": _reduce(torch.amax),
+    "InstanceNormalization": _instance_norm,
+    "Resize": _resize,
+    "Expand": _expand,
+    "ConstantOfShape": _constant_of_shape,
+    "Where": lambda a, x: torch.where(x[0], x[1], x[2]),
+    "Equal": lambda a, x: torch.eq(x[0], x[1]),
+    "Mod": _mod,
     "Identity": lambda a, x: x[0],
     "Dropout": lambda a, x: x[0],
-    "Shape": lambda a, x: torch.tensor(x[0].shape, dtype=torch.int64),
+    "Shape": _shape,
     "Gather": _gather,
     "LayerNormalization": _layer_norm,
     "Slice": _slice,
