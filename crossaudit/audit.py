@@ -30,6 +30,7 @@ from crossaudit.errors import (
 from crossaudit.features import candidate_taps, extract_features
 from crossaudit.inversion import InversionConfig, Models, Trigger, cross_invert
 from crossaudit.limits import Limits
+from crossaudit.log_probabilities import LogProbabilities, are_probabilities
 from crossaudit.models import LoadedModel, load_model, logits_of, parity_check
 from crossaudit.paradigms import AUTO, CAPTIONER, LM, image_paradigm
 from crossaudit.paradigms.captioning import CaptionScorer, caption_tokens
@@ -293,8 +294,9 @@ def _captioner_scorer(
 def _scored(
     module: nn.Module, uri: str, data: AuditData, requested: str, device: str
 ) -> tuple[nn.Module, np.ndarray, str]:
-    """The module the stages attack (an encoder gets its prototype head), its class scores
-    on the audit data, and its paradigm."""
+    """The module the stages attack (an encoder gets its prototype head, a softmax
+    classifier is read as log-probabilities), its class scores on the audit data, and its
+    paradigm."""
     outputs = logits_of(module, data.x, device)
     if outputs.ndim != 2:
         raise IncomparableModelsError(f"{uri}: expected an output N x K, got {outputs.shape}")
@@ -304,14 +306,17 @@ def _scored(
         paradigm = image_paradigm(requested, width, data.num_classes, accuracy)
     except ValueError as exc:
         raise IncomparableModelsError(f"{uri}: {exc}") from exc
-    if paradigm == "ssl":
-        module = prototype_head(module, outputs, data.y, data.num_classes).to(device)
-        outputs = logits_of(module, data.x, device)
-    elif width < data.num_classes:
+    if paradigm != "ssl" and width < data.num_classes:
         raise IncomparableModelsError(
             f"{uri}: expected logits N x K with K >= {data.num_classes} classes in the audit data, got {outputs.shape}"
         )
-    return module, outputs, paradigm
+    if paradigm == "ssl":
+        module = prototype_head(module, outputs, data.y, data.num_classes).to(device)
+    elif are_probabilities(outputs):
+        module = LogProbabilities(module)
+    else:
+        return module, outputs, paradigm
+    return module, logits_of(module, data.x, device), paradigm
 
 
 def pair_features(pair: Pair, config: AuditConfig) -> list[dict[str, np.ndarray]]:

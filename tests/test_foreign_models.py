@@ -6,12 +6,13 @@ exporter's (opset 18, `Shape` with start/end, `Expand` instead of `Tile`...).
 """
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crossaudit.errors import UnsupportedOpError
+from crossaudit.errors import ModelLoadError, UnsupportedOpError
 from crossaudit.models import load_model, parity_check
 
 
@@ -106,3 +107,40 @@ def test_resize_mode_we_cannot_reproduce_is_refused_not_approximated(tmp_path):
     _export(Bicubic().eval(), path, dynamo=False)
     with pytest.raises(UnsupportedOpError, match="Resize mode cubic"):
         parity_check(load_model(str(path)), IMAGES)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_fixed_batch_export_is_refused_with_how_to_export(tmp_path):
+    """torch.onnx.export without dynamic axes fixes the batch at the example's size."""
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(GroupNormNet().eval(), (torch.from_numpy(IMAGES[:1]),), path, input_names=["input"], dynamo=False)
+    with pytest.raises(ModelLoadError, match=r"fixed batch size of 1.*dynamic_axes"):
+        load_model(str(path))
+
+
+def test_softmax_classifier_is_audited_on_its_log_probabilities(digits_zoo, tmp_path):
+    """A provider exporting probabilities instead of logits gets the same audit: every
+    stage sees log-probabilities, which are the logits up to a per-sample constant, so
+    cross-entropy (what the inversion and fine-tuning push with) is unchanged."""
+    from crossaudit.audit import _scored
+    from crossaudit.data import read_audit_data
+    from crossaudit.log_probabilities import LogProbabilities
+
+    graph = onnx.load(str(digits_zoo.badnets_cnn))
+    logits = graph.graph.output[0].name
+    graph.graph.node.append(onnx.helper.make_node("Softmax", [logits], ["probabilities"], axis=1))
+    graph.graph.output[0].name = "probabilities"
+    path = tmp_path / "softmax.onnx"
+    onnx.save(graph, path)
+    data = read_audit_data(str(digits_zoo.audit_data))
+    original = load_model(str(digits_zoo.badnets_cnn)).module
+    module, outputs, paradigm = _scored(load_model(str(path)).module, str(path), data, "auto", "cpu")
+    assert isinstance(module, LogProbabilities) and paradigm == "supervised"
+    x, y = torch.from_numpy(data.x[:64]), torch.from_numpy(data.y[:64])
+    with torch.no_grad():
+        expected = F.log_softmax(original(x), 1)
+        assert torch.allclose(module(x), expected, atol=1e-4)
+        assert F.cross_entropy(module(x), y).item() == pytest.approx(F.cross_entropy(original(x), y).item(), abs=1e-4)
+    plain, plain_outputs, _ = _scored(original, str(digits_zoo.badnets_cnn), data, "auto", "cpu")
+    assert not isinstance(plain, LogProbabilities)  # logits are audited as they are
+    assert (outputs.argmax(1) == plain_outputs.argmax(1)).all()
