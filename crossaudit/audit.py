@@ -114,40 +114,42 @@ def measure(
 ) -> list[list[Finding]]:
     """Stage 4 and the findings: held-out effect before and after fine-tuning each suspect,
     paired with the peer's trigger for the same family and target."""
-    effects: list[dict[tuple[str, int], tuple[Trigger, AttackEffect, float]]] = []
+    effects: list[dict[tuple[str, int], tuple[Trigger, AttackEffect]]] = []
     for models, found in zip(directions, triggers, strict=True):
         tuned = fine_tuned_copy(models.suspect, *inversion_set, config.sensitivity, seed)
-        mine = {}
-        for t in found:
-            before = attack_effect(t, models.suspect, models.witness, *held_out)
-            after = attack_effect(t, tuned, models.witness, *held_out)
-            mine[(t.family_name, t.target)] = (t, before, after.suspect_flip)
-        effects.append(mine)
+        effects.append(
+            {
+                (t.family_name, t.target): (t, attack_effect(t, models.suspect, tuned, models.witness, *held_out))
+                for t in found
+            }
+        )
 
-    def effective(before: AttackEffect, after_flip: float) -> float:
+    def effective(effect: AttackEffect) -> float:
         """Success the witness does not share (and, in the ablation, fine-tuning leaves)."""
-        flip = min(before.suspect_flip, after_flip) if config.score_after_finetune else before.suspect_flip
-        return flip * before.witness_kept
+        flip = effect.suspect_flip
+        if config.score_after_finetune:
+            flip = min(flip, effect.suspect_flip_after_finetune)
+        return flip * effect.witness_kept
 
     findings: list[list[Finding]] = []
     for index, mine in enumerate(effects):
         peer = effects[1 - index]
         findings.append([])
-        for key, (trigger, before, after_flip) in mine.items():
-            peer_trigger, peer_before, peer_after_flip = peer[key]
+        for key, (trigger, effect) in mine.items():
+            peer_trigger, peer_effect = peer[key]
             findings[-1].append(
                 Finding(
                     family=trigger.family_name,
                     target=trigger.target,
                     mask_l1=trigger.mask_l1,
                     footprint=trigger.footprint,
-                    asr=before.suspect_flip,
-                    witness_flip=before.witness_flip,
-                    witness_kept=before.witness_kept,
-                    asr_after_finetune=after_flip,
-                    effective_asr=effective(before, after_flip),
+                    asr=effect.suspect_flip,
+                    witness_flip=effect.witness_flip,
+                    witness_kept=effect.witness_kept,
+                    asr_after_finetune=effect.suspect_flip_after_finetune,
+                    effective_asr=effective(effect),
                     peer_footprint=peer_trigger.footprint,
-                    peer_effective_asr=effective(peer_before, peer_after_flip),
+                    peer_effective_asr=effective(peer_effect),
                 )
             )
     return findings

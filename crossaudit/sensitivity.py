@@ -34,23 +34,32 @@ class SensitivityConfig:
 
 @dataclass(frozen=True)
 class AttackEffect:
-    """What a trigger does on held-out samples of other classes than its target."""
+    """What a trigger does on held-out samples of other classes than its target, to the
+    suspect before and after fine-tuning, and to the witness."""
 
     suspect_flip: float
     witness_flip: float
     witness_kept: float
+    suspect_flip_after_finetune: float
 
 
 @torch.no_grad()
-def attack_effect(trigger: Trigger, suspect: nn.Module, witness: nn.Module, x: Tensor, y: Tensor) -> AttackEffect:
+def attack_effect(
+    trigger: Trigger, suspect: nn.Module, tuned: nn.Module, witness: nn.Module, x: Tensor, y: Tensor
+) -> AttackEffect:
+    """One stamping and one witness pass serve both the suspect and its fine-tuned copy."""
     source = y != trigger.target
-    xs, ys = x[source], y[source]
-    triggered = trigger.apply(xs)
-    s_pred, w_pred = suspect(triggered).argmax(1), witness(triggered).argmax(1)
+    triggered = trigger.apply(x[source])
+    w_pred = witness(triggered).argmax(1)
+
+    def flip(model: nn.Module) -> float:
+        return float((model(triggered).argmax(1) == trigger.target).float().mean())
+
     return AttackEffect(
-        float((s_pred == trigger.target).float().mean()),
+        flip(suspect),
         float((w_pred == trigger.target).float().mean()),
-        float((w_pred == ys).float().mean()),
+        float((w_pred == y[source]).float().mean()),
+        flip(tuned),
     )
 
 
