@@ -97,8 +97,9 @@ def read_alignment(folder: Path) -> Alignment:
     return Alignment(**record)
 
 
-def write_triggers(triggers: list[list[Trigger]], shape: tuple[int, ...], out: Path) -> None:
-    """Each direction's trigger families (their parameters) and which targets were kept."""
+def write_triggers(triggers: list[list[Trigger]], shape: tuple[int, ...], classes: int, out: Path) -> None:
+    """Each direction's trigger families (their parameters, one slot per class of the
+    search) and which targets were kept."""
     arrays: dict[str, np.ndarray] = {}
     listing = []
     for index, found in enumerate(triggers):
@@ -111,19 +112,21 @@ def write_triggers(triggers: list[list[Trigger]], shape: tuple[int, ...], out: P
                  "footprint": trigger.footprint, "pixels": trigger.pixels}
             )  # fmt: skip
     np.savez(out / "triggers.npz", **arrays)
-    (out / "triggers.json").write_text(json.dumps({"shape": list(shape), "triggers": listing}, indent=1))
+    (out / "triggers.json").write_text(
+        json.dumps({"shape": list(shape), "classes": classes, "triggers": listing}, indent=1)
+    )
 
 
-def read_triggers(folder: Path, num_classes: int, device: str = "cpu") -> list[list[Trigger]]:
+def read_triggers(folder: Path, device: str = "cpu") -> list[list[Trigger]]:
     meta = json.loads((folder / "triggers.json").read_text())
-    shape = tuple(meta["shape"])
+    shape, classes = tuple(meta["shape"]), int(meta["classes"])
     families: dict[tuple[int, str], TriggerFamily] = {}
     found: list[list[Trigger]] = [[], []]
     with np.load(folder / "triggers.npz", allow_pickle=False) as arrays:
         for entry in meta["triggers"]:
             key = (int(entry["direction"]), str(entry["family"]))
             if key not in families:
-                family = FAMILY_CLASSES[key[1]](num_classes, shape)
+                family = FAMILY_CLASSES[key[1]](classes, shape)
                 prefix = f"{key[0]}/{key[1]}/"
                 family.load_state_dict(
                     {name[len(prefix) :]: torch.from_numpy(arrays[name]) for name in arrays if name.startswith(prefix)}

@@ -198,6 +198,7 @@ class Pair:
     held_idx: np.ndarray
     device: str
     paradigm: str
+    num_classes: int  # targets to search: every class both models score, audited or not
 
     def tensors(self, index: np.ndarray) -> tuple[Tensor, Tensor]:
         return (
@@ -226,7 +227,7 @@ def prepare_pair(
     paradigm's scores, and refuse pairs too different on clean data to cross-examine."""
     data = read_audit_data(data_path, config.limits.max_audit_samples)
     captioners = _captioner_audit(config.paradigm, data)
-    modules, reports, labels, paradigms = [], [], [], []
+    modules, reports, labels, paradigms, widths = [], [], [], [], []
     for uri in uris:
         model = load_model(uri, config.limits.max_model_bytes)
         model.module.to(device).requires_grad_(False).eval()
@@ -248,6 +249,7 @@ def prepare_pair(
             )
         )
         labels.append(logits.argmax(1))
+        widths.append(logits.shape[1])
     if paradigms[0] != paradigms[1]:
         raise IncomparableModelsError(
             f"the models are of different paradigms ({paradigms[0]} and {paradigms[1]}); pass --paradigm"
@@ -264,6 +266,7 @@ def prepare_pair(
     return Pair(
         modules, reports, data, round(agreement, 4),
         inversion_idx[both_right[inversion_idx]], held_idx[both_right[held_idx]], device, paradigms[0],
+        min(widths),
     )  # fmt: skip
 
 
@@ -303,7 +306,7 @@ def _scored(
     if outputs.ndim != 2:
         raise IncomparableModelsError(f"{uri}: expected an output N x K, got {outputs.shape}")
     width = outputs.shape[1]
-    accuracy = float(np.mean(outputs.argmax(1) == data.y)) if width == data.num_classes else 0.0
+    accuracy = float(np.mean(outputs.argmax(1) == data.y)) if width >= data.num_classes else 0.0
     try:
         paradigm = image_paradigm(requested, width, data.num_classes, accuracy)
     except ValueError as exc:
@@ -342,7 +345,7 @@ def pair_triggers(pair: Pair, alignment: Alignment, config: AuditConfig, seed: i
     inversion = config.inversion
     if pair.paradigm == CAPTIONER:
         inversion = replace(inversion, search_steps=max(inversion.search_steps, CAPTIONER_SEARCH_STEPS))
-    return cross_invert(pair.directions(alignment), x, y, pair.data.num_classes, inversion, seed)
+    return cross_invert(pair.directions(alignment), x, y, pair.num_classes, inversion, seed)
 
 
 def pair_findings(

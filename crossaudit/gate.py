@@ -57,7 +57,7 @@ def pair_result(folder: Path, data: AuditData | None, profile: str) -> AuditResu
             report.models = pair_verdicts(reports, read_findings(folder), thresholds, data.captions if data else None)
         if data is not None:
             result.data = data
-            result.triggers = dict(enumerate(read_triggers(folder, data.num_classes)))
+            result.triggers = dict(enumerate(read_triggers(folder)))
     report.verdict = overall(report.models)
     return result
 

@@ -145,7 +145,7 @@ def inversion_step(alignment: Path, suspect: Path, witness: Path, data: Path, de
         return len(found)
     pair = _pair(record, suspect, witness, data, device)
     triggers = pair_triggers(pair, read_alignment(out), AuditConfig(), record.seed)
-    write_triggers(triggers, tuple(pair.data.x.shape[1:]), out)
+    write_triggers(triggers, tuple(pair.data.x.shape[1:]), pair.num_classes, out)
     return sum(len(found) for found in triggers)
 
 
@@ -160,7 +160,7 @@ def sensitivity_step(triggers: Path, suspect: Path, witness: Path, data: Path, d
         write_text_effects(effects, out)
         return len(effects)
     pair = _pair(record, suspect, witness, data, device)
-    found = read_triggers(out, pair.data.num_classes, device)
+    found = read_triggers(out, device)
     findings = pair_findings(pair, read_alignment(out), found, AuditConfig(), record.seed)
     write_findings(findings, out)
     return sum(len(f) for f in findings)

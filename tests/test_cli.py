@@ -38,6 +38,27 @@ def test_clean_vs_badnets_exits_1_naming_model_and_target(digits_zoo, tmp_path):
 
 
 @pytest.mark.slow
+def test_backdoor_target_outside_the_audit_sets_classes_is_found(digits_zoo, tmp_path):
+    """An auditor's set need not hold every class the models score: with digits 0-2
+    only, the BadNets target 3 is still searched (targets are the models' classes), and
+    ten-wide logits on a three-class set are still read as a classifier."""
+    from crossaudit.data import read_audit_data, write_parquet
+
+    data = read_audit_data(str(digits_zoo.audit_data))
+    keep = data.y < digits_zoo.badnets_target
+    small = tmp_path / "digits012.parquet"
+    write_parquet(small, data.x[keep], data.y[keep])
+    done = crossaudit(
+        "audit", str(digits_zoo.badnets_cnn), str(digits_zoo.clean_cnn), "--data", str(small),
+        "--json", "--profile", "digits",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    assert report["paradigm"] == "supervised"
+    assert report["models"][0]["target"] == digits_zoo.badnets_target
+
+
+@pytest.mark.slow
 def test_two_clean_models_of_different_architectures_exit_0(digits_zoo):
     done = crossaudit(
         "audit", str(digits_zoo.clean_cnn), str(digits_zoo.clean_mlp), "--data", str(digits_zoo.audit_data)

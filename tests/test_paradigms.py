@@ -39,6 +39,7 @@ from crossaudit.zoo.train import config_for, export_onnx, train
 
 def test_image_paradigm_is_inferred_only_when_unambiguous():
     assert image_paradigm("auto", 10, 10, 0.9) == "supervised"
+    assert image_paradigm("auto", 10, 3, 0.9) == "supervised"  # an audit set of the first three classes
     assert image_paradigm("auto", 32, 10, 0.0) == "ssl"
     assert image_paradigm("semi", 10, 10, 0.9) == "semi"
     with pytest.raises(ValueError, match="pass --paradigm"):

@@ -27,18 +27,19 @@ AUTO = "auto"
 
 def image_paradigm(requested: str, output_width: int, num_classes: int, accuracy: float) -> str:
     """The paradigm of an image model: as requested, or inferred from its output when
-    unambiguous (logits are as wide as the audit set has classes and mostly right;
-    anything of another width is an embedding)."""
+    unambiguous (logits are at least as wide as the audit set has classes, which need not
+    include the model's last classes, and mostly right; anything else of another width
+    is an embedding)."""
     if requested != AUTO:
         if requested not in IMAGE_PARADIGMS:
             raise ValueError(
                 f"paradigm {requested!r} does not take labelled images; image paradigms: {IMAGE_PARADIGMS}"
             )
         return requested
+    if output_width >= num_classes and accuracy >= 0.5:
+        return "supervised"
     if output_width != num_classes:
         return "ssl"
-    if accuracy >= 0.5:
-        return "supervised"
     raise ValueError(
         f"cannot tell whether a {output_width}-wide output is logits or an embedding "
         f"(argmax accuracy {accuracy:.2f}); pass --paradigm"
