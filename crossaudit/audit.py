@@ -317,11 +317,10 @@ def _scored(
         )
     if paradigm == "ssl":
         module = prototype_head(module, outputs, data.y, data.num_classes).to(device)
-    elif are_probabilities(outputs):
-        module = LogProbabilities(module)
-    else:
-        return module, outputs, paradigm
-    return module, logits_of(module, data.x, device), paradigm
+        return module, logits_of(module, data.x, device), paradigm
+    if are_probabilities(outputs):  # every stage (and each pipeline stage's load) reads them as logits
+        return LogProbabilities(module), LogProbabilities.of(torch.from_numpy(outputs)).numpy(), paradigm
+    return module, outputs, paradigm
 
 
 def pair_features(pair: Pair, config: AuditConfig) -> list[dict[str, np.ndarray]]:

@@ -35,9 +35,14 @@ class LogProbabilities(nn.Module):
     def taps(self) -> list[str]:
         return list(self.classifier.taps)
 
+    @staticmethod
+    def of(probabilities: Tensor) -> Tensor:
+        """Log-probabilities of outputs already computed (the audit data's, at load)."""
+        return probabilities.clamp_min(SMALLEST).log()
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(x).clamp_min(SMALLEST).log()
+        return self.of(self.classifier(x))
 
     def forward_tapped(self, x: Tensor, taps: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
         probabilities, tapped = self.classifier.forward_tapped(x, taps)
-        return probabilities.clamp_min(SMALLEST).log(), tapped
+        return self.of(probabilities), tapped

@@ -89,14 +89,13 @@ def _check_tensor_sizes(model: onnx.ModelProto) -> None:
             )
 
 
-def _check_dynamic_batch(model: onnx.ModelProto, uri: str) -> None:
+def _check_dynamic_batch(model: onnx.ModelProto, module: OnnxModule, uri: str) -> None:
     """The contract's inputs have a dynamic batch. A fixed one (torch.onnx.export without
     dynamic axes) bakes the batch size into reshapes too, so it cannot be run on a batch:
     say so and how to export, rather than fail later with ONNX Runtime's dimension error."""
-    weights = {init.name for init in model.graph.initializer}
     for graph_input in model.graph.input:
         dims = graph_input.type.tensor_type.shape.dim
-        if graph_input.name in weights or not dims or dims[0].dim_value <= 0:
+        if graph_input.name not in module.input_names or not dims or dims[0].dim_value <= 0:
             continue
         raise ModelLoadError(
             f"{uri}: input {graph_input.name!r} has a fixed batch size of {dims[0].dim_value}; the model "
@@ -125,7 +124,7 @@ def load_onnx(path: Path, uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) ->
         raise
     except Exception as exc:
         raise ModelLoadError(f"{uri}: could not translate the ONNX graph: {exc}") from exc
-    _check_dynamic_batch(model, uri)
+    _check_dynamic_batch(model, module, uri)
     serialized = model.SerializeToString()
     return LoadedModel(uri, "onnx", module.eval(), hashlib.sha256(serialized).hexdigest(), serialized)
 

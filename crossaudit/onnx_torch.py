@@ -47,9 +47,16 @@ def _pads_2d(pads: Sequence[int]) -> list[int]:
     return [left, right, top, bottom]
 
 
+def _text(value: object, default: str) -> str:
+    """A string attribute (ONNX gives bytes), or `default` when the node leaves it out."""
+    if value is None:
+        return default
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _conv(a: Attrs, x: list[Tensor | None]) -> Tensor:
     inp, w, b = x[0], x[1], x[2] if len(x) > 2 else None
-    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+    if _text(a.get("auto_pad"), "NOTSET") != "NOTSET":
         raise UnsupportedOpError("Conv with auto_pad is not supported; export with explicit pads")
     spatial = w.dim() - 2
     pads = list(a.get("pads", [0] * 2 * spatial))
@@ -109,8 +116,7 @@ def _reshape(a: Attrs, x: list[Tensor | None]) -> Tensor:
 
 
 def _pad(a: Attrs, x: list[Tensor | None]) -> Tensor:
-    mode = a.get("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    mode = _text(a.get("mode"), "constant")
     pads = [int(v) for v in x[1].tolist()] if len(x) > 1 else list(a["pads"])
     value = float(x[2].item()) if len(x) > 2 and x[2] is not None else 0.0
     half = len(pads) // 2
@@ -245,12 +251,6 @@ RESIZE_MODES = {
     ("linear", "pytorch_half_pixel"): {"mode": "bilinear", "align_corners": False},
     ("linear", "align_corners"): {"mode": "bilinear", "align_corners": True},
 }
-
-
-def _text(value: object, default: str) -> str:
-    if value is None:
-        return default
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _resize(a: Attrs, x: list[Tensor | None]) -> Tensor:
