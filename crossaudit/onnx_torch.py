@@ -3,9 +3,11 @@
 Why our own translator: trigger inversion needs gradients through the provider's model,
 and ONNX Runtime gives none. The maintained converter (onnx2torch) imports torchvision,
 which does not run on our machines, so we interpret the graph node by node with torch
-ops. The op set covers what ordinary CNNs, ResNet-style nets, MLPs, MobileNet-style nets,
-GroupNorm nets, small vision transformers and upsampling layers export to, with either
-of torch's exporters (`tests/test_foreign_models.py`); any other op, or an op mode we
+ops. The op set covers what ordinary CNNs, ResNet-style nets, MLPs, MobileNet-style nets
+(V3's hard-sigmoid gates included), PReLU and cosine-head nets, GroupNorm nets, small
+vision transformers, Inception-style nets, transposed convolutions and upsampling layers
+export to, with either of torch's exporters (`tests/test_foreign_models.py`), plus the
+element-wise, logic and reduction ops other exporters write; any other op, or an op mode we
 cannot reproduce exactly, raises `UnsupportedOpError` when the model is loaded (the
 parity check runs every node), never during an audit.
 Float initializers become `nn.Parameter`s so the sensitivity stage can fine-tune a copy.
@@ -13,6 +15,7 @@ Float initializers become `nn.Parameter`s so the sensitivity stage can fine-tune
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -34,17 +37,20 @@ MAX_INPUTS = 2
 # Node outputs worth comparing across models: activations, pooling and residual sums.
 TAP_OPS = frozenset(
     {
-        "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Gelu", "HardSwish",
+        "Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Gelu", "HardSwish", "Mish",
         "Softplus", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool",
         "GlobalMaxPool", "Add", "LayerNormalization",
     }
 )  # fmt: skip
 
 
-def _pads_2d(pads: Sequence[int]) -> list[int]:
-    """ONNX pads (top, left, bottom, right) -> F.pad order (left, right, top, bottom)."""
-    top, left, bottom, right = pads
-    return [left, right, top, bottom]
+def _pads_nd(pads: Sequence[int]) -> list[int]:
+    """ONNX pads (all begins, then all ends) -> F.pad order (last axis first, begin/end)."""
+    half = len(pads) // 2
+    torch_pads: list[int] = []
+    for axis in reversed(range(half)):
+        torch_pads += [pads[axis], pads[axis + half]]
+    return torch_pads
 
 
 def _text(value: object, default: str) -> str:
@@ -54,15 +60,26 @@ def _text(value: object, default: str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+TRANSPOSED_CONVS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _explicit_pads(op: str, a: Attrs, spatial: int) -> list[int]:
+    """A node's pads; `auto_pad` (computed from runtime shapes) is refused by name."""
+    if _text(a.get("auto_pad"), "NOTSET") != "NOTSET":
+        raise UnsupportedOpError(f"{op} with auto_pad is not supported; export with explicit pads")
+    if spatial not in CONVS:
+        raise UnsupportedOpError(f"{op} over {spatial} spatial axes is not supported")
+    return list(a.get("pads", [0] * 2 * spatial))
+
+
 def _conv(a: Attrs, x: list[Tensor | None]) -> Tensor:
     inp, w, b = x[0], x[1], x[2] if len(x) > 2 else None
-    if _text(a.get("auto_pad"), "NOTSET") != "NOTSET":
-        raise UnsupportedOpError("Conv with auto_pad is not supported; export with explicit pads")
     spatial = w.dim() - 2
-    pads = list(a.get("pads", [0] * 2 * spatial))
-    if spatial == 2 and pads[:2] != pads[2:]:
-        inp, pads = F.pad(inp, _pads_2d(pads)), [0] * 4
-    return F.conv2d(
+    pads = _explicit_pads("Conv", a, spatial)
+    if pads[:spatial] != pads[spatial:]:
+        inp, pads = F.pad(inp, _pads_nd(pads)), [0] * 2 * spatial
+    return CONVS[spatial](
         inp, w, b,
         stride=tuple(a.get("strides", [1] * spatial)),
         padding=tuple(pads[:spatial]),
@@ -71,20 +88,49 @@ def _conv(a: Attrs, x: list[Tensor | None]) -> Tensor:
     )  # fmt: skip
 
 
+def _conv_transpose(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    """Transposed convolution (decoders, learned upsampling); an `output_shape` attribute
+    or uneven pads are refused rather than guessed."""
+    inp, w, b = x[0], x[1], x[2] if len(x) > 2 else None
+    spatial = w.dim() - 2
+    pads = _explicit_pads("ConvTranspose", a, spatial)
+    if "output_shape" in a or pads[:spatial] != pads[spatial:]:
+        raise UnsupportedOpError("ConvTranspose with output_shape or uneven pads is not supported")
+    return TRANSPOSED_CONVS[spatial](
+        inp, w, b,
+        stride=tuple(a.get("strides", [1] * spatial)),
+        padding=tuple(pads[:spatial]),
+        output_padding=tuple(a.get("output_padding", [0] * spatial)),
+        groups=int(a.get("group", 1)),
+        dilation=tuple(a.get("dilations", [1] * spatial)),
+    )  # fmt: skip
+
+
+POOLS = {
+    "max": {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d},
+    "avg": {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d},
+}
+
+
 def _pool(kind: str) -> OpFn:
+    """Max or average pooling over 1 to 3 spatial axes (torch's local response norm
+    exports a 3-d average pool over channels)."""
+
     def pool(a: Attrs, x: list[Tensor | None]) -> Tensor:
         inp = x[0]
         kernel = tuple(a["kernel_shape"])
-        pads = list(a.get("pads", [0, 0, 0, 0]))
-        if pads[:2] != pads[2:]:
+        spatial = len(kernel)
+        pads = _explicit_pads(f"{kind} pooling", a, spatial)
+        if pads[:spatial] != pads[spatial:]:
             fill = -math.inf if kind == "max" else 0.0
-            inp, pads = F.pad(inp, _pads_2d(pads), value=fill), [0, 0, 0, 0]
-        stride = tuple(a.get("strides", [1, 1]))
+            inp, pads = F.pad(inp, _pads_nd(pads), value=fill), [0] * 2 * spatial
+        stride = tuple(a.get("strides", [1] * spatial))
         ceil = bool(a.get("ceil_mode", 0))
+        padding = tuple(pads[:spatial])
         if kind == "max":
-            return F.max_pool2d(inp, kernel, stride, tuple(pads[:2]), tuple(a.get("dilations", [1, 1])), ceil)
-        include_pad = bool(a.get("count_include_pad", 0))
-        return F.avg_pool2d(inp, kernel, stride, tuple(pads[:2]), ceil, include_pad)
+            dilation = tuple(a.get("dilations", [1] * spatial))
+            return POOLS[kind][spatial](inp, kernel, stride, padding, dilation, ceil)
+        return POOLS[kind][spatial](inp, kernel, stride, padding, ceil, bool(a.get("count_include_pad", 0)))
 
     return pool
 
@@ -119,10 +165,7 @@ def _pad(a: Attrs, x: list[Tensor | None]) -> Tensor:
     mode = _text(a.get("mode"), "constant")
     pads = [int(v) for v in x[1].tolist()] if len(x) > 1 else list(a["pads"])
     value = float(x[2].item()) if len(x) > 2 and x[2] is not None else 0.0
-    half = len(pads) // 2
-    torch_pads: list[int] = []
-    for axis in reversed(range(half)):
-        torch_pads += [pads[axis], pads[axis + half]]
+    torch_pads = _pads_nd(pads)
     while len(torch_pads) > 2 and torch_pads[-2:] == [0, 0]:
         torch_pads = torch_pads[:-2]
     if mode == "constant":
@@ -244,6 +287,43 @@ def _reduce(reduce: Callable[..., Tensor]) -> OpFn:
     return run
 
 
+def _variadic(combine: Callable[[Tensor, Tensor], Tensor]) -> OpFn:
+    """Max, Min and Sum: any number of inputs, broadcast together."""
+
+    def run(a: Attrs, x: list[Tensor | None]) -> Tensor:
+        return functools.reduce(combine, [t for t in x if t is not None])
+
+    return run
+
+
+def _mean(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    inputs = [t for t in x if t is not None]
+    return functools.reduce(torch.add, inputs) / len(inputs)
+
+
+def _prelu(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    """Leaky ReLU with a learned slope, broadcast to the input (per channel as torch exports it)."""
+    return torch.where(x[0] >= 0, x[0], x[1] * x[0])
+
+
+def _hard_sigmoid(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    """max(0, min(1, alpha x + beta)); torch's hardsigmoid exports alpha 1/6 (MobileNetV3's gates)."""
+    return torch.clamp(float(a.get("alpha", 0.2)) * x[0] + float(a.get("beta", 0.5)), 0.0, 1.0)
+
+
+def _local_response_norm(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    """ONNX LRN is torch's local response norm for the odd windows ONNX Runtime accepts."""
+    size = int(a["size"])
+    return F.local_response_norm(
+        x[0], size, float(a.get("alpha", 1e-4)), float(a.get("beta", 0.75)), float(a.get("bias", 1.0))
+    )
+
+
+def _range(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    start, limit, delta = (t.item() for t in x[:3])
+    return torch.arange(start, limit, delta, dtype=x[0].dtype, device=x[0].device)
+
+
 # Resize: ONNX coordinate modes that F.interpolate reproduces, per interpolation mode.
 RESIZE_MODES = {
     ("nearest", "asymmetric"): {"mode": "nearest"},
@@ -273,6 +353,7 @@ def _resize(a: Attrs, x: list[Tensor | None]) -> Tensor:
 
 OPS: dict[str, OpFn] = {
     "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
     "Gemm": _gemm,
     "MatMul": lambda a, x: x[0] @ x[1],
     "Relu": lambda a, x: F.relu(x[0]),
@@ -283,6 +364,20 @@ OPS: dict[str, OpFn] = {
     "Selu": lambda a, x: F.selu(x[0]),
     "Gelu": lambda a, x: F.gelu(x[0]),
     "HardSwish": lambda a, x: F.hardswish(x[0]),
+    "HardSigmoid": _hard_sigmoid,
+    "PRelu": _prelu,
+    "Mish": lambda a, x: F.mish(x[0]),
+    "Celu": lambda a, x: F.celu(x[0], float(a.get("alpha", 1.0))),
+    "ThresholdedRelu": lambda a, x: x[0] * (x[0] > float(a.get("alpha", 1.0))),
+    "Softsign": lambda a, x: F.softsign(x[0]),
+    "Abs": lambda a, x: x[0].abs(),
+    "Sign": lambda a, x: torch.sign(x[0]),
+    "Log": lambda a, x: torch.log(x[0]),
+    "Reciprocal": lambda a, x: torch.reciprocal(x[0]),
+    "Floor": lambda a, x: torch.floor(x[0]),
+    "Ceil": lambda a, x: torch.ceil(x[0]),
+    "Sin": lambda a, x: torch.sin(x[0]),
+    "Cos": lambda a, x: torch.cos(x[0]),
     "Softplus": lambda a, x: F.softplus(x[0]),
     "Erf": lambda a, x: torch.erf(x[0]),
     "Sqrt": lambda a, x: torch.sqrt(x[0]),
@@ -295,6 +390,7 @@ OPS: dict[str, OpFn] = {
     "GlobalAveragePool": lambda a, x: x[0].mean(dim=tuple(range(2, x[0].dim())), keepdim=True),
     "GlobalMaxPool": lambda a, x: x[0].amax(dim=tuple(range(2, x[0].dim())), keepdim=True),
     "BatchNormalization": _batchnorm,
+    "LRN": _local_response_norm,
     "Flatten": _flatten,
     "Reshape": _reshape,
     "Transpose": lambda a, x: x[0].permute(*a.get("perm", reversed(range(x[0].dim())))),
@@ -311,12 +407,31 @@ OPS: dict[str, OpFn] = {
     "ReduceMean": _reduce(torch.mean),
     "ReduceSum": _reduce(torch.sum),
     "ReduceMax": _reduce(torch.amax),
+    "ReduceMin": _reduce(torch.amin),
+    "ReduceL1": _reduce(lambda t, dim, keepdim: t.abs().sum(dim=dim, keepdim=keepdim)),
+    "ReduceL2": _reduce(lambda t, dim, keepdim: torch.linalg.vector_norm(t, 2, dim=dim, keepdim=keepdim)),
+    "ReduceSumSquare": _reduce(lambda t, dim, keepdim: t.pow(2).sum(dim=dim, keepdim=keepdim)),
+    "ReduceLogSumExp": _reduce(torch.logsumexp),
+    "Max": _variadic(torch.maximum),
+    "Min": _variadic(torch.minimum),
+    "Sum": _variadic(torch.add),
+    "Mean": _mean,
     "InstanceNormalization": _instance_norm,
     "Resize": _resize,
     "Expand": _expand,
     "ConstantOfShape": _constant_of_shape,
     "Where": lambda a, x: torch.where(x[0], x[1], x[2]),
     "Equal": lambda a, x: torch.eq(x[0], x[1]),
+    "Less": lambda a, x: torch.lt(x[0], x[1]),
+    "LessOrEqual": lambda a, x: torch.le(x[0], x[1]),
+    "Greater": lambda a, x: torch.gt(x[0], x[1]),
+    "GreaterOrEqual": lambda a, x: torch.ge(x[0], x[1]),
+    "Not": lambda a, x: torch.logical_not(x[0]),
+    "And": lambda a, x: torch.logical_and(x[0], x[1]),
+    "Or": lambda a, x: torch.logical_or(x[0], x[1]),
+    "Tile": lambda a, x: x[0].repeat(*(int(v) for v in x[1].tolist())),
+    "Range": _range,
+    "Einsum": lambda a, x: torch.einsum(_text(a["equation"], ""), *x),
     "Mod": _mod,
     "Identity": lambda a, x: x[0],
     "Dropout": lambda a, x: x[0],

@@ -74,6 +74,56 @@ class Upsampler(nn.Module):
         return self.head(x.reshape(x.shape[0], -1))
 
 
+class MobileNetV3Gate(nn.Module):
+    """MobileNetV3's hard-sigmoid gate, PReLU (per channel and shared), a cosine head
+    (F.normalize: ReduceL2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.norm = nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16)
+        self.squeeze, self.excite = nn.Linear(16, 4), nn.Linear(4, 16)
+        self.channel_slope, self.shared_slope = nn.PReLU(16), nn.PReLU()
+        self.prototypes = nn.Parameter(torch.randn(10, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.channel_slope(self.norm(self.stem(x)))
+        gate = F.hardsigmoid(self.excite(self.shared_slope(self.squeeze(x.mean((2, 3))))))
+        features = F.normalize((x * gate[:, :, None, None]).mean((2, 3)), dim=1)
+        return 10 * features @ F.normalize(self.prototypes, dim=1).t()
+
+
+class InceptionStyle(nn.Module):
+    """Parallel branches concatenated, a ceil-mode pool, a transposed convolution, and a
+    local response norm (dynamo exports it as a 3-d average pool over channels; the
+    TorchScript exporter wraps it in an `If`, which is refused)."""
+
+    def __init__(self, norm: bool = False) -> None:
+        super().__init__()
+        self.one, self.three = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.norm = nn.LocalResponseNorm(3) if norm else nn.Identity()
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(torch.cat([self.one(x), self.three(x)], 1)), 3, 2, padding=1, ceil_mode=True)
+        return self.head(self.norm(F.relu(self.up(x))).amax((2, 3)))
+
+
+class ActivationZoo(nn.Module):
+    """Element-wise ops a provider's custom net may use: Mish, CELU, softsign, abs, log,
+    reciprocal, elementwise max/min, min-reduction, an Lp pool (Abs, Sign, Pow)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 3), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        y = torch.maximum(y, -y.abs()) + torch.log1p(y.abs()) + torch.minimum(y, torch.zeros_like(y))
+        y = F.mish(y) + F.celu(y, 0.5) + F.softsign(y) + torch.reciprocal(1 + y.abs())
+        return self.head(y.amax((2, 3)) - y.amin((2, 3)) + F.lp_pool2d(y, 2, 6).mean((2, 3)))
+
+
 class Bicubic(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, scale_factor=0.5, mode="bicubic").flatten(1)[:, :10]
@@ -93,12 +143,39 @@ def _export(module: nn.Module, path, dynamo: bool) -> None:
 
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-@pytest.mark.parametrize("architecture", [SqueezeExcite, GroupNormNet, TinyViT, Upsampler])
+@pytest.mark.parametrize(
+    "architecture", [SqueezeExcite, GroupNormNet, TinyViT, Upsampler, MobileNetV3Gate, InceptionStyle, ActivationZoo]
+)
 def test_foreign_architecture_translates_with_parity(architecture, dynamo, tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "model.onnx"
     _export(architecture().eval(), path, dynamo)
     assert parity_check(load_model(str(path)), IMAGES) < 1e-3
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_local_response_norm_translates_and_control_flow_is_refused(tmp_path):
+    torch.manual_seed(0)
+    dynamo, torchscript = tmp_path / "dynamo.onnx", tmp_path / "torchscript.onnx"
+    _export(InceptionStyle(norm=True).eval(), dynamo, dynamo=True)
+    assert parity_check(load_model(str(dynamo)), IMAGES) < 1e-3
+    _export(InceptionStyle(norm=True).eval(), torchscript, dynamo=False)
+    with pytest.raises(UnsupportedOpError, match=r"not supported.*: If"):
+        load_model(str(torchscript))
+
+
+@pytest.mark.parametrize("size", [3, 5])
+def test_onnx_lrn_node_matches_onnx_runtime(size, tmp_path):
+    """An LRN node as other exporters write it (ONNX Runtime accepts odd windows only)."""
+    node = onnx.helper.make_node("LRN", ["input"], ["logits"], size=size, alpha=0.5, beta=0.75, bias=2.0)
+    graph = onnx.helper.make_graph(
+        [node, onnx.helper.make_node("Flatten", ["logits"], ["flat"])], "lrn",
+        [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["n", 3, 32, 32])],
+        [onnx.helper.make_tensor_value_info("flat", onnx.TensorProto.FLOAT, ["n", 3072])],
+    )  # fmt: skip
+    path = tmp_path / "lrn.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    assert parity_check(load_model(str(path)), IMAGES) < 1e-5
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -144,3 +221,63 @@ def test_softmax_classifier_is_audited_on_its_log_probabilities(digits_zoo, tmp_
     plain, plain_outputs, _ = _scored(original, str(digits_zoo.badnets_cnn), data, "auto", "cpu")
     assert not isinstance(plain, LogProbabilities)  # logits are audited as they are
     assert (outputs.argmax(1) == plain_outputs.argmax(1)).all()
+
+
+def _constant(name: str, value) -> onnx.TensorProto:
+    return onnx.numpy_helper.from_array(np.asarray(value), name)
+
+
+# Ops other exporters and hand-built graphs use, each on the flattened image `x` (N x 3072)
+# with constants, ending in a float N x K output `y`: (nodes, constants, opset).
+OP_CASES = {
+    "tile_range": (
+        [("Tile", ["x", "repeats"], ["tiled"], {}), ("Range", ["zero", "limit", "one"], ["ramp"], {}),
+         ("Mul", ["tiled", "ramp"], ["y"], {})],
+        [("repeats", np.array([1, 2])), ("zero", np.float32(0)), ("limit", np.float32(6144)), ("one", np.float32(1))],
+    ),
+    "comparisons_and_logic": (
+        [("Greater", ["x", "low"], ["above"], {}), ("Less", ["x", "high"], ["below"], {}),
+         ("And", ["above", "below"], ["inside"], {}), ("LessOrEqual", ["x", "low"], ["le"], {}),
+         ("GreaterOrEqual", ["x", "high"], ["ge"], {}), ("Or", ["le", "ge"], ["outside"], {}),
+         ("Not", ["outside"], ["kept"], {}), ("Where", ["inside", "x", "low"], ["a"], {}),
+         ("Where", ["kept", "a", "high"], ["y"], {})],
+        [("low", np.float32(0.3)), ("high", np.float32(0.7))],
+    ),
+    "variadic": (
+        [("Sum", ["x", "x", "low"], ["s"], {}), ("Mean", ["s", "x", "low"], ["m"], {}),
+         ("Max", ["m", "x", "low"], ["hi"], {}), ("Min", ["hi", "x"], ["y"], {})],
+        [("low", np.float32(0.3))],
+    ),
+    "reductions": (
+        [("Mul", ["x", "scale"], ["small"], {}), ("ReduceL1", ["small", "axes"], ["l1"], {}),
+         ("ReduceSumSquare", ["small", "axes"], ["l2sq"], {}), ("ReduceLogSumExp", ["small", "axes"], ["lse"], {}),
+         ("ReduceMin", ["small", "axes"], ["low"], {}), ("Concat", ["l1", "l2sq", "lse", "low"], ["y"], {"axis": 1})],
+        [("axes", np.array([1])), ("scale", np.float32(1 / 3072))],
+    ),
+    "elementwise": (
+        [("ThresholdedRelu", ["x"], ["t"], {"alpha": 0.5}), ("Sin", ["t"], ["s"], {}), ("Cos", ["s"], ["c"], {}),
+         ("Mul", ["x", "ten"], ["x10"], {}), ("Floor", ["x10"], ["f"], {}), ("Ceil", ["x10"], ["e"], {}),
+         ("Sub", ["f", "ten"], ["shifted"], {}), ("Sign", ["shifted"], ["g"], {}), ("Sum", ["c", "e", "g"], ["y"], {})],
+        [("ten", np.float32(10))],
+    ),
+    "einsum": (
+        [("Einsum", ["x", "weights"], ["y"], {"equation": "nd,kd->nk"})],
+        [("weights", np.random.RandomState(1).randn(10, 3072).astype(np.float32))],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(OP_CASES))
+def test_onnx_op_matches_onnx_runtime(case, tmp_path):
+    nodes, constants = OP_CASES[case]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Flatten", ["input"], ["x"])]
+        + [onnx.helper.make_node(op, inputs, outputs, **attrs) for op, inputs, outputs, attrs in nodes],
+        case,
+        [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["n", 3, 32, 32])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", "k"])],
+        [_constant(name, value) for name, value in constants],
+    )
+    path = tmp_path / f"{case}.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), path)
+    assert parity_check(load_model(str(path)), IMAGES) < 1e-4
