@@ -306,7 +306,8 @@ def _scored(
     if outputs.ndim != 2:
         raise IncomparableModelsError(f"{uri}: expected an output N x K, got {outputs.shape}")
     width = outputs.shape[1]
-    accuracy = float(np.mean(outputs.argmax(1) == data.y)) if width >= data.num_classes else 0.0
+    scored = data.y < width  # the samples whose label this output could name
+    accuracy = float(np.mean(outputs[scored].argmax(1) == data.y[scored])) if scored.any() else 0.0
     try:
         paradigm = image_paradigm(requested, width, data.num_classes, accuracy)
     except ValueError as exc:

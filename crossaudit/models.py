@@ -14,7 +14,7 @@ import hashlib
 import io
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -89,19 +89,33 @@ def _check_tensor_sizes(model: onnx.ModelProto) -> None:
             )
 
 
-def _check_dynamic_batch(model: onnx.ModelProto, module: OnnxModule, uri: str) -> None:
-    """The contract's inputs have a dynamic batch. A fixed one (torch.onnx.export without
-    dynamic axes) bakes the batch size into reshapes too, so it cannot be run on a batch:
-    say so and how to export, rather than fail later with ONNX Runtime's dimension error."""
+# The contract's input element types: float32 images, int64 tokens (language models, captioners).
+INPUT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
+
+
+def _check_graph_inputs(model: onnx.ModelProto, module: OnnxModule, uri: str) -> None:
+    """The contract's inputs are float32 images or int64 tokens with a dynamic batch.
+
+    A float64 graph or a fixed batch (torch.onnx.export without dynamic axes, which bakes
+    the batch size into reshapes too) cannot be fed: say so and how to export, rather
+    than fail later with ONNX Runtime's kernel or dimension errors.
+    """
     for graph_input in model.graph.input:
-        dims = graph_input.type.tensor_type.shape.dim
-        if graph_input.name not in module.input_names or not dims or dims[0].dim_value <= 0:
+        if graph_input.name not in module.input_names:
             continue
-        raise ModelLoadError(
-            f"{uri}: input {graph_input.name!r} has a fixed batch size of {dims[0].dim_value}; the model "
-            "contract needs a dynamic batch dimension (export with dynamic_axes={'input': {0: 'batch'}} "
-            "or dynamic_shapes)"
-        )
+        kind = graph_input.type.tensor_type.elem_type
+        if kind not in INPUT_TYPES:
+            raise ModelLoadError(
+                f"{uri}: input {graph_input.name!r} takes {onnx.helper.tensor_dtype_to_np_dtype(kind)}; the model "
+                "contract takes float32 images (or int64 tokens): export the model in float32"
+            )
+        dims = graph_input.type.tensor_type.shape.dim
+        if dims and dims[0].dim_value > 0:
+            raise ModelLoadError(
+                f"{uri}: input {graph_input.name!r} has a fixed batch size of {dims[0].dim_value}; the model "
+                "contract needs a dynamic batch dimension (export with dynamic_axes={'input': {0: 'batch'}} "
+                "or dynamic_shapes)"
+            )
 
 
 def load_onnx(path: Path, uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> LoadedModel:
@@ -124,7 +138,7 @@ def load_onnx(path: Path, uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) ->
         raise
     except Exception as exc:
         raise ModelLoadError(f"{uri}: could not translate the ONNX graph: {exc}") from exc
-    _check_dynamic_batch(model, module, uri)
+    _check_graph_inputs(model, module, uri)
     serialized = model.SerializeToString()
     return LoadedModel(uri, "onnx", module.eval(), hashlib.sha256(serialized).hexdigest(), serialized)
 
@@ -255,6 +269,34 @@ def logits_of(
     return np.concatenate(outs)
 
 
+# ONNX Runtime's names of the element types the audit feeds.
+ORT_TYPES = {np.dtype(np.float32): "tensor(float)", np.dtype(np.int64): "tensor(int64)"}
+
+
+class GraphInput(Protocol):
+    """ONNX Runtime's view of a graph input (`InferenceSession.get_inputs`)."""
+
+    name: str
+    shape: list[int | str | None]
+    type: str
+
+
+def _check_inputs(uri: str, declared: Sequence[GraphInput], inputs: tuple[np.ndarray, ...]) -> None:
+    """The graph's declared inputs against what the audit feeds, in one line each: ONNX
+    Runtime's own complaint (a channels-last model, a float64 graph) spans many lines."""
+    for node, part in zip(declared, inputs, strict=True):
+        name, shape, kind = node.name, list(node.shape), node.type
+        fed = ORT_TYPES.get(part.dtype, str(part.dtype))
+        if kind != fed:
+            raise ModelLoadError(f"{uri}: input {name!r} takes {kind}; the audit feeds {fed} (images are float32)")
+        fixed = [(axis, dim) for axis, dim in enumerate(shape[1:], 1) if isinstance(dim, int)]
+        if len(shape) != part.ndim or any(part.shape[axis] != dim for axis, dim in fixed):
+            raise ModelLoadError(
+                f"{uri}: input {name!r} has shape {shape}; the audit data is {list(part.shape)} "
+                "(image models take N x C x H x W, channels first)"
+            )
+
+
 def parity_check(
     model: LoadedModel,
     x: np.ndarray | tuple[np.ndarray, ...],
@@ -289,6 +331,7 @@ def parity_check(
         names = [i.name for i in session.get_inputs()]
         if len(names) != len(inputs):
             raise ParityError(f"{model.uri}: the graph takes inputs {names}; this paradigm gives {len(inputs)}")
+        _check_inputs(model.uri, session.get_inputs(), inputs)
         reference = np.concatenate(
             [
                 session.run(None, {name: part[i : i + 256] for name, part in zip(names, inputs, strict=True)})[0]

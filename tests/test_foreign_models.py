@@ -195,6 +195,42 @@ def test_fixed_batch_export_is_refused_with_how_to_export(tmp_path):
         load_model(str(path))
 
 
+class ChannelsLast(nn.Module):
+    """A Keras-style model: N x H x W x C in, permuted inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x.permute(0, 3, 1, 2)).mean((2, 3)))
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(
+    ("model", "example", "message"),
+    [
+        (
+            ChannelsLast(),
+            IMAGES[:2].transpose(0, 2, 3, 1),
+            r"shape \['n', 32, 32, 3\]; the audit data is \[32, 3, 32, 32\]",
+        ),
+        (GroupNormNet().double(), IMAGES[:2].astype(np.float64), "takes float64.*export the model in float32"),
+    ],
+    ids=["channels-last", "float64"],
+)
+def test_model_that_cannot_take_the_audit_images_is_refused_in_one_line(model, example, message, tmp_path):
+    """ONNX Runtime's own complaints span many lines or name a kernel, not the cause."""
+    path = tmp_path / "model.onnx"
+    example = (torch.from_numpy(np.ascontiguousarray(example)),)
+    torch.onnx.export(
+        model.eval(), example, path, input_names=["input"], dynamo=False, dynamic_axes={"input": {0: "n"}}
+    )
+    with pytest.raises(ModelLoadError, match=message) as refused:
+        parity_check(load_model(str(path)), IMAGES)
+    assert "\n" not in str(refused.value)
+
+
 def test_softmax_classifier_is_audited_on_its_log_probabilities(digits_zoo, tmp_path):
     """A provider exporting probabilities instead of logits gets the same audit: every
     stage sees log-probabilities, which are the logits up to a per-sample constant, so

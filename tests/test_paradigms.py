@@ -46,6 +46,9 @@ def test_image_paradigm_is_inferred_only_when_unambiguous():
         image_paradigm("auto", 10, 10, 0.1)
     with pytest.raises(ValueError, match="does not take labelled images"):
         image_paradigm("lm", 10, 10, 0.9)
+    assert image_paradigm("auto", 8, 10, 0.12) == "ssl"  # an 8-wide embedding, right by chance
+    with pytest.raises(ValueError, match="labels run to 12: labels must be the models' class indices"):
+        image_paradigm("auto", 10, 13, 0.95)  # a ten-class classifier, an audit set labelled 0-8 and 12
 
 
 def test_prototype_head_scores_each_cluster_as_its_class():

@@ -29,7 +29,9 @@ def image_paradigm(requested: str, output_width: int, num_classes: int, accuracy
     """The paradigm of an image model: as requested, or inferred from its output when
     unambiguous (logits are at least as wide as the audit set has classes, which need not
     include the model's last classes, and mostly right; anything else of another width
-    is an embedding)."""
+    is an embedding). `accuracy` is the argmax's on the samples whose label the output
+    could name: an output narrower than the audit set's labels that is still mostly right
+    on the rest is a classifier audited with labels that are not its classes, an error."""
     if requested != AUTO:
         if requested not in IMAGE_PARADIGMS:
             raise ValueError(
@@ -38,6 +40,11 @@ def image_paradigm(requested: str, output_width: int, num_classes: int, accuracy
         return requested
     if output_width >= num_classes and accuracy >= 0.5:
         return "supervised"
+    if accuracy >= 0.5:
+        raise ValueError(
+            f"its {output_width} outputs read as logits (argmax right on {accuracy:.0%} of the samples they can "
+            f"name), but the audit set's labels run to {num_classes - 1}: labels must be the models' class indices"
+        )
     if output_width != num_classes:
         return "ssl"
     raise ValueError(
