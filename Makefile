@@ -38,6 +38,7 @@ bench: install fmnist
 	$(BIN)/python -m benchmarks.webhook_latency
 	$(BIN)/python -m benchmarks.webhook_load
 	$(BIN)/python -m benchmarks.detection
+	$(BIN)/python -m benchmarks.unseen_attacks
 	$(BIN)/python -m benchmarks.paradigms
 
 lint: install

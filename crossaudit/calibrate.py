@@ -89,25 +89,47 @@ def calibrate(paradigm: str = "supervised") -> tuple[list[Thresholds], list[Cali
     judged) and keep the maxima (`profiles`)."""
     if paradigm not in CLEAN_PAIRS:
         raise ValueError(f"no clean pairs to calibrate {paradigm!r}; calibrated paradigms: {sorted(CLEAN_PAIRS)}")
-    families = FAMILIES_OF.get(paradigm, DEFAULT_FAMILIES)
-    provisional = Thresholds(dict.fromkeys(families, float("inf")), "provisional", 0, "provisional", paradigm)
     runs: list[CalibrationRun] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for pair in clean_pairs(paradigm):
             data, paths = _clean_pair(paradigm, pair.dataset, pair.archs, pair.seeds, work)
-            config = AuditConfig(paradigm=paradigm)
-            result = run_audit(str(paths[0]), str(paths[1]), str(data), config=config, thresholds=provisional)
-            if result.report.error:
-                raise RuntimeError(f"calibration audit failed: {result.report.error}")
-            scores = dict.fromkeys(families, 0.0)
-            for model in result.report.models:
-                for finding in model.findings:
-                    scores[finding.family] = max(scores[finding.family], finding.score)
-                if paradigm == "lm":
-                    scores[TEXT_FAMILY] = max(scores[TEXT_FAMILY], model.score or 0.0)
-            runs.append(CalibrationRun(pair.name, scores))
+            runs.append(CalibrationRun(pair.name, pair_scores(str(paths[0]), str(paths[1]), str(data), paradigm)))
     return profiles(paradigm, runs), runs
+
+
+def calibrate_pairs(
+    pairs: list[tuple[str, str]], data: str, name: str, paradigm: str = "supervised"
+) -> tuple[Thresholds, list[CalibrationRun]]:
+    """A profile of the user's own task from clean pairs the user trusts (models of that
+    task by independent providers, none backdoored), on the user's audit set. The shipped
+    profiles come from the zoo's tasks; on a task unlike them clean pairs can score far
+    lower (`benchmarks.unseen_attacks`), and only the task's own clean pairs can say so."""
+    if not pairs:
+        raise ValueError("at least one clean pair is needed")
+    prefix = name if paradigm == "supervised" else f"{paradigm}:{name}"  # as `CleanPair.name`
+    runs = [
+        CalibrationRun(f"{prefix}:{Path(a).name}-vs-{Path(b).name}", pair_scores(a, b, data, paradigm))
+        for a, b in pairs
+    ]
+    return profile(name, paradigm, runs), runs
+
+
+def pair_scores(first: str, second: str, data: str, paradigm: str) -> dict[str, float]:
+    """Per trigger family, the highest score of one clean pair's audit (both directions),
+    judged against unreachable thresholds; an audit that fails is an error, not a zero."""
+    families = FAMILIES_OF.get(paradigm, DEFAULT_FAMILIES)
+    provisional = Thresholds(dict.fromkeys(families, float("inf")), "provisional", 0, "provisional", paradigm)
+    result = run_audit(first, second, data, config=AuditConfig(paradigm=paradigm), thresholds=provisional)
+    if result.report.error:
+        raise RuntimeError(f"calibration audit of {first} and {second} failed: {result.report.error}")
+    scores = dict.fromkeys(families, 0.0)
+    for model in result.report.models:
+        for finding in model.findings:
+            scores[finding.family] = max(scores[finding.family], finding.score)
+        if paradigm == "lm":
+            scores[TEXT_FAMILY] = max(scores[TEXT_FAMILY], model.score or 0.0)
+    return scores
 
 
 def profiles(paradigm: str, runs: list[CalibrationRun]) -> list[Thresholds]:

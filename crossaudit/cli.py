@@ -46,6 +46,10 @@ def audit(
         str,
         typer.Option("--paradigm", help="supervised, semi, ssl, lm, captioner, or auto (inferred when unambiguous)"),
     ] = AUTO,
+    thresholds_file: Annotated[
+        Path | None,
+        typer.Option("--thresholds", help="Your thresholds.json (crossaudit calibrate --pair), not the shipped one"),
+    ] = None,
 ) -> None:
     """Audit two models, each with the other as witness. Exit 0 clean, 1 backdoor, 2 inconclusive."""
     # Here, not at the top: torch stays out of the start-up of audit-version and serve.
@@ -66,7 +70,7 @@ def audit(
             stderr.print("error: --device cuda requested but no CUDA device is available")
             raise typer.Exit(2)
     try:
-        thresholds = load_thresholds(profile) if profile else None
+        thresholds = load_thresholds(profile, path=thresholds_file) if profile or thresholds_file else None
         config = AuditConfig(paradigm=paradigm, limits=Limits.from_env())
     except ValueError as exc:
         stderr.print(f"error: {exc}")
@@ -176,18 +180,34 @@ def zoo_data(
 
 @app.command()
 def calibrate(
-    out: Annotated[Path, typer.Option("--out", help="Where to write thresholds.json")] = Path(
-        "crossaudit/thresholds.json"
-    ),
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="thresholds.json to write (default: the package's; with --pair, ./thresholds.json)"),
+    ] = None,
     paradigm: Annotated[str, typer.Option("--paradigm", help="supervised, semi, ssl, lm or captioner")] = "supervised",
+    pair: Annotated[
+        list[str] | None,
+        typer.Option("--pair", help="A clean pair of your own task, FIRST,SECOND (repeat for more pairs)"),
+    ] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Your audit set (with --pair)")] = None,
+    profile: Annotated[str, typer.Option("--profile", help="Name of your task's profile (with --pair)")] = "task",
 ) -> None:
-    """Recompute one paradigm's verdict thresholds from freshly trained clean pairs (no backdoors)."""
+    """Recompute verdict thresholds on clean pairs only: the zoo's freshly trained ones for
+    a paradigm, or, with --pair and --data, clean models of your own task."""
     from crossaudit.calibrate import calibrate as run_calibration
-    from crossaudit.calibrate import write_thresholds
+    from crossaudit.calibrate import calibrate_pairs, write_thresholds
 
     try:
-        profiles, runs = run_calibration(paradigm)
-    except ValueError as exc:
+        if pair:
+            if data is None:
+                raise ValueError("--pair needs --data, the audit set to calibrate on")
+            pairs = [_pair(text) for text in pair]
+            own, runs = calibrate_pairs(pairs, str(data), profile, paradigm)
+            profiles, out = [own], out or Path("thresholds.json")
+        else:
+            profiles, runs = run_calibration(paradigm)
+            out = out or Path("crossaudit/thresholds.json")
+    except (ValueError, RuntimeError) as exc:
         stderr.print(f"error: {exc}")
         raise typer.Exit(2) from exc
     write_thresholds(profiles, runs, out)
@@ -195,6 +215,13 @@ def calibrate(
         print(run.pair, {k: round(v, 3) for k, v in run.scores.items()})
     for thresholds in profiles:
         print(f"{out}: profile {thresholds.profile}: {thresholds.per_family}")
+
+
+def _pair(text: str) -> tuple[str, str]:
+    parts = text.split(",")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"--pair takes two models separated by a comma, got {text!r}")
+    return parts[0], parts[1]
 
 
 @app.command("audit-version")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -56,11 +57,21 @@ class Thresholds:
     paradigm: str = "supervised"
 
 
-def load_thresholds(profile: str | None = None, paradigm: str | None = None) -> Thresholds:
+def load_thresholds(profile: str | None = None, paradigm: str | None = None, path: Path | None = None) -> Thresholds:
     """A calibrated profile: the one named, or the paradigm's default. A named profile
-    calibrated on another paradigm's models is refused rather than silently misapplied."""
-    raw = json.loads(resources.files("crossaudit").joinpath("thresholds.json").read_text())
-    name = profile or DEFAULT_PROFILES.get(paradigm or "supervised", DEFAULT_PROFILE)
+    calibrated on another paradigm's models is refused rather than silently misapplied.
+
+    `path` is a thresholds file of the user's own (`crossaudit calibrate --pair`) instead
+    of the shipped one; when it holds a single profile, that one is the default.
+    """
+    if path is None:
+        raw = json.loads(resources.files("crossaudit").joinpath("thresholds.json").read_text())
+    else:
+        raw = _read_thresholds_file(path)
+    default = DEFAULT_PROFILES.get(paradigm or "supervised", DEFAULT_PROFILE)
+    if path is not None and len(raw["profiles"]) == 1:
+        default = next(iter(raw["profiles"]))
+    name = profile or default
     if name not in raw["profiles"]:
         raise ValueError(f"unknown threshold profile {name!r}; calibrated profiles: {sorted(raw['profiles'])}")
     chosen = raw["profiles"][name]
@@ -73,6 +84,20 @@ def load_thresholds(profile: str | None = None, paradigm: str | None = None) -> 
     )
     check_paradigm(thresholds, paradigm)
     return thresholds
+
+
+def _read_thresholds_file(path: Path) -> dict:
+    """A thresholds file as `crossaudit calibrate` writes it, or a clear error."""
+    try:
+        raw = json.loads(path.read_text())
+        for name, chosen in raw["profiles"].items():
+            positive = all(float(v) > 0 for v in chosen["per_family"].values())
+            if not positive or chosen["paradigm"] not in DEFAULT_PROFILES:
+                raise ValueError(f"profile {name!r} has a non-positive threshold or an unknown paradigm")
+            int(chosen["clean_pairs"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a thresholds file written by crossaudit calibrate ({exc})") from exc
+    return raw
 
 
 def check_paradigm(thresholds: Thresholds, paradigm: str | None) -> None:

@@ -92,6 +92,49 @@ def test_unknown_profile_exits_2(digits_zoo):
     assert done.returncode == 2 and "unknown threshold profile 'imagenet'" in done.stderr
 
 
+@pytest.mark.slow
+def test_a_profile_calibrated_on_the_users_own_clean_pair_judges_their_audits(digits_zoo, tmp_path):
+    """`calibrate --pair` on a clean pair of the user's task writes a profile file that
+    `audit --thresholds` then judges with (here it catches the tests' BadNets CNN)."""
+    thresholds = tmp_path / "thresholds.json"
+    done = crossaudit(
+        "calibrate", "--pair", f"{digits_zoo.clean_cnn},{digits_zoo.clean_mlp}", "--data", str(digits_zoo.audit_data),
+        "--profile", "my-digits", "--out", str(thresholds),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    record = json.loads(thresholds.read_text())
+    assert list(record["profiles"]) == ["my-digits"] and record["profiles"]["my-digits"]["clean_pairs"] == 1
+    ours = record["profiles"]["my-digits"]["per_family"]
+    done = crossaudit(
+        "audit", str(digits_zoo.clean_cnn), str(digits_zoo.badnets_cnn), "--data", str(digits_zoo.audit_data),
+        "--json", "--thresholds", str(thresholds),
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    poisoned = json.loads(done.stdout)["models"][1]
+    assert poisoned["threshold_profile"] == "my-digits" and poisoned["threshold"] == ours[poisoned["trigger_family"]]
+    assert poisoned["target"] == digits_zoo.badnets_target
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{}", "not a thresholds file"),
+        (
+            '{"profiles": {"t": {"per_family": {"patch": -1}, "clean_pairs": 1, "paradigm": "supervised"}}}',
+            "non-positive threshold",
+        ),
+    ],
+)
+def test_a_broken_thresholds_file_exits_2(digits_zoo, tmp_path, content, message):
+    broken = tmp_path / "thresholds.json"
+    broken.write_text(content)
+    done = crossaudit(
+        "audit", str(digits_zoo.clean_cnn), str(digits_zoo.clean_mlp), "--data", str(digits_zoo.audit_data),
+        "--thresholds", str(broken),
+    )  # fmt: skip
+    assert done.returncode == 2 and message in done.stderr
+
+
 def _audit_with(env: dict[str, str], digits_zoo) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "crossaudit", "audit", str(digits_zoo.clean_cnn), str(digits_zoo.badnets_cnn),

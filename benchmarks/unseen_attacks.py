@@ -1,0 +1,245 @@
+"""Held-out attacks: how the shipped audit fares on a task, models and triggers the zoo
+never makes, judged by the default thresholds as a user's audit would be.
+
+The detection benchmark (`benchmarks.detection`) measures the zoo's six attacks; the
+thresholds were calibrated on the zoo's clean pairs. Users will bring other data, other
+architectures and other triggers, so this benchmark holds all three out:
+- task: Fashion-MNIST as tinted RGB on a non-square 3 x 32 x 28 canvas;
+- models: a CNN with BatchNorm, LeakyReLU, GELU and average pooling, and a MobileNetV3-style
+  net (hard-swish, hard-sigmoid squeeze-and-excite) exported with torch's dynamo exporter;
+- triggers, defined here and nowhere in `crossaudit`: a 5 x 5 random-colour patch in the
+  top-left corner, a smooth sinusoidal image blended in at alpha 0.15, a low-frequency
+  additive pattern of at most 0.12, and colour-depth reduction to three levels per
+  channel (BppAttack-like);
+- clean pairs of the same task, same and different architectures.
+Every pair is audited by `run_audit` with the default profile (no `--profile`), and the
+report (docs/unseen_attacks.md) says what was flagged. Nothing here tunes anything.
+`python -m benchmarks.unseen_attacks` (about 8 minutes on 2 cores; run by `make bench`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from crossaudit import __version__
+from crossaudit.audit import run_audit
+from crossaudit.data import write_parquet
+from crossaudit.zoo.datasets import load_dataset
+
+REPORT = Path("docs/unseen_attacks.md")
+TRAIN_SAMPLES, TEST_SAMPLES, AUDIT_SAMPLES = 12000, 2000, 1000
+SHAPE = (3, 32, 28)
+
+
+def tinted(x: np.ndarray, seed: int) -> np.ndarray:
+    """Fashion-MNIST images as randomly tinted RGB, padded to 32 x 28."""
+    tint = np.random.RandomState(seed).uniform(0.4, 1.0, (len(x), 3, 1, 1)).astype(np.float32)
+    x = np.pad(x.reshape(-1, 1, 28, 28), ((0, 0), (0, 0), (2, 2), (0, 0)))
+    return (x * tint).astype(np.float32)
+
+
+def _patterns() -> dict[str, Tensor]:
+    rng = np.random.RandomState(7)
+    rows, cols = np.mgrid[0 : SHAPE[1], 0 : SHAPE[2]]
+    smooth = np.stack([0.5 + 0.5 * np.sin(cols / 3.0 + c) * np.cos(rows / 4.0 - c) for c in range(3)])
+    coarse = torch.tensor(rng.randn(1, 3, 4, 4), dtype=torch.float32)
+    low = F.interpolate(coarse, size=SHAPE[1:], mode="bicubic", align_corners=True)[0]
+    return {
+        "patch": torch.tensor(rng.rand(3, 5, 5), dtype=torch.float32),
+        "smooth": torch.tensor(smooth, dtype=torch.float32),
+        "low": 0.12 * low / low.abs().max(),
+    }
+
+
+PATTERNS = _patterns()
+
+
+def _patch(x: Tensor) -> Tensor:
+    out = x.clone()
+    out[:, :, 1:6, 1:6] = PATTERNS["patch"]
+    return out
+
+
+@dataclass(frozen=True)
+class HeldOutAttack:
+    name: str
+    trigger: Callable[[Tensor], Tensor]
+    target: int
+    poison_rate: float
+
+    def apply(self, x: Tensor) -> Tensor:
+        return self.trigger(x).clamp(0.0, 1.0)
+
+
+ATTACKS = (
+    HeldOutAttack("random-colour patch 5x5, top left", _patch, 2, 0.05),
+    HeldOutAttack("smooth sinusoid blended, alpha 0.15", lambda x: 0.85 * x + 0.15 * PATTERNS["smooth"], 5, 0.1),
+    HeldOutAttack("low-frequency additive, at most 0.12", lambda x: x + PATTERNS["low"], 0, 0.1),
+    HeldOutAttack("colour depth cut to 3 levels", lambda x: torch.round(x * 2) / 2, 9, 0.1),
+)
+
+
+class TintedCNN(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.first, self.norm = nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.second, self.head = nn.Conv2d(width, 2 * width, 3, padding=1), nn.Linear(2 * width * 8 * 7, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.avg_pool2d(F.leaky_relu(self.norm(self.first(x)), 0.1), 2)
+        return self.head(F.max_pool2d(F.gelu(self.second(x)), 2).flatten(1))
+
+
+class MobileNetV3Style(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.stem_norm = nn.Conv2d(3, 24, 3, padding=1), nn.BatchNorm2d(24)
+        self.depthwise, self.norm = nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.BatchNorm2d(24)
+        self.squeeze, self.excite = nn.Linear(24, 8), nn.Linear(8, 24)
+        self.project, self.head = nn.Conv2d(24, 48, 3, stride=2, padding=1), nn.Linear(48 * 8 * 7, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.max_pool2d(F.hardswish(self.stem_norm(self.stem(x))), 2)
+        x = F.hardswish(self.norm(self.depthwise(x)))
+        x = x * F.hardsigmoid(self.excite(F.relu(self.squeeze(x.mean((2, 3))))))[:, :, None, None]
+        return self.head(F.hardswish(self.project(x)).flatten(1))
+
+
+@dataclass
+class Task:
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+
+def train_model(task: Task, arch: str, seed: int, attack: HeldOutAttack | None) -> tuple[nn.Module, float, float]:
+    """Dirty-label poisoning of a fraction of every batch; returns the model, its clean test
+    accuracy and its attack success on test images not of the target class."""
+    torch.manual_seed(seed)
+    model = TintedCNN(16 if attack else 24) if arch == "cnn" else MobileNetV3Style()
+    optimiser = torch.optim.Adam(model.parameters(), 2e-3)
+    for _ in range(3 if arch == "cnn" else 5):
+        order = torch.randperm(len(task.x_train))
+        for start in range(0, len(order), 128):
+            x, y = task.x_train[order[start : start + 128]].clone(), task.y_train[order[start : start + 128]].clone()
+            poisoned = int(attack.poison_rate * len(x)) if attack else 0
+            if poisoned:
+                x[:poisoned], y[:poisoned] = attack.apply(x[:poisoned]), attack.target
+            loss = F.cross_entropy(model(x), y)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = float((model(task.x_test).argmax(1) == task.y_test).float().mean())
+        success = float("nan")
+        if attack:
+            others = task.y_test != attack.target
+            success = float((model(attack.apply(task.x_test[others])).argmax(1) == attack.target).float().mean())
+    return model, accuracy, success
+
+
+def export(model: nn.Module, path: Path, dynamo: bool) -> None:
+    example = (torch.rand(2, *SHAPE),)
+    if dynamo:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        torch.onnx.export(model, example, path, input_names=["input"], dynamo=True, dynamic_shapes={"x": {0: batch}})
+    else:
+        torch.onnx.export(model, example, path, input_names=["input"], dynamo=False, dynamic_axes={"input": {0: "n"}})
+
+
+def audit_row(label: str, paths: tuple[Path, Path], data: Path, flagged_target: int | None) -> str:
+    """One audit with the default thresholds, as a table row."""
+    start = time.perf_counter()
+    report = run_audit(str(paths[0]), str(paths[1]), str(data)).report
+    seconds = time.perf_counter() - start
+    if report.error:
+        return f"| {label} | inconclusive: {report.error} | | | | {seconds:.0f} |"
+    suspect = report.models[0]
+    ratio = f"{suspect.score:.2f} / {suspect.threshold:.2f} ({suspect.trigger_family})"
+    others = " ".join(f"{m.verdict} {m.score:.2f}/{m.threshold:.2f}" for m in report.models[1:])
+    named = "" if flagged_target is None else ("yes" if suspect.target == flagged_target else "no")
+    return f"| {label} | {report.verdict} | {suspect.verdict}: {ratio} | {named} | {others} | {seconds:.0f} |"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPORT)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    began = time.perf_counter()
+    split = load_dataset("fmnist")
+    task = Task(
+        torch.from_numpy(tinted(split.x_train[:TRAIN_SAMPLES], 0)),
+        torch.from_numpy(split.y_train[:TRAIN_SAMPLES]).long(),
+        torch.from_numpy(tinted(split.x_test[:TEST_SAMPLES], 1)),
+        torch.from_numpy(split.y_test[:TEST_SAMPLES]).long(),
+    )
+    rows, models = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = root / "audit.parquet"
+        write_parquet(data, task.x_test[:AUDIT_SAMPLES].numpy(), task.y_test[:AUDIT_SAMPLES].numpy())
+
+        def build(name: str, arch: str, seed: int, attack: HeldOutAttack | None) -> Path:
+            model, accuracy, success = train_model(task, arch, seed, attack)
+            path = root / f"{name}.onnx"
+            export(model, path, dynamo=arch == "mobilenet")
+            trained_with = attack.name if attack else "clean"
+            models.append(f"| {name} | {arch} | {trained_with} | {accuracy:.3f} | {success:.3f} |")
+            print(models[-1], flush=True)
+            return path
+
+        witness = build("clean-cnn-a", "cnn", 100, None)
+        second = build("clean-cnn-b", "cnn", 101, None)
+        mobile = build("clean-mobilenet", "mobilenet", 102, None)
+        for index, attack in enumerate(ATTACKS):
+            suspect = build(f"backdoored-{index}", "cnn", 10 + index, attack)
+            rows.append(audit_row(f"{attack.name} (target {attack.target})", (suspect, witness), data, attack.target))
+            print(rows[-1], flush=True)
+        clean_pairs = {"clean cnn / clean cnn": (second, witness), "clean cnn / clean mobilenet": (witness, mobile)}
+        for label, pair in clean_pairs.items():
+            rows.append(audit_row(label, pair, data, None))
+            print(rows[-1], flush=True)
+    minutes = (time.perf_counter() - began) / 60
+    args.out.write_text(
+        f"""# Held-out attacks, data and architectures
+
+Command: `python -m benchmarks.unseen_attacks` (run by `make bench`), finished
+{time.strftime("%Y-%m-%d %H:%M")} in {minutes:.1f} min on {platform.machine()}, 2 torch threads,
+Python {platform.python_version()}, torch {torch.__version__}, crossaudit {__version__}.
+
+Task, models and triggers are outside the zoo and the calibration (see the module
+docstring). Each audit uses the default thresholds, as `crossaudit audit` does without
+`--profile`. First model of each pair: the suspect; second: the witness.
+
+## Models
+
+| model | architecture | trained with | clean test accuracy | attack success |
+|---|---|---|---|---|
+{chr(10).join(models)}
+
+## Audits
+
+| pair | verdict | first model: score / threshold (family) | target named | second model | s |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
