@@ -11,10 +11,14 @@ architectures and other triggers, so this benchmark holds all three out:
   top-left corner, a smooth sinusoidal image blended in at alpha 0.15, a low-frequency
   additive pattern of at most 0.12, and colour-depth reduction to three levels per
   channel (BppAttack-like);
-- clean pairs of the same task, same and different architectures.
-Every pair is audited by `run_audit` with the default profile (no `--profile`), and the
-report (docs/unseen_attacks.md) says what was flagged. Nothing here tunes anything.
-`python -m benchmarks.unseen_attacks` (about 8 minutes on 2 cores; run by `make bench`).
+- each backdoored CNN audited against a clean CNN and against a clean MobileNet-style
+  witness; clean pairs of the same task, same and different architectures.
+Every pair is audited once by `run_audit` and judged twice: by the default profile (no
+`--profile`), and by a profile of this task that `calibrate_pairs` (what `crossaudit
+calibrate --pair` runs) computes from three further clean pairs of it, seeds distinct from
+every audited model's; no backdoored model is involved in it. The report
+(docs/unseen_attacks.md) says what each flagged. Nothing here tunes anything.
+`python -m benchmarks.unseen_attacks` (about 15 minutes on 2 cores; run by `make bench`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ from torch import Tensor, nn
 
 from crossaudit import __version__
 from crossaudit.audit import run_audit
+from crossaudit.calibrate import FLOOR, MARGIN, calibrate_pairs
 from crossaudit.data import write_parquet
+from crossaudit.inversion import DEFAULT_FAMILIES as FAMILIES
+from crossaudit.verdict import Thresholds, judge, load_thresholds, overall
 from crossaudit.zoo.datasets import load_dataset
 
 REPORT = Path("docs/unseen_attacks.md")
@@ -160,18 +167,59 @@ def export(model: nn.Module, path: Path, dynamo: bool) -> None:
         torch.onnx.export(model, example, path, input_names=["input"], dynamo=False, dynamic_axes={"input": {0: "n"}})
 
 
-def audit_row(label: str, paths: tuple[Path, Path], data: Path, flagged_target: int | None) -> str:
-    """One audit with the default thresholds, as a table row."""
+@dataclass
+class Tally:
+    """Per judge: backdoored models flagged with their target, and clean models flagged."""
+
+    backdoors: int = 0
+    backdoors_right: int = 0
+    backdoors_flagged: int = 0
+    clean: int = 0
+    clean_flagged: int = 0
+
+    def line(self) -> str:
+        return (
+            f"{self.backdoors_flagged} of {self.backdoors} backdoored models flagged "
+            f"({self.backdoors_right} naming the planted target); "
+            f"{self.clean_flagged} of {self.clean} judgements of clean models flagged (a clean model is "
+            "judged once per audit it is in)"
+        )
+
+
+def audit_row(
+    label: str,
+    paths: tuple[Path, Path],
+    data: Path,
+    target: int | None,
+    profiles: list[Thresholds],
+    tallies: list[Tally],
+) -> str:
+    """One audit, judged by each profile (counted in its tally), as a table row: the
+    verdict, the first model's score / threshold (family, target), the second's score.
+    The first model is backdoored when `target` is given; the second is always clean."""
     start = time.perf_counter()
-    report = run_audit(str(paths[0]), str(paths[1]), str(data)).report
+    report = run_audit(str(paths[0]), str(paths[1]), str(data), thresholds=profiles[0]).report
     seconds = time.perf_counter() - start
     if report.error:
-        return f"| {label} | inconclusive: {report.error} | | | | {seconds:.0f} |"
-    suspect = report.models[0]
-    ratio = f"{suspect.score:.2f} / {suspect.threshold:.2f} ({suspect.trigger_family})"
-    others = " ".join(f"{m.verdict} {m.score:.2f}/{m.threshold:.2f}" for m in report.models[1:])
-    named = "" if flagged_target is None else ("yes" if suspect.target == flagged_target else "no")
-    return f"| {label} | {report.verdict} | {suspect.verdict}: {ratio} | {named} | {others} | {seconds:.0f} |"
+        raise RuntimeError(f"{label}: the audit failed: {report.error}")
+    cells = []
+    for thresholds, tally in zip(profiles, tallies, strict=True):
+        first, second = (judge(m.uri, m.findings, thresholds) for m in report.models)
+        if target is None:
+            tally.clean += 1
+            tally.clean_flagged += first.verdict == "backdoor"
+        else:
+            tally.backdoors += 1
+            tally.backdoors_flagged += first.verdict == "backdoor"
+            tally.backdoors_right += first.target == target
+        tally.clean += 1
+        tally.clean_flagged += second.verdict == "backdoor"
+        named = f", target {first.target}" if first.target is not None else ""
+        cells.append(
+            f"**{overall([first, second])}**: {first.verdict} {first.score:.2f} / {first.threshold:.2f} "
+            f"({first.trigger_family}{named}); second {second.verdict} {second.score:.2f}"
+        )
+    return f"| {label} | {' | '.join(cells)} | {seconds:.0f} |"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,31 +235,49 @@ def main(argv: list[str] | None = None) -> None:
         torch.from_numpy(tinted(split.x_test[:TEST_SAMPLES], 1)),
         torch.from_numpy(split.y_test[:TEST_SAMPLES]).long(),
     )
-    rows, models = [], []
+    rows: list[str] = []
+    models: list[str] = []
+    calibrated: list[str] = []
+    tallies = [Tally(), Tally()]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = root / "audit.parquet"
         write_parquet(data, task.x_test[:AUDIT_SAMPLES].numpy(), task.y_test[:AUDIT_SAMPLES].numpy())
 
-        def build(name: str, arch: str, seed: int, attack: HeldOutAttack | None) -> Path:
+        def build(name: str, arch: str, seed: int, attack: HeldOutAttack | None = None) -> Path:
             model, accuracy, success = train_model(task, arch, seed, attack)
             path = root / f"{name}.onnx"
             export(model, path, dynamo=arch == "mobilenet")
             trained_with = attack.name if attack else "clean"
-            models.append(f"| {name} | {arch} | {trained_with} | {accuracy:.3f} | {success:.3f} |")
+            shown = f"{success:.3f}" if attack else "-"
+            models.append(f"| {name} | {arch} | {trained_with} | {seed} | {accuracy:.3f} | {shown} |")
             print(models[-1], flush=True)
             return path
 
-        witness = build("clean-cnn-a", "cnn", 100, None)
-        second = build("clean-cnn-b", "cnn", 101, None)
-        mobile = build("clean-mobilenet", "mobilenet", 102, None)
+        calibration = [
+            (build("calibration-cnn-a", "cnn", 200), build("calibration-cnn-b", "cnn", 201)),
+            (build("calibration-cnn-c", "cnn", 202), build("calibration-mobilenet-a", "mobilenet", 203)),
+            (build("calibration-mobilenet-b", "mobilenet", 204), build("calibration-cnn-d", "cnn", 205)),
+        ]
+        task_profile, runs = calibrate_pairs([(str(a), str(b)) for a, b in calibration], str(data), "tinted-fmnist")
+        for run in runs:
+            calibrated.append(f"| {run.pair} | " + " | ".join(f"{run.scores[f]:.2f}" for f in FAMILIES) + " |")
+        profiles = [load_thresholds(), task_profile]
+        witnesses = {"cnn": build("clean-cnn-a", "cnn", 100), "mobilenet": build("clean-mobilenet-a", "mobilenet", 101)}
         for index, attack in enumerate(ATTACKS):
-            suspect = build(f"backdoored-{index}", "cnn", 10 + index, attack)
-            rows.append(audit_row(f"{attack.name} (target {attack.target})", (suspect, witness), data, attack.target))
-            print(rows[-1], flush=True)
-        clean_pairs = {"clean cnn / clean cnn": (second, witness), "clean cnn / clean mobilenet": (witness, mobile)}
+            for number, (arch, witness) in enumerate(witnesses.items()):
+                suspect = build(f"backdoored-{index}{'ab'[number]}", "cnn", 10 * (number + 1) + index, attack)
+                label = f"{attack.name} (target {attack.target}), witness {arch}"
+                rows.append(audit_row(label, (suspect, witness), data, attack.target, profiles, tallies))
+                print(rows[-1], flush=True)
+        cnn, mobilenet = build("clean-cnn-b", "cnn", 102), build("clean-mobilenet-b", "mobilenet", 103)
+        clean_pairs = {
+            "clean cnn / clean cnn": (cnn, witnesses["cnn"]),
+            "clean cnn / clean mobilenet": (cnn, witnesses["mobilenet"]),
+            "clean mobilenet / clean cnn": (mobilenet, witnesses["cnn"]),
+        }
         for label, pair in clean_pairs.items():
-            rows.append(audit_row(label, pair, data, None))
+            rows.append(audit_row(label, pair, data, None, profiles, tallies))
             print(rows[-1], flush=True)
     minutes = (time.perf_counter() - began) / 60
     args.out.write_text(
@@ -221,20 +287,36 @@ Command: `python -m benchmarks.unseen_attacks` (run by `make bench`), finished
 {time.strftime("%Y-%m-%d %H:%M")} in {minutes:.1f} min on {platform.machine()}, 2 torch threads,
 Python {platform.python_version()}, torch {torch.__version__}, crossaudit {__version__}.
 
-Task, models and triggers are outside the zoo and the calibration (see the module
-docstring). Each audit uses the default thresholds, as `crossaudit audit` does without
-`--profile`. First model of each pair: the suspect; second: the witness.
+Task, models and triggers are outside the zoo and the shipped calibration (see the module
+docstring). Each audit is judged twice: by the default thresholds, as `crossaudit audit`
+does without `--profile`, and by a profile of this task calibrated on three clean pairs
+of it (`crossaudit calibrate --pair`; seeds 200-205, no audited model among them).
+
+- default profile `{profiles[0].profile}`: {tallies[0].line()};
+- this task's profile: {tallies[1].line()}.
 
 ## Models
 
-| model | architecture | trained with | clean test accuracy | attack success |
-|---|---|---|---|---|
+| model | architecture | trained with | seed | clean test accuracy | attack success |
+|---|---|---|---|---|---|
 {chr(10).join(models)}
+
+## The task's own profile
+
+| clean pair | {" | ".join(FAMILIES)} |
+|---|{"---|" * len(FAMILIES)}
+{chr(10).join(calibrated)}
+
+Thresholds (max + {MARGIN}, at least {FLOOR}): {task_profile.per_family}; default profile
+`{profiles[0].profile}`: {profiles[0].per_family}.
 
 ## Audits
 
-| pair | verdict | first model: score / threshold (family) | target named | second model | s |
-|---|---|---|---|---|---|
+Per judge: **verdict**: the first model's verdict, score / threshold (family, and the
+target it names when flagged); the second model's verdict and score.
+
+| pair | default profile | this task's profile | s |
+|---|---|---|---|
 {chr(10).join(rows)}
 """
     )
