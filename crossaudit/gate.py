@@ -28,9 +28,10 @@ from crossaudit.text_audit import text_verdicts
 from crossaudit.verdict import AuditReport, ModelReport, load_thresholds, overall
 
 
-def pair_result(folder: Path, data: AuditData | None, profile: str) -> AuditResult:
+def pair_result(folder: Path, data: AuditData | None, profile: str, thresholds_file: Path | None = None) -> AuditResult:
     """Stage 5 for one pair: judge its findings (with the named profile, or the default
-    of the pair's paradigm when `profile` is empty) and rebuild the full audit result."""
+    of the pair's paradigm when `profile` is empty; from `thresholds_file` when the
+    registered model has its own) and rebuild the full audit result."""
     record = read_pair(folder)
     reports = [
         ModelReport(uri, "inconclusive", clean_accuracy=acc, parity_max_abs_diff=diff, sha256=digest)
@@ -48,7 +49,7 @@ def pair_result(folder: Path, data: AuditData | None, profile: str) -> AuditResu
     )  # fmt: skip
     result = AuditResult(report)
     if record.error is None:
-        thresholds = load_thresholds(profile or None, record.paradigm)
+        thresholds = load_thresholds(profile or None, record.paradigm, thresholds_file)
         result.alignment = read_alignment(folder)
         report.alignment = result.alignment.summary()
         if record.paradigm == LM:
@@ -93,20 +94,30 @@ def _metrics(results: list[AuditResult]) -> dict[str, float]:
 
 
 def gate_step(
-    model_uri: str, tracking_uri: str, data_folder: Path, pair_folders: list[Path], alias: str, profile: str, out: Path
+    model_uri: str,
+    tracking_uri: str,
+    data_folder: Path,
+    pair_folders: list[Path],
+    alias: str,
+    profile: str,
+    thresholds_uri: str,
+    out: Path,
 ) -> str:
     """Stage 5: judge every peer's audit of the version, record it in MLflow as one run,
     tag the version, and move the promotion alias only when it passed; a version that
     holds the alias and no longer passes loses it. Returns the status.
 
     `data_folder` is the audit set as stage 1 fetched it (not fetched again: the gate
-    draws the triggers and names the captions of the data the branches audited)."""
+    draws the triggers and names the captions of the data the branches audited). A
+    `thresholds_uri` (the registered model's own calibration) is fetched into `out`, so
+    the audit run keeps the thresholds it was judged by."""
     mlflow_client = registry.client(tracking_uri)
     version = registry.resolve(mlflow_client, model_uri)
     ref = registry.VersionRef.of(version)
     fetched = only_entry(data_folder)
     data = None if is_text_data(fetched) else read_audit_data(fetched)
-    results = [pair_result(folder, data, profile) for folder in pair_folders]
+    thresholds_file = registry.materialize(thresholds_uri, out / "thresholds") if thresholds_uri else None
+    results = [pair_result(folder, data, profile, thresholds_file) for folder in pair_folders]
     status = version_status(results)
     for index, result in enumerate(results):
         write_outputs(result, out / f"peer_{index + 1}")

@@ -32,6 +32,7 @@ EXPERIMENT = "crossaudit"
 PROVIDER_TAG = "provider"
 AUDIT_DATA_TAG = "crossaudit.audit_data"
 PROFILE_TAG = "crossaudit.threshold_profile"
+THRESHOLDS_TAG = "crossaudit.thresholds"
 PARADIGM_TAG = "crossaudit.paradigm"
 STATUS = "crossaudit.status"
 VERDICT = "crossaudit.verdict"
@@ -116,6 +117,12 @@ def audit_data_uri(mlflow_client: MlflowClient, name: str) -> str:
 def threshold_profile(mlflow_client: MlflowClient, name: str) -> str:
     """The registered model's calibration profile; empty means its paradigm's default."""
     return mlflow_client.get_registered_model(name).tags.get(PROFILE_TAG, "")
+
+
+def thresholds_uri(mlflow_client: MlflowClient, name: str) -> str:
+    """The registered model's own thresholds file (`crossaudit calibrate --pair`), or empty
+    for the shipped profiles."""
+    return mlflow_client.get_registered_model(name).tags.get(THRESHOLDS_TAG, "")
 
 
 def paradigm(mlflow_client: MlflowClient, name: str) -> str:
@@ -359,15 +366,27 @@ def register_version(
 
 def publish_audit_data(mlflow_client: MlflowClient, name: str, path: Path) -> str:
     """Store the auditor's set as a run artifact and point the registered model at it."""
+    return _publish(mlflow_client, name, path, AUDIT_DATA_TAG, "audit set")
+
+
+def publish_thresholds(mlflow_client: MlflowClient, name: str, path: Path) -> str:
+    """Store a thresholds file calibrated on the task's own clean pairs (`crossaudit
+    calibrate --pair`) as a run artifact and point the registered model at it: the gate
+    then judges every audit of the model with it (its single profile, or the one the
+    `crossaudit.threshold_profile` tag names)."""
+    return _publish(mlflow_client, name, path, THRESHOLDS_TAG, "thresholds")
+
+
+def _publish(mlflow_client: MlflowClient, name: str, path: Path, tag: str, what: str) -> str:
     mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name=f"audit set for {name}") as run:
+    with mlflow.start_run(run_name=f"{what} for {name}") as run:
         mlflow.log_artifact(str(path))
     uri = f"runs:/{run.info.run_id}/{path.name}"
     try:
         mlflow_client.get_registered_model(name)
     except MlflowException:
         mlflow_client.create_registered_model(name)
-    mlflow_client.set_registered_model_tag(name, AUDIT_DATA_TAG, uri)
+    mlflow_client.set_registered_model_tag(name, tag, uri)
     return uri
 
 

@@ -90,6 +90,8 @@ def _read_thresholds_file(path: Path) -> dict:
     """A thresholds file as `crossaudit calibrate` writes it, or a clear error."""
     try:
         raw = json.loads(path.read_text())
+        if not isinstance(raw["calibrated_by"], str):
+            raise ValueError("'calibrated_by' must name the command that calibrated it")
         for name, chosen in raw["profiles"].items():
             positive = all(float(v) > 0 for v in chosen["per_family"].values())
             if not positive or chosen["paradigm"] not in DEFAULT_PROFILES:

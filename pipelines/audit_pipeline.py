@@ -33,6 +33,7 @@ def audit_pipeline(
     device: str = "cpu",
     promotion_alias: str = "production",
     threshold_profile: str = "",
+    thresholds_uri: str = "",
     paradigm: str = "auto",
 ):
     on_exit = mark_unfinished(model_uri=model_uri, tracking_uri=tracking_uri)
@@ -52,7 +53,8 @@ def audit_pipeline(
             measured = sensitivity_test(triggers=inverted.outputs["triggers"], device=device, **models)
         gate(
             model_uri=model_uri, tracking_uri=tracking_uri, promotion_alias=promotion_alias,
-            threshold_profile=threshold_profile, audit_data=dsl.Collected(fetched.outputs["audit_data"]),
+            threshold_profile=threshold_profile, thresholds_uri=thresholds_uri,
+            audit_data=dsl.Collected(fetched.outputs["audit_data"]),
             pair_results=dsl.Collected(measured.outputs["findings"]),
         )  # fmt: skip
 

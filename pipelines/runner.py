@@ -38,6 +38,7 @@ def pipeline_arguments(
         "audit_data_uri": registry.audit_data_uri(mlflow_client, version.name),
         "tracking_uri": tracking_uri, "seed": seed, "device": device, "promotion_alias": alias,
         "threshold_profile": registry.threshold_profile(mlflow_client, version.name),
+        "thresholds_uri": registry.thresholds_uri(mlflow_client, version.name),
         "paradigm": registry.paradigm(mlflow_client, version.name),
     }  # fmt: skip
 

@@ -120,7 +120,8 @@ def test_a_profile_calibrated_on_the_users_own_clean_pair_judges_their_audits(di
     [
         ("{}", "not a thresholds file"),
         (
-            '{"profiles": {"t": {"per_family": {"patch": -1}, "clean_pairs": 1, "paradigm": "supervised"}}}',
+            '{"calibrated_by": "x", "profiles": {"t": {"per_family": {"patch": -1}, "clean_pairs": 1, '
+            '"paradigm": "supervised"}}}',
             "non-positive threshold",
         ),
     ],

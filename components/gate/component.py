@@ -12,6 +12,7 @@ def gate(
     tracking_uri: str,
     promotion_alias: str,
     threshold_profile: str,
+    thresholds_uri: str,
     audit_data: Input[list[Dataset]],
     pair_results: Input[list[Dataset]],
     report: Output[HTML],
@@ -30,6 +31,7 @@ def gate(
             [Path(a.path) for a in pair_results],
             promotion_alias,
             threshold_profile,
+            thresholds_uri,
             Path(out),
         )
         shutil.copy(Path(out) / "peer_1" / "report.html", report.path)

@@ -14,6 +14,7 @@ def test_python_func_records_the_audit_and_promotes_a_clean_version(stage_folder
     ref = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
     status = gate.python_func(
         model_uri=ref.uri, tracking_uri=mlflow_server, promotion_alias="production", threshold_profile="any",
+        thresholds_uri="",
         audit_data=[Dataset(uri=str(stage_folders.data))], pair_results=[Dataset(uri=str(stage_folders.findings))],
         report=HTML(uri=str(tmp_path / "report.html")),
     )  # fmt: skip
@@ -21,3 +22,30 @@ def test_python_func_records_the_audit_and_promotes_a_clean_version(stage_folder
     assert status == tags[registry.STATUS] == "passed"
     assert registry.resolve(client, f"models:/{name}@production").version == ref.version
     assert "crossaudit" in (tmp_path / "report.html").read_text()
+
+
+def test_the_registered_models_own_thresholds_judge_and_travel_with_the_audit_run(
+    stage_folders, mlflow_server, digits_zoo, tmp_path
+):
+    """A thresholds file published for the registered model (here one whose thresholds any
+    finding reaches) decides the verdict, and the audit run keeps the file it was judged by."""
+    import json
+
+    client = registry.client(mlflow_server)
+    name = f"gate-own-{uuid.uuid4().hex[:8]}"
+    ref = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
+    strict = tmp_path / "strict.json"
+    reachable = dict.fromkeys(("patch", "blend", "warp"), 1e-9)
+    profile = {"per_family": reachable, "clean_pairs": 1, "paradigm": "supervised"}
+    strict.write_text(json.dumps({"calibrated_by": "hand, for this test", "profiles": {"strict": profile}}))
+    uri = registry.publish_thresholds(client, name, strict)
+    assert registry.thresholds_uri(client, name) == uri
+    status = gate.python_func(
+        model_uri=ref.uri, tracking_uri=mlflow_server, promotion_alias="production", threshold_profile="",
+        thresholds_uri=uri, audit_data=[Dataset(uri=str(stage_folders.data))],
+        pair_results=[Dataset(uri=str(stage_folders.findings))], report=HTML(uri=str(tmp_path / "report.html")),
+    )  # fmt: skip
+    tags = client.get_model_version(name, ref.version).tags
+    assert status == tags[registry.STATUS] == "failed"
+    kept = {a.path for a in client.list_artifacts(tags[registry.RUN_ID], "thresholds")}
+    assert kept == {"thresholds/strict.json"}
