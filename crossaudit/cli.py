@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -50,8 +51,14 @@ def audit(
         Path | None,
         typer.Option("--thresholds", help="Your thresholds.json (crossaudit calibrate --pair), not the shipped one"),
     ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow server for models:/ URIs"),
+    ] = None,
 ) -> None:
-    """Audit two models, each with the other as witness. Exit 0 clean, 1 backdoor, 2 inconclusive."""
+    """Audit two models, each with the other as witness. Exit 0 clean, 1 backdoor, 2 inconclusive.
+    A model is a file, an MLflow model directory, or an MLflow URI (models:/NAME/VERSION,
+    models:/NAME@ALIAS, runs:/...), downloaded first."""
     # Here, not at the top: torch stays out of the start-up of audit-version and serve.
     from crossaudit.audit import AuditConfig, run_audit
     from crossaudit.limits import Limits
@@ -75,11 +82,20 @@ def audit(
     except ValueError as exc:
         stderr.print(f"error: {exc}")
         raise typer.Exit(2) from exc
-    result = run_audit(
-        suspect, witness, str(data), seed=seed, device=device, config=config, thresholds=thresholds,
-        progress=lambda message: stderr.print(f"[dim]{message}[/dim]"),
-    )  # fmt: skip
+    uris = [suspect, witness]
+    with tempfile.TemporaryDirectory() as downloads:
+        try:
+            local = _local_models(uris, tracking_uri, Path(downloads))
+        except AuditError as exc:
+            stderr.print(f"error: {exc}")
+            raise typer.Exit(2) from exc
+        result = run_audit(
+            *local, str(data), seed=seed, device=device, config=config, thresholds=thresholds,
+            progress=lambda message: stderr.print(f"[dim]{message}[/dim]"),
+        )  # fmt: skip
     report = result.report
+    for model, uri in zip(report.models, uris, strict=True):
+        model.uri = uri  # the report names the models as given
     if out is not None:
         from crossaudit.report import write_outputs
 
@@ -215,6 +231,16 @@ def calibrate(
         print(run.pair, {k: round(v, 3) for k, v in run.scores.items()})
     for thresholds in profiles:
         print(f"{out}: profile {thresholds.profile}: {thresholds.per_family}")
+
+
+def _local_models(uris: list[str], tracking_uri: str | None, dest: Path) -> list[str]:
+    """Files as given; MLflow URIs downloaded (the registry, and mlflow with it, is imported
+    only then: a local audit does not pay for it)."""
+    if not any(":/" in uri for uri in uris):
+        return uris
+    from crossaudit import registry
+
+    return registry.local_models(uris, tracking_uri, dest)
 
 
 def _pair(text: str) -> tuple[str, str]:

@@ -155,6 +155,18 @@ def materialize(uri: str, dest: Path) -> Path:
     return target
 
 
+def local_models(uris: list[str], tracking_uri: str | None, dest: Path) -> list[str]:
+    """What `crossaudit audit` opens: files and MLflow model directories as given, and
+    MLflow URIs (`models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/...`) downloaded as
+    files into `dest` first (MLflow's artifact download only, never a flavor loader)."""
+    if tracking_uri:
+        client(tracking_uri)
+    return [
+        str(materialize(uri, dest / f"model_{index}")) if _REMOTE.match(uri) else uri.removeprefix("file://")
+        for index, uri in enumerate(uris)
+    ]
+
+
 def fetch_inputs(
     suspect_uri: str, witness_uri: str, data_uri: str, tracking_uri: str, suspect: Path, witness: Path, data: Path
 ) -> None:
