@@ -73,19 +73,23 @@ def _explicit_pads(op: str, a: Attrs, spatial: int) -> list[int]:
     return list(a.get("pads", [0] * 2 * spatial))
 
 
+def _conv_options(a: Attrs, spatial: int, pads: list[int]) -> dict[str, object]:
+    """What Conv and ConvTranspose share: strides, symmetric padding, dilations, groups."""
+    return {
+        "stride": tuple(a.get("strides", [1] * spatial)),
+        "padding": tuple(pads[:spatial]),
+        "dilation": tuple(a.get("dilations", [1] * spatial)),
+        "groups": int(a.get("group", 1)),
+    }
+
+
 def _conv(a: Attrs, x: list[Tensor | None]) -> Tensor:
     inp, w, b = x[0], x[1], x[2] if len(x) > 2 else None
     spatial = w.dim() - 2
     pads = _explicit_pads("Conv", a, spatial)
     if pads[:spatial] != pads[spatial:]:
         inp, pads = F.pad(inp, _pads_nd(pads)), [0] * 2 * spatial
-    return CONVS[spatial](
-        inp, w, b,
-        stride=tuple(a.get("strides", [1] * spatial)),
-        padding=tuple(pads[:spatial]),
-        dilation=tuple(a.get("dilations", [1] * spatial)),
-        groups=int(a.get("group", 1)),
-    )  # fmt: skip
+    return CONVS[spatial](inp, w, b, **_conv_options(a, spatial, pads))
 
 
 def _conv_transpose(a: Attrs, x: list[Tensor | None]) -> Tensor:
@@ -96,14 +100,8 @@ def _conv_transpose(a: Attrs, x: list[Tensor | None]) -> Tensor:
     pads = _explicit_pads("ConvTranspose", a, spatial)
     if "output_shape" in a or pads[:spatial] != pads[spatial:]:
         raise UnsupportedOpError("ConvTranspose with output_shape or uneven pads is not supported")
-    return TRANSPOSED_CONVS[spatial](
-        inp, w, b,
-        stride=tuple(a.get("strides", [1] * spatial)),
-        padding=tuple(pads[:spatial]),
-        output_padding=tuple(a.get("output_padding", [0] * spatial)),
-        groups=int(a.get("group", 1)),
-        dilation=tuple(a.get("dilations", [1] * spatial)),
-    )  # fmt: skip
+    output_padding = tuple(a.get("output_padding", [0] * spatial))
+    return TRANSPOSED_CONVS[spatial](inp, w, b, output_padding=output_padding, **_conv_options(a, spatial, pads))
 
 
 POOLS = {
@@ -296,9 +294,11 @@ def _variadic(combine: Callable[[Tensor, Tensor], Tensor]) -> OpFn:
     return run
 
 
+_sum = _variadic(torch.add)
+
+
 def _mean(a: Attrs, x: list[Tensor | None]) -> Tensor:
-    inputs = [t for t in x if t is not None]
-    return functools.reduce(torch.add, inputs) / len(inputs)
+    return _sum(a, x) / sum(t is not None for t in x)
 
 
 def _prelu(a: Attrs, x: list[Tensor | None]) -> Tensor:
@@ -414,7 +414,7 @@ OPS: dict[str, OpFn] = {
     "ReduceLogSumExp": _reduce(torch.logsumexp),
     "Max": _variadic(torch.maximum),
     "Min": _variadic(torch.minimum),
-    "Sum": _variadic(torch.add),
+    "Sum": _sum,
     "Mean": _mean,
     "InstanceNormalization": _instance_norm,
     "Resize": _resize,
