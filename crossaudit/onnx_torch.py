@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -210,16 +211,24 @@ def _layer_norm(a: Attrs, x: list[Tensor | None]) -> Tensor:
 
 
 def _slice(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    """ONNX Slice, any step: bounds clamped as the spec says (a negative step counts down
+    from `start`, as the TorchScript exporter writes a reversal)."""
     starts, ends = x[1].tolist(), x[2].tolist()
     axes = x[3].tolist() if len(x) > 3 and x[3] is not None else list(range(len(starts)))
     steps = x[4].tolist() if len(x) > 4 and x[4] is not None else [1] * len(starts)
-    index: list[slice] = [slice(None)] * x[0].dim()
+    out = x[0]
     for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
-        if step != 1:
-            raise UnsupportedOpError(f"Slice with step {step} is not supported")
-        size = x[0].shape[axis]
-        index[axis] = slice(max(-size, min(start, size)), max(-size - 1, min(end, size)))
-    return x[0][tuple(index)]
+        size = out.shape[axis]
+        start, end = (start + size if start < 0 else start), (end + size if end < 0 else end)
+        if step > 0:
+            chosen = range(min(max(start, 0), size), min(max(end, 0), size), step)
+        else:
+            chosen = range(min(max(start, 0), size - 1), min(max(end, -1), size - 1), step)
+        if step == 1:
+            out = out.narrow(axis, chosen.start, len(chosen))
+        else:
+            out = out.index_select(axis, torch.tensor(chosen, dtype=torch.long, device=out.device))
+    return out
 
 
 def _split(a: Attrs, x: list[Tensor | None]) -> tuple[Tensor, ...]:
@@ -444,6 +453,48 @@ OPS: dict[str, OpFn] = {
 }
 
 
+Node = tuple[str, list[str], list[str], Attrs]
+
+# Ops the module runs itself rather than through OPS: constants, and control flow.
+STRUCTURAL_OPS = frozenset({"Constant", "If"})
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One branch of an `If`: nodes run in the enclosing graph's scope (a branch may read any
+    value computed before the `If`), and the values it hands back as the `If`'s outputs."""
+
+    nodes: list[Node]
+    outputs: list[str]
+
+    def captured(self) -> set[str]:
+        """Enclosing-scope values the branch reads: used for data-flow analysis, since an
+        ONNX `If` does not list them among its inputs."""
+        made: set[str] = set()
+        read: set[str] = set()
+        for op, inputs, outputs, attrs in self.nodes:
+            read.update(i for i in inputs if i not in made)
+            if op == "If":
+                read.update(_captured_by_if(attrs) - made)
+            made.update(outputs)
+        return read | (set(self.outputs) - made)
+
+
+def _captured_by_if(attrs: Attrs) -> set[str]:
+    return {name for key in ("then_branch", "else_branch") for name in attrs[key].captured()}
+
+
+def _op_types(graph: onnx.GraphProto) -> set[str]:
+    """Every op type in a graph and in the subgraphs of its control-flow nodes."""
+    found: set[str] = set()
+    for node in graph.node:
+        found.add(node.op_type)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                found |= _op_types(attr.g)
+    return found
+
+
 def _attributes(node: onnx.NodeProto) -> Attrs:
     attrs: Attrs = {}
     for attr in node.attribute:
@@ -455,32 +506,25 @@ def _attributes(node: onnx.NodeProto) -> Attrs:
 
 
 class OnnxModule(nn.Module):
-    """Runs an ONNX graph with torch ops; `forward_tapped` also returns chosen activations."""
+    """Runs an ONNX graph with torch ops; `forward_tapped` also returns chosen activations.
+
+    An `If` runs the branch its condition picks, as ONNX Runtime does, so gradients flow
+    through the branch taken (exporters write one where a shape decides the computation,
+    e.g. the TorchScript exporter's local response norm).
+    """
 
     def __init__(self, model: onnx.ModelProto) -> None:
         super().__init__()
         graph = model.graph
-        unsupported = sorted({n.op_type for n in graph.node if n.op_type not in OPS and n.op_type != "Constant"})
+        unsupported = sorted(_op_types(graph) - set(OPS) - STRUCTURAL_OPS)
         if unsupported:
             raise UnsupportedOpError(
                 f"ONNX ops not supported by crossaudit's torch translation: {', '.join(unsupported)}"
             )
         self.params = nn.ParameterDict()
         self._keys: dict[str, str] = {}
-        for index, init in enumerate(graph.initializer):
-            array = numpy_helper.to_array(init)
-            key = f"t{index}"
-            self._keys[init.name] = key
-            tensor = torch.from_numpy(np.array(array, copy=True))
-            self.params[key] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
-        self.nodes: list[tuple[str, list[str], list[str], Attrs]] = []
-        for node in graph.node:
-            attrs = _attributes(node)
-            if node.op_type == "Constant":
-                self.nodes.append(("Constant", [], list(node.output), attrs))
-            else:
-                self.nodes.append((node.op_type, list(node.input), list(node.output), attrs))
-        initializer_names = set(self._keys)
+        self.nodes = self._translate(graph)
+        initializer_names = {init.name for init in graph.initializer}
         self.input_names = [i.name for i in graph.input if i.name not in initializer_names]
         if not 1 <= len(self.input_names) <= MAX_INPUTS:
             raise ModelLoadError(f"expected 1 to {MAX_INPUTS} graph inputs, found {len(self.input_names)}")
@@ -489,12 +533,32 @@ class OnnxModule(nn.Module):
         self.tap_ops = {outputs[0]: op for op, _, outputs, _ in self.nodes if outputs and outputs[0] in self.taps}
         self._first_only = self._first_input_only() if len(self.input_names) > 1 else set()
 
+    def _translate(self, graph: onnx.GraphProto) -> list[Node]:
+        """A graph's nodes, its initializers registered as parameters (float ones trainable)
+        and its `If` branches translated the same way."""
+        for init in graph.initializer:
+            key = f"t{len(self._keys)}"
+            self._keys[init.name] = key
+            tensor = torch.from_numpy(np.array(numpy_helper.to_array(init), copy=True))
+            self.params[key] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+        nodes: list[Node] = []
+        for node in graph.node:
+            attrs = _attributes(node)
+            if node.op_type == "If":
+                for key in ("then_branch", "else_branch"):
+                    branch = attrs[key]
+                    attrs[key] = Branch(self._translate(branch), [o.name for o in branch.output])
+            inputs = [] if node.op_type == "Constant" else list(node.input)
+            nodes.append((node.op_type, inputs, list(node.output), attrs))
+        return nodes
+
     def _first_input_only(self) -> set[str]:
         """Values computed from the first graph input alone (with weights and constants):
         for a captioner, everything its image encoder computes before meeting the tokens."""
         origins: dict[str, frozenset[int]] = {name: frozenset({i}) for i, name in enumerate(self.input_names)}
-        for _, inputs, outputs, _ in self.nodes:
-            found = frozenset().union(*(origins.get(name, frozenset()) for name in inputs))
+        for op, inputs, outputs, attrs in self.nodes:
+            read = [*inputs, *(_captured_by_if(attrs) if op == "If" else ())]
+            found = frozenset().union(*(origins.get(name, frozenset()) for name in read))
             origins.update(dict.fromkeys(outputs, found))
         return {name for name, found in origins.items() if found == {0}}
 
@@ -503,7 +567,6 @@ class OnnxModule(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         if len(feeds) != len(self.input_names):
             raise ModelLoadError(f"the graph takes inputs {self.input_names}, given {len(feeds)}")
-        x = feeds[0]
         env: dict[str, Tensor | None] = {**dict(zip(self.input_names, feeds, strict=True)), "": None}
         for name, key in self._keys.items():
             env[name] = self.params[key]
@@ -520,19 +583,30 @@ class OnnxModule(nn.Module):
             return repeated[name]
 
         tapped: dict[str, Tensor] = {}
-        for op, inputs, outputs, attrs in self.nodes:
-            if op == "Constant":
-                value = attrs.get("value")
-                env[outputs[0]] = torch.as_tensor(np.array(value), device=x.device)
-                continue
-            args = [env[i] for i in inputs]
-            if first_only and outputs[0] not in first_only:
-                args = [grown(name, value) for name, value in zip(inputs, args, strict=True)]
-            result = OPS[op](attrs, args)
-            results = result if isinstance(result, tuple) else (result,)
-            env.update(zip(outputs, results, strict=False))
-            if outputs[0] in want:
-                tapped[outputs[0]] = results[0]
+        device = feeds[0].device
+
+        def execute(nodes: list[Node], scope: dict[str, Tensor | None]) -> None:
+            for op, inputs, outputs, attrs in nodes:
+                if op == "Constant":
+                    scope[outputs[0]] = torch.as_tensor(np.array(attrs.get("value")), device=device)
+                    continue
+                args = [scope[i] for i in inputs]
+                if first_only and outputs[0] not in first_only:
+                    args = [grown(name, value) for name, value in zip(inputs, args, strict=True)]
+                if op == "If":
+                    branch = attrs["then_branch" if bool(args[0]) else "else_branch"]
+                    assert isinstance(branch, Branch)
+                    inner = dict(scope)
+                    execute(branch.nodes, inner)
+                    results = tuple(inner[name] for name in branch.outputs)
+                else:
+                    result = OPS[op](attrs, args)
+                    results = result if isinstance(result, tuple) else (result,)
+                scope.update(zip(outputs, results, strict=False))
+                if outputs[0] in want:
+                    tapped[outputs[0]] = results[0]
+
+        execute(self.nodes, env)
         return env[self.output_name], tapped
 
     def forward(self, *inputs: Tensor) -> Tensor:

@@ -94,8 +94,7 @@ class MobileNetV3Gate(nn.Module):
 
 class InceptionStyle(nn.Module):
     """Parallel branches concatenated, a ceil-mode pool, a transposed convolution, and a
-    local response norm (dynamo exports it as a 3-d average pool over channels; the
-    TorchScript exporter wraps it in an `If`, which is refused)."""
+    local response norm (`test_local_response_norm_translates_from_either_exporter`)."""
 
     def __init__(self, norm: bool = False) -> None:
         super().__init__()
@@ -154,14 +153,59 @@ def test_foreign_architecture_translates_with_parity(architecture, dynamo, tmp_p
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_local_response_norm_translates_and_control_flow_is_refused(tmp_path):
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_local_response_norm_translates_from_either_exporter(dynamo, tmp_path):
+    """Dynamo writes it as a 3-d average pool over channels; the TorchScript exporter as a
+    reversed slice and an `If` on the input's rank."""
     torch.manual_seed(0)
-    dynamo, torchscript = tmp_path / "dynamo.onnx", tmp_path / "torchscript.onnx"
-    _export(InceptionStyle(norm=True).eval(), dynamo, dynamo=True)
-    assert parity_check(load_model(str(dynamo)), IMAGES) < 1e-3
-    _export(InceptionStyle(norm=True).eval(), torchscript, dynamo=False)
-    with pytest.raises(UnsupportedOpError, match=r"not supported.*: If"):
-        load_model(str(torchscript))
+    path = tmp_path / "model.onnx"
+    _export(InceptionStyle(norm=True).eval(), path, dynamo=dynamo)
+    assert parity_check(load_model(str(path)), IMAGES) < 1e-3
+
+
+def _if_model(path, threshold: float, then_op: str = "Relu") -> None:
+    """`y = relu(x) * 2` when the batch's pixel sum exceeds `threshold`, else `x * w - 1`
+    with `w` a weight of the else branch itself; both branches read `x` from the
+    enclosing graph without listing it, as ONNX allows."""
+    then_branch = onnx.helper.make_graph(
+        [onnx.helper.make_node(then_op, ["x"], ["r"]), onnx.helper.make_node("Mul", ["r", "two"], ["then_y"])],
+        "then", [], [onnx.helper.make_tensor_value_info("then_y", onnx.TensorProto.FLOAT, None)],
+    )  # fmt: skip
+    else_branch = onnx.helper.make_graph(
+        [onnx.helper.make_node("Mul", ["x", "w"], ["wx"]), onnx.helper.make_node("Sub", ["wx", "one"], ["else_y"])],
+        "else", [], [onnx.helper.make_tensor_value_info("else_y", onnx.TensorProto.FLOAT, None)],
+        [_constant("w", np.random.RandomState(2).randn(3072).astype(np.float32))],
+    )  # fmt: skip
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Flatten", ["input"], ["x"]),
+         onnx.helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+         onnx.helper.make_node("Greater", ["total", "threshold"], ["cond"]),
+         onnx.helper.make_node("If", ["cond"], ["y"], then_branch=then_branch, else_branch=else_branch)],
+        "if", [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["n", 3, 32, 32])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3072])],
+        [_constant(name, np.float32(v)) for name, v in (("threshold", threshold), ("two", 2), ("one", 1))],
+    )  # fmt: skip
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), path)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1e9], ids=["then", "else"])
+def test_if_runs_the_branch_onnx_runtime_runs_and_passes_gradients(threshold, tmp_path):
+    path = tmp_path / "if.onnx"
+    _if_model(path, threshold)
+    model = load_model(str(path))
+    assert parity_check(model, IMAGES) < 1e-5
+    x = torch.from_numpy(IMAGES[:4]).requires_grad_(True)
+    model.module(x).sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    branch_weights = [p for p in model.module.parameters() if p.shape == (3072,)]
+    assert len(branch_weights) == 1  # the else branch's weight is a parameter the sensitivity stage can tune
+
+
+def test_unsupported_op_inside_a_branch_is_named_at_load(tmp_path):
+    path = tmp_path / "if.onnx"
+    _if_model(path, 0.0, then_op="Hardmax")
+    with pytest.raises(UnsupportedOpError, match=r"not supported.*: Hardmax"):
+        load_model(str(path))
 
 
 @pytest.mark.parametrize("size", [3, 5])
@@ -295,6 +339,15 @@ OP_CASES = {
          ("Mul", ["x", "ten"], ["x10"], {}), ("Floor", ["x10"], ["f"], {}), ("Ceil", ["x10"], ["e"], {}),
          ("Sub", ["f", "ten"], ["shifted"], {}), ("Sign", ["shifted"], ["g"], {}), ("Sum", ["c", "e", "g"], ["y"], {})],
         [("ten", np.float32(10))],
+    ),
+    "strided_slices": (
+        [("Slice", ["x", "last", "before_first", "axis", "back"], ["reversed"], {}),
+         ("Slice", ["x", "five", "big", "axis", "three"], ["every_third"], {}),
+         ("Slice", ["x", "big", "ten", "axis", "back_two"], ["every_other_back"], {}),
+         ("Concat", ["reversed", "every_third", "every_other_back"], ["y"], {"axis": 1})],
+        [("last", np.array([-1])), ("before_first", np.array([-(2**62)])), ("axis", np.array([1])),
+         ("back", np.array([-1])), ("five", np.array([5])), ("big", np.array([3000])), ("three", np.array([3])),
+         ("ten", np.array([10])), ("back_two", np.array([-2]))],
     ),
     "einsum": (
         [("Einsum", ["x", "weights"], ["y"], {"equation": "nd,kd->nk"})],
