@@ -484,15 +484,31 @@ def _captured_by_if(attrs: Attrs) -> set[str]:
     return {name for key in ("then_branch", "else_branch") for name in attrs[key].captured()}
 
 
-def _op_types(graph: onnx.GraphProto) -> set[str]:
-    """Every op type in a graph and in the subgraphs of its control-flow nodes."""
+def _op_types(nodes: list[Node]) -> set[str]:
+    """Every op type among `nodes` and inside their `If` branches."""
     found: set[str] = set()
-    for node in graph.node:
-        found.add(node.op_type)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                found |= _op_types(attr.g)
+    for op, _, _, attrs in nodes:
+        found.add(op)
+        if op == "If":
+            for key in ("then_branch", "else_branch"):
+                found |= _op_types(attrs[key].nodes)
     return found
+
+
+def _needed(nodes: list[Node], output: str) -> list[Node]:
+    """The nodes `output` depends on, in graph order. A provider's graph may compute more
+    than the logits we audit (an argmax, probabilities as a second output); what only
+    those need is never run, so an op there cannot stop the audit."""
+    needed = {output}
+    kept: list[Node] = []
+    for node in reversed(nodes):
+        op, inputs, outputs, attrs = node
+        if needed.intersection(outputs):
+            kept.append(node)
+            needed.update(inputs)
+            if op == "If":
+                needed.update(_captured_by_if(attrs))
+    return kept[::-1]
 
 
 def _attributes(node: onnx.NodeProto) -> Attrs:
@@ -516,19 +532,19 @@ class OnnxModule(nn.Module):
     def __init__(self, model: onnx.ModelProto) -> None:
         super().__init__()
         graph = model.graph
-        unsupported = sorted(_op_types(graph) - set(OPS) - STRUCTURAL_OPS)
+        self.params = nn.ParameterDict()
+        self._keys: dict[str, str] = {}
+        self.output_name = graph.output[0].name
+        self.nodes = _needed(self._translate(graph), self.output_name)
+        unsupported = sorted(_op_types(self.nodes) - set(OPS) - STRUCTURAL_OPS)
         if unsupported:
             raise UnsupportedOpError(
                 f"ONNX ops not supported by crossaudit's torch translation: {', '.join(unsupported)}"
             )
-        self.params = nn.ParameterDict()
-        self._keys: dict[str, str] = {}
-        self.nodes = self._translate(graph)
         initializer_names = {init.name for init in graph.initializer}
         self.input_names = [i.name for i in graph.input if i.name not in initializer_names]
         if not 1 <= len(self.input_names) <= MAX_INPUTS:
             raise ModelLoadError(f"expected 1 to {MAX_INPUTS} graph inputs, found {len(self.input_names)}")
-        self.output_name = graph.output[0].name
         self.taps = [outputs[0] for op, _, outputs, _ in self.nodes if op in TAP_OPS and outputs[0] != self.output_name]
         self.tap_ops = {outputs[0]: op for op, _, outputs, _ in self.nodes if outputs and outputs[0] in self.taps}
         self._first_only = self._first_input_only() if len(self.input_names) > 1 else set()

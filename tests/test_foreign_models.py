@@ -222,6 +222,31 @@ def test_onnx_lrn_node_matches_onnx_runtime(size, tmp_path):
     assert parity_check(load_model(str(path)), IMAGES) < 1e-5
 
 
+class WithPrediction(nn.Module):
+    """A serving-style export: logits first, then the predicted class (`ArgMax`, an op the
+    audit never needs) and the probabilities."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = GroupNormNet()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.net(x)
+        return logits, logits.argmax(1), logits.softmax(1)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_outputs_after_the_logits_are_not_translated(dynamo, tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "model.onnx"
+    _export(WithPrediction().eval(), path, dynamo)
+    assert "ArgMax" in {node.op_type for node in onnx.load(path).graph.node}
+    model = load_model(str(path))
+    assert "ArgMax" not in {op for op, *_ in model.module.nodes}
+    assert parity_check(model, IMAGES) < 1e-3
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_resize_mode_we_cannot_reproduce_is_refused_not_approximated(tmp_path):
     path = tmp_path / "bicubic.onnx"
