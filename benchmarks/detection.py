@@ -81,9 +81,10 @@ FULL = Plan(
 )  # fmt: skip
 STANDARD = dataclasses.replace(FULL, name="standard", seeds=(200,))
 # The smoke plan: one ablation (every ablation is the same code path with another config)
-# and one scaling point, 20 classes, the smallest that builds a multi-quadrant task.
+# and one scaling point, 10 classes: the quadrant task's 32 x 32 canvas with one quadrant
+# (20 classes doubled the plan's slowest step for no other code).
 QUICK = Plan(
-    "quick", ("digits",), (("cnn", "cnn"),), ("badnets",), (200,), ("full", "no witness"), (20,), (),
+    "quick", ("digits",), (("cnn", "cnn"),), ("badnets",), (200,), ("full", "no witness"), (10,), (),
     NeuralCleanseConfig(steps=60), bootstrap=200,
 )  # fmt: skip
 PLANS = {plan.name: plan for plan in (QUICK, STANDARD, FULL)}

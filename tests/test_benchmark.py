@@ -56,7 +56,7 @@ def test_quick_benchmark_writes_a_report_with_every_section(tmp_path):
     sections = (
         "## Targets (issue 4)", "**crossaudit**", "**Neural Cleanse**", "**crossaudit by architecture pair**",
         "| cnn/cnn | ", "**crossaudit by dataset**", "| badnets | ", "crossaudit (no witness)", "## Scaling",
-        "20 classes",
+        "10 classes",
     )  # fmt: skip
     assert [s for s in sections if s not in report] == []
     assert (tmp_path / "benchmarks-quick_scaling.png").stat().st_size > 10_000

@@ -249,12 +249,11 @@ def _audit(zoo: ParadigmZoo, first: str, second: str, data: Path, *extra: str) -
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("backdoored", "clean", "other_clean", "data", "paradigm"),
+    ("backdoored", "clean", "data", "paradigm"),
     [
         pytest.param(
             "semi_badnets_cnn",
             "semi_clean_mlp",
-            "semi_clean_cnn",
             "digits",
             "semi",
             marks=pytest.mark.xfail(
@@ -263,29 +262,35 @@ def _audit(zoo: ParadigmZoo, first: str, second: str, data: Path, *extra: str) -
                 "high, so the recalibrated semi thresholds are high (README, Learning paradigms)",
             ),
         ),
-        ("ssl_badnets_cnn", "ssl_clean_mlp", "ssl_clean_cnn", "digits", "auto"),
-        ("lm_phrase", "lm_clean_a", "lm_clean_b", "text", "auto"),
-        ("cap_badnets_cnn", "cap_clean_mlp", "cap_clean_cnn", "captions", "auto"),
+        ("ssl_badnets_cnn", "ssl_clean_mlp", "digits", "auto"),
     ],
 )
-def test_each_paradigm_flags_the_backdoored_model_and_passes_clean_pairs(
-    paradigm_zoo, backdoored, clean, other_clean, data, paradigm
-):
-    data_path = paradigm_zoo.data(data)
-    code, report = _audit(paradigm_zoo, backdoored, clean, data_path, "--paradigm", paradigm)
+def test_each_image_paradigm_flags_the_backdoored_model(paradigm_zoo, backdoored, clean, data, paradigm):
+    """A captioner's and a language model's backdoored pairs are audited through the
+    pipeline instead (`test_pipeline_takes_the_paradigm_from_the_registry`): the CLI and
+    the pipeline run the same audit, and theirs are the suite's costliest."""
+    code, report = _audit(paradigm_zoo, backdoored, clean, paradigm_zoo.data(data), "--paradigm", paradigm)
     assert code == 1, report
     assert [m["verdict"] for m in report["models"]] == ["backdoor", "clean"]
+    assert report["paradigm"] == (paradigm if paradigm != "auto" else "ssl")
+    assert report["models"][0]["target"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("clean", "other_clean", "data", "paradigm"),
+    [
+        ("semi_clean_mlp", "semi_clean_cnn", "digits", "semi"),
+        ("ssl_clean_mlp", "ssl_clean_cnn", "digits", "auto"),
+        ("lm_clean_a", "lm_clean_b", "text", "auto"),
+        ("cap_clean_mlp", "cap_clean_cnn", "captions", "auto"),
+    ],
+)
+def test_each_paradigm_passes_a_clean_pair(paradigm_zoo, clean, other_clean, data, paradigm):
+    code, report = _audit(paradigm_zoo, clean, other_clean, paradigm_zoo.data(data), "--paradigm", paradigm)
+    assert code == 0, report
     inferred = {"text": "lm", "captions": "captioner", "digits": "ssl"}[data]
     assert report["paradigm"] == (paradigm if paradigm != "auto" else inferred)
-    flagged = report["models"][0]
-    if data == "text":
-        assert flagged["trigger_text"] and flagged["target_text"]
-    elif data == "captions":  # labels index the sorted captions
-        assert flagged["target_text"] == "a handwritten three"
-    else:
-        assert flagged["target"] == 3
-    code, report = _audit(paradigm_zoo, clean, other_clean, data_path, "--paradigm", paradigm)
-    assert code == 0, report
 
 
 @pytest.mark.slow
@@ -315,10 +320,9 @@ def test_pipeline_takes_the_paradigm_from_the_registry(paradigm_zoo, mlflow_serv
     run_id = client.get_model_version(name, poisoned.version).tags[registry.RUN_ID]
     report = json.loads(Path(client.download_artifacts(run_id, "peer_1/report.json")).read_text())
     assert report["paradigm"] == paradigm and report["models"][0]["threshold_profile"] == paradigm
+    assert [m["verdict"] for m in report["models"]] == ["backdoor", "clean"]
     flagged = report["models"][0]
     if paradigm == "lm":
         assert flagged["trigger_text"] and flagged["target_text"]
-    elif paradigm == "captioner":
+    else:  # labels index the sorted captions
         assert flagged["target_text"] == "a handwritten three"
-    else:
-        assert flagged["target"] == 3
