@@ -61,6 +61,10 @@ PARITY_SAMPLES = 256
 # 30 search steps, and the planted target led after 90 (a search budget; the captioner
 # thresholds are calibrated on clean pairs with it).
 CAPTIONER_SEARCH_STEPS = 90
+# Success rates are measured on held-out samples that both models get right: with fewer
+# than this many, one sample moves a rate by over 2 points and a clean verdict would rest
+# on noise, so the audit is inconclusive instead (an audit set of roughly 120 or more).
+MIN_HELD_OUT = 50
 Progress = Callable[[str], None]
 
 
@@ -263,11 +267,13 @@ def prepare_pair(
         )
     both_right = (labels[0] == data.y) & (labels[1] == data.y)
     inversion_idx, held_idx = _split(data.y, config.holdout_fraction, seed)
-    return Pair(
-        modules, reports, data, round(agreement, 4),
-        inversion_idx[both_right[inversion_idx]], held_idx[both_right[held_idx]], device, paradigms[0],
-        min(widths),
-    )  # fmt: skip
+    inversion_idx, held_idx = inversion_idx[both_right[inversion_idx]], held_idx[both_right[held_idx]]
+    if len(held_idx) < MIN_HELD_OUT:
+        raise DataValidationError(
+            f"audit data too small: {len(held_idx)} held-out samples that both models classify correctly, "
+            f"need {MIN_HELD_OUT} to measure a trigger's success (audit with hundreds of labelled samples)"
+        )
+    return Pair(modules, reports, data, round(agreement, 4), inversion_idx, held_idx, device, paradigms[0], min(widths))
 
 
 def _captioner_audit(requested: str, data: AuditData) -> bool:

@@ -18,7 +18,8 @@ class ParityError(ModelLoadError):
 
 
 class DataValidationError(AuditError):
-    """The audit data does not follow the contract; the message names the column."""
+    """The audit data does not follow the contract (the message names the column), or is
+    too small to measure a trigger's success on."""
 
 
 class IncomparableModelsError(AuditError):

@@ -77,6 +77,20 @@ def test_truncated_model_exits_2_with_one_clear_line(digits_zoo, tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_audit_set_too_small_to_measure_on_exits_2_not_clean(digits_zoo, tmp_path):
+    """Sixty samples leave about thirty held out: too few for a success rate to mean
+    anything, so two clean models are not cleared on them."""
+    from crossaudit.data import read_audit_data, write_parquet
+
+    data = read_audit_data(str(digits_zoo.audit_data))
+    small = tmp_path / "sixty.parquet"
+    write_parquet(small, data.x[:60], data.y[:60])
+    done = crossaudit("audit", str(digits_zoo.clean_cnn), str(digits_zoo.clean_mlp), "--data", str(small))
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "audit data too small" in errors[0] and "need 50" in errors[0]
+
+
 def test_bad_audit_data_exits_2(digits_zoo, tmp_path):
     missing = tmp_path / "nothing.parquet"
     done = crossaudit("audit", str(digits_zoo.clean_cnn), str(digits_zoo.clean_mlp), "--data", str(missing))
