@@ -14,7 +14,7 @@ import hashlib
 import io
 import re
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -66,26 +66,39 @@ def _check_size(path: Path, max_bytes: int) -> None:
         raise ModelLoadError(f"{path}: {size} bytes exceeds the model size limit of {max_bytes}")
 
 
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph holds: its initializers, its nodes' tensor attributes
+    (`Constant` values), and the same inside control-flow branches, which are translated too."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            yield from ([attr.t] if attr.HasField("t") else [])
+            yield from attr.tensors
+            for subgraph in [attr.g] if attr.HasField("g") else []:
+                yield from _tensors(subgraph)
+            for subgraph in attr.graphs:
+                yield from _tensors(subgraph)
+
+
 def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
     """External tensor files must live inside the model's own directory."""
-    for tensor in model.graph.initializer:
+    for tensor in _tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         target = (base / location).resolve()
         if not target.is_relative_to(base.resolve()) or not target.is_file():
             raise ModelLoadError(
-                f"initializer {tensor.name!r} points at external data {location!r} "
-                "outside the model directory or missing"
+                f"tensor {tensor.name!r} points at external data {location!r} outside the model directory or missing"
             )
 
 
 def _check_tensor_sizes(model: onnx.ModelProto) -> None:
-    for tensor in model.graph.initializer:
+    for tensor in _tensors(model.graph):
         elements = int(np.prod([max(int(d), 0) for d in tensor.dims], dtype=np.float64))
         if elements > MAX_TENSOR_ELEMENTS:
             raise ModelLoadError(
-                f"initializer {tensor.name!r} declares {elements:.0f} elements (limit {MAX_TENSOR_ELEMENTS})"
+                f"tensor {tensor.name!r} declares {elements:.0f} elements (limit {MAX_TENSOR_ELEMENTS})"
             )
 
 

@@ -131,22 +131,48 @@ def test_truncated_or_corrupted_onnx_never_crashes(scratch, digits_zoo, cut, fli
         load_model(str(path))
 
 
+def _graph_holding(weight: onnx.TensorProto, holder: str) -> onnx.GraphProto:
+    """`logits = image @ w` with `w` an initializer, a `Constant` node's value, or an
+    initializer of an `If` branch (both branches read the graph's `image`)."""
+    ends = (
+        [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["n", 4])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["n", 4])],
+    )
+    matmul = onnx.helper.make_node("MatMul", ["image", "w"], ["logits"])
+    if holder == "initializer":
+        return onnx.helper.make_graph([matmul], "g", *ends, initializer=[weight])
+    if holder == "constant":
+        return onnx.helper.make_graph([onnx.helper.make_node("Constant", [], ["w"], value=weight), matmul], "g", *ends)
+    out = [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None)]
+    branch = onnx.helper.make_graph([matmul], "branch", [], out, initializer=[weight])
+    other = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["image"], ["logits"])], "other", [], out)
+    condition = onnx.numpy_helper.from_array(np.array(True), "c")
+    node = onnx.helper.make_node("If", ["c"], ["logits"], then_branch=branch, else_branch=other)
+    return onnx.helper.make_graph([node], "g", *ends, initializer=[condition])
+
+
+@pytest.mark.parametrize("holder", ["initializer", "constant", "if branch"])
 @pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "sub/../../outside.bin", "missing.bin"])
-def test_external_data_outside_the_model_directory_is_refused(scratch, location):
+def test_external_data_outside_the_model_directory_is_refused(scratch, location, holder):
     (scratch / "outside.bin").write_bytes(b"\0" * 64)
     inside = scratch / "model"
-    inside.mkdir()
+    inside.mkdir(exist_ok=True)
     weight = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[4, 4])
     weight.data_location = onnx.TensorProto.EXTERNAL
     weight.external_data.add(key="location", value=location)
-    node = onnx.helper.make_node("MatMul", ["image", "w"], ["logits"])
-    graph = onnx.helper.make_graph(
-        [node], "g", [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1, 4])],
-        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 4])], initializer=[weight],
-    )  # fmt: skip
-    (inside / "m.onnx").write_bytes(onnx.helper.make_model(graph).SerializeToString())
+    model = onnx.helper.make_model(_graph_holding(weight, holder), opset_imports=[onnx.helper.make_opsetid("", 18)])
+    (inside / "m.onnx").write_bytes(model.SerializeToString())
     with pytest.raises(ModelLoadError, match="outside the model directory or missing"):
         load_model(str(inside / "m.onnx"))
+
+
+@pytest.mark.parametrize("holder", ["initializer", "constant", "if branch"])
+def test_absurd_tensor_shape_is_refused_wherever_the_tensor_sits(scratch, holder):
+    huge = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[1 << 20, 1 << 20], raw_data=b"\0" * 16)
+    model = onnx.helper.make_model(_graph_holding(huge, holder), opset_imports=[onnx.helper.make_opsetid("", 18)])
+    (scratch / "huge.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(ModelLoadError, match="declares"):
+        load_model(str(scratch / "huge.onnx"))
 
 
 @FUZZ
