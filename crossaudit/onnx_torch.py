@@ -610,8 +610,7 @@ class OnnxModule(nn.Module):
                 if first_only and outputs[0] not in first_only:
                     args = [grown(name, value) for name, value in zip(inputs, args, strict=True)]
                 if op == "If":
-                    branch = attrs["then_branch" if bool(args[0]) else "else_branch"]
-                    assert isinstance(branch, Branch)
+                    branch: Branch = attrs["then_branch" if bool(args[0]) else "else_branch"]
                     inner = dict(scope)
                     execute(branch.nodes, inner)
                     results = tuple(inner[name] for name in branch.outputs)
