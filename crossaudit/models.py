@@ -72,11 +72,11 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     yield from graph.initializer
     for node in graph.node:
         for attr in node.attribute:
-            yield from ([attr.t] if attr.HasField("t") else [])
+            if attr.HasField("t"):
+                yield attr.t
             yield from attr.tensors
-            for subgraph in [attr.g] if attr.HasField("g") else []:
-                yield from _tensors(subgraph)
-            for subgraph in attr.graphs:
+            subgraphs = [attr.g] if attr.HasField("g") else []
+            for subgraph in [*subgraphs, *attr.graphs]:
                 yield from _tensors(subgraph)
 
 
