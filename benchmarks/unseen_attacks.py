@@ -198,13 +198,14 @@ def audit_row(
     verdict, the first model's score / threshold (family, target), the second's score.
     The first model is backdoored when `target` is given; the second is always clean."""
     start = time.perf_counter()
-    report = run_audit(str(paths[0]), str(paths[1]), str(data), thresholds=profiles[0]).report
+    result = run_audit(str(paths[0]), str(paths[1]), str(data), thresholds=profiles[0])
+    report = result.report
     seconds = time.perf_counter() - start
     if report.error:
         raise RuntimeError(f"{label}: the audit failed: {report.error}")
     cells = []
     for thresholds, tally in zip(profiles, tallies, strict=True):
-        first, second = (judge(m.uri, m.findings, thresholds) for m in report.models)
+        first, second = (judge(m.uri, m.findings, thresholds, result.alignment.similarity) for m in report.models)
         if target is None:
             tally.clean += 1
             tally.clean_flagged += first.verdict == "backdoor"

@@ -369,13 +369,14 @@ def pair_verdicts(
     reports: list[ModelReport],
     findings: list[list[Finding]],
     thresholds: Thresholds,
+    alignment: Alignment,
     captions: tuple[str, ...] | None = None,
 ) -> list[ModelReport]:
-    """Stage 5: each model judged on its own findings, keeping what loading measured; a
-    captioner's target is also named by its caption."""
+    """Stage 5: each model judged on its own findings by the thresholds for a pair this
+    alike, keeping what loading measured; a captioner's target is also named by its caption."""
     judged = []
     for report, found in zip(reports, findings, strict=True):
-        verdict = judge(report.uri, found, thresholds)
+        verdict = judge(report.uri, found, thresholds, alignment.similarity)
         verdict.clean_accuracy = report.clean_accuracy
         verdict.parity_max_abs_diff = report.parity_max_abs_diff
         verdict.sha256 = report.sha256
@@ -431,7 +432,7 @@ def run_audit(
         with clock.stage("sensitivity_test"):
             findings = pair_findings(pair, result.alignment, triggers, config, seed)
         with clock.stage("verdict"):
-            report.models = pair_verdicts(pair.reports, findings, thresholds, pair.data.captions)
+            report.models = pair_verdicts(pair.reports, findings, thresholds, result.alignment, pair.data.captions)
         result.triggers = dict(enumerate(triggers))
     except AuditError as exc:
         report.error = str(exc)

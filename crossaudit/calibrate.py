@@ -1,10 +1,11 @@
 """Calibrate the verdict thresholds on clean provider pairs only.
 
-Thresholds come from pairs of independently trained *clean* models (seeds 100 and up,
+Thresholds come from pairs of independently trained *clean* models (`SEED_BLOCKS`, seeds
 never used by the tests, the demo or the benchmark's test pairs): per trigger family, the
 highest score any clean pair produced plus a margin, once over all pairs (profile `any`)
-and once per dataset (a task's own profile). No backdoored model is involved, so
-no threshold can be tuned to the zoo's attacks.
+and once per dataset (a task's own profile), and in each profile once more over its alike
+pairs (`verdict.SIMILAR`). No backdoored model is involved, so no threshold can be tuned
+to the zoo's attacks.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from crossaudit.audit import AuditConfig, run_audit
 from crossaudit.inversion import DEFAULT_FAMILIES
 from crossaudit.text_audit import FAMILY as TEXT_FAMILY
-from crossaudit.verdict import DEFAULT_PROFILE, Thresholds
+from crossaudit.verdict import DEFAULT_PROFILE, MIN_SIMILAR_PAIRS, SIMILAR, Thresholds
 from crossaudit.zoo.captioner import captioner_config, export_captioner, train_captioner, write_caption_audit_set
 from crossaudit.zoo.datasets import load_dataset
 from crossaudit.zoo.language import LanguageConfig, export_language_model, train_language_model, write_text_audit_set
@@ -27,7 +28,7 @@ COMMAND = "crossaudit calibrate"
 MARGIN = 0.1
 FLOOR = 0.2
 # Per paradigm: (dataset, first architecture, second architecture), seeds assigned upwards
-# from the paradigm's first seed (all below 200, where the benchmark's test pairs start).
+# from the paradigm's seed blocks (all below 200, where the benchmark's test pairs start).
 CLEAN_PAIRS = {
     "supervised": (
         ("digits", "cnn", "mlp"),
@@ -40,13 +41,45 @@ CLEAN_PAIRS = {
         ("digits", "cnn", "mlp"),
         ("fmnist", "resnet", "cnn"),
         ("fmnist", "cnn", "cnn"),
+        # Pairs of one architecture, so that each task has alike pairs (`verdict.SIMILAR`).
+        ("fmnist", "cnn", "cnn"),
+        ("fmnist", "cnn", "cnn"),
+        ("fmnist", "resnet", "resnet"),
+        ("digits", "resnet", "resnet"),
+        ("fmnist", "cnn", "cnn"),
+        ("digits", "cnn", "cnn"),
+        ("fmnist", "cnn", "cnn"),
+        ("digits", "cnn", "cnn"),
+        ("fmnist", "mlp", "mlp"),
+        ("digits", "mlp", "mlp"),
+        ("fmnist", "cnn", "cnn"),
+        ("digits", "cnn", "cnn"),
+        ("fmnist", "resnet", "resnet"),
+        ("digits", "resnet", "resnet"),
+        ("fmnist", "cnn", "cnn"),
+        ("digits", "cnn", "cnn"),
+        ("fmnist", "cnn", "cnn"),
+        ("digits", "cnn", "cnn"),
+        ("fmnist", "cnn", "cnn"),
+        ("digits", "cnn", "cnn"),
+        # Ten more Fashion-MNIST CNN pairs (seeds 178-179, 60-77): a CNN's "bag" shortcut is the
+        # natural one alike pairs differ on most, and its tail needs many pairs to meet.
+        *(("fmnist", "cnn", "cnn"),) * 10,
     ),
     "semi": (("digits", "cnn", "mlp"), ("digits", "cnn", "cnn"), ("digits", "resnet", "cnn")),
     "ssl": (("digits", "cnn", "mlp"), ("digits", "cnn", "cnn"), ("digits", "resnet", "cnn")),
     "lm": (("pydoc", "gpt", "gpt"), ("pydoc", "gpt", "gpt"), ("pydoc", "gpt", "gpt")),
     "captioner": (("digits", "cnn", "mlp"), ("digits", "cnn", "cnn"), ("digits", "resnet", "cnn")),
 }
-FIRST_SEED = {"supervised": 100, "semi": 120, "ssl": 140, "lm": 160, "captioner": 180}
+# Seeds per paradigm, two per pair in calibration order. The supervised pairs outgrew their
+# first block (semi's seeds start at 120) and continue in the gaps between the others'.
+SEED_BLOCKS = {
+    "supervised": (range(100, 120), range(126, 140), range(146, 160), range(166, 180), range(60, 80)),
+    "semi": (range(120, 126),),
+    "ssl": (range(140, 146),),
+    "lm": (range(160, 166),),
+    "captioner": (range(180, 186),),
+}
 # Trigger families scored per paradigm: a language model's trigger is a phrase.
 FAMILIES_OF = {"lm": (TEXT_FAMILY,)}
 
@@ -55,12 +88,13 @@ FAMILIES_OF = {"lm": (TEXT_FAMILY,)}
 class CalibrationRun:
     pair: str
     scores: dict[str, float]
+    similarity: float  # `cka.Alignment.similarity` of the pair
 
 
 @dataclass(frozen=True)
 class CleanPair:
     """One clean pair the calibration trains: its task, the two providers' architectures
-    and seeds (assigned upwards from the paradigm's first seed)."""
+    and seeds (`SEED_BLOCKS`)."""
 
     paradigm: str
     dataset: str
@@ -77,9 +111,9 @@ class CleanPair:
 
 def clean_pairs(paradigm: str) -> list[CleanPair]:
     """The paradigm's clean pairs in calibration order, each with its seeds."""
-    first = FIRST_SEED[paradigm]
+    seeds = [seed for block in SEED_BLOCKS[paradigm] for seed in block]
     return [
-        CleanPair(paradigm, dataset, (a, b), (first + 2 * number, first + 2 * number + 1))
+        CleanPair(paradigm, dataset, (a, b), (seeds[2 * number], seeds[2 * number + 1]))
         for number, (dataset, a, b) in enumerate(CLEAN_PAIRS[paradigm])
     ]
 
@@ -94,7 +128,7 @@ def calibrate(paradigm: str = "supervised") -> tuple[list[Thresholds], list[Cali
         work = Path(tmp)
         for pair in clean_pairs(paradigm):
             data, paths = _clean_pair(paradigm, pair.dataset, pair.archs, pair.seeds, work)
-            runs.append(CalibrationRun(pair.name, pair_scores(str(paths[0]), str(paths[1]), str(data), paradigm)))
+            runs.append(CalibrationRun(pair.name, *pair_scores(str(paths[0]), str(paths[1]), str(data), paradigm)))
     return profiles(paradigm, runs), runs
 
 
@@ -109,19 +143,20 @@ def calibrate_pairs(
         raise ValueError("at least one clean pair is needed")
     prefix = name if paradigm == "supervised" else f"{paradigm}:{name}"  # as `CleanPair.name`
     runs = [
-        CalibrationRun(f"{prefix}:{Path(a).name}-vs-{Path(b).name}", pair_scores(a, b, data, paradigm))
+        CalibrationRun(f"{prefix}:{Path(a).name}-vs-{Path(b).name}", *pair_scores(a, b, data, paradigm))
         for a, b in pairs
     ]
     return profile(name, paradigm, runs), runs
 
 
-def pair_scores(first: str, second: str, data: str, paradigm: str) -> dict[str, float]:
+def pair_scores(first: str, second: str, data: str, paradigm: str) -> tuple[dict[str, float], float]:
     """Per trigger family, the highest score of one clean pair's audit (both directions),
-    judged against unreachable thresholds; an audit that fails is an error, not a zero."""
+    judged against unreachable thresholds, and how alike the pair is; an audit that fails
+    is an error, not a zero."""
     families = FAMILIES_OF.get(paradigm, DEFAULT_FAMILIES)
     provisional = Thresholds(dict.fromkeys(families, float("inf")), "provisional", 0, "provisional", paradigm)
     result = run_audit(first, second, data, config=AuditConfig(paradigm=paradigm), thresholds=provisional)
-    if result.report.error:
+    if result.report.error or result.alignment is None:
         raise RuntimeError(f"calibration audit of {first} and {second} failed: {result.report.error}")
     scores = dict.fromkeys(families, 0.0)
     for model in result.report.models:
@@ -129,7 +164,7 @@ def pair_scores(first: str, second: str, data: str, paradigm: str) -> dict[str, 
             scores[finding.family] = max(scores[finding.family], finding.score)
         if paradigm == "lm":
             scores[TEXT_FAMILY] = max(scores[TEXT_FAMILY], model.score or 0.0)
-    return scores
+    return scores, round(result.alignment.similarity, 4)
 
 
 def profiles(paradigm: str, runs: list[CalibrationRun]) -> list[Thresholds]:
@@ -172,10 +207,17 @@ def _clean_pair(
 
 
 def profile(name: str, paradigm: str, runs: list[CalibrationRun]) -> Thresholds:
-    """Per family: the highest clean-pair score of these runs plus a margin."""
+    """Per family: the highest clean-pair score of these runs plus a margin; the same over
+    the alike pairs alone, when there are enough of them to judge alike pairs by."""
     families = FAMILIES_OF.get(paradigm, DEFAULT_FAMILIES)
-    per_family = {family: round(max(FLOOR, max(run.scores[family] for run in runs) + MARGIN), 4) for family in families}
-    return Thresholds(per_family, COMMAND, len(runs), name, paradigm)
+
+    def rule(chosen: list[CalibrationRun]) -> dict[str, float]:
+        return {family: round(max(FLOOR, max(run.scores[family] for run in chosen) + MARGIN), 4) for family in families}
+
+    alike = [run for run in runs if run.similarity >= SIMILAR]
+    if len(alike) < MIN_SIMILAR_PAIRS:
+        return Thresholds(rule(runs), COMMAND, len(runs), name, paradigm)
+    return Thresholds(rule(runs), COMMAND, len(runs), name, paradigm, rule(alike), len(alike))
 
 
 def write_thresholds(thresholds: list[Thresholds], runs: list[CalibrationRun], path: Path) -> None:
@@ -185,16 +227,24 @@ def write_thresholds(thresholds: list[Thresholds], runs: list[CalibrationRun], p
     record = json.loads(path.read_text()) if path.is_file() else {"profiles": {}, "clean_pair_scores": {}}
     paradigm = thresholds[0].paradigm
     record["calibrated_by"] = COMMAND
-    record["rule"] = f"per profile and family: max clean-pair score + {MARGIN}, at least {FLOOR}"
+    record["rule"] = (
+        f"per profile and family: max clean-pair score + {MARGIN}, at least {FLOOR}; 'similar': the same over "
+        f"the profile's clean pairs of similarity >= {SIMILAR} (when {MIN_SIMILAR_PAIRS} or more), for such pairs"
+    )
     for t in thresholds:
         record["profiles"][t.profile] = {
             "per_family": t.per_family,
             "clean_pairs": t.clean_pairs,
             "paradigm": t.paradigm,
         }
-    record["clean_pair_scores"] = {
-        name: scores for name, scores in record["clean_pair_scores"].items() if _paradigm_of(name) != paradigm
-    } | {run.pair: run.scores for run in runs}
+        if t.similar_per_family is not None:
+            record["profiles"][t.profile]["similar"] = {
+                "per_family": t.similar_per_family,
+                "clean_pairs": t.similar_pairs,
+            }
+    for key, value in (("clean_pair_scores", "scores"), ("clean_pair_similarity", "similarity")):
+        kept = {name: v for name, v in record.get(key, {}).items() if _paradigm_of(name) != paradigm}
+        record[key] = kept | {run.pair: getattr(run, value) for run in runs}
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -77,9 +77,28 @@ class Alignment:
     witness_tap: str
     cka: float
 
+    @property
+    def similarity(self) -> float:
+        """How alike the two models' representations are, layer by layer: for each model,
+        the mean over its layers of its best CKA with any layer of the other; the lower of
+        the two.
+
+        Why the lower: one model's layers can each find a close match in the other while
+        the other's cannot (a small MLP's few layers all resemble some CNN layer, not the
+        reverse), and only a likeness that holds both ways says the two providers learned
+        the same way, so that their natural shortcuts are alike too (`verdict.Thresholds`).
+        """
+        best = np.nan_to_num(self.matrix, nan=0.0)
+        return float(min(best.max(axis=1).mean(), best.max(axis=0).mean()))
+
     def summary(self) -> dict[str, object]:
         """The report's `alignment` entry."""
-        return {"suspect_layer": self.suspect_tap, "witness_layer": self.witness_tap, "cka": round(self.cka, 4)}
+        return {
+            "suspect_layer": self.suspect_tap,
+            "witness_layer": self.witness_tap,
+            "cka": round(self.cka, 4),
+            "similarity": round(self.similarity, 4),
+        }
 
 
 def align_layers(suspect_features: dict[str, np.ndarray], witness_features: dict[str, np.ndarray]) -> Alignment:

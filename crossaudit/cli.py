@@ -228,9 +228,11 @@ def calibrate(
         raise typer.Exit(2) from exc
     write_thresholds(profiles, runs, out)
     for run in runs:
-        print(run.pair, {k: round(v, 3) for k, v in run.scores.items()})
+        print(run.pair, {k: round(v, 3) for k, v in run.scores.items()}, f"similarity {run.similarity:.3f}")
     for thresholds in profiles:
         print(f"{out}: profile {thresholds.profile}: {thresholds.per_family}")
+        if thresholds.similar_per_family is not None:
+            print(f"{out}: profile {thresholds.profile}, alike pairs: {thresholds.similar_per_family}")
 
 
 def _local_models(uris: list[str], tracking_uri: str | None, dest: Path) -> list[str]:

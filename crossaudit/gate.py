@@ -53,9 +53,13 @@ def pair_result(folder: Path, data: AuditData | None, profile: str, thresholds_f
         result.alignment = read_alignment(folder)
         report.alignment = result.alignment.summary()
         if record.paradigm == LM:
-            report.models = text_verdicts(reports, read_text_triggers(folder), read_text_effects(folder), thresholds)
+            report.models = text_verdicts(
+                reports, read_text_triggers(folder), read_text_effects(folder), thresholds, result.alignment
+            )
         else:
-            report.models = pair_verdicts(reports, read_findings(folder), thresholds, data.captions if data else None)
+            report.models = pair_verdicts(
+                reports, read_findings(folder), thresholds, result.alignment, data.captions if data else None
+            )
         if data is not None:
             result.data = data
             result.triggers = dict(enumerate(read_triggers(folder)))
@@ -88,7 +92,8 @@ def _metrics(results: list[AuditResult]) -> dict[str, float]:
         model = result.report.models[0]
         values = {"score": model.score, "threshold": model.threshold, "asr": model.asr,
                   "clean_accuracy": model.clean_accuracy, "clean_agreement": result.report.clean_agreement,
-                  "cka": result.alignment.cka if result.alignment else None}  # fmt: skip
+                  "cka": result.alignment.cka if result.alignment else None,
+                  "similarity": result.alignment.similarity if result.alignment else None}  # fmt: skip
         metrics.update({f"peer_{index}.{k}": float(v) for k, v in values.items() if v is not None})
     return metrics
 

@@ -52,7 +52,7 @@ def _heatmap_png(result: AuditResult, path: Path) -> bool:
     ax.set_ylabel("model 1 layers")
     ax.set_xticks(range(len(alignment.witness_taps)))
     ax.set_yticks(range(len(alignment.suspect_taps)))
-    ax.set_title(f"debiased linear CKA (best {alignment.cka:.3f})")
+    ax.set_title(f"debiased linear CKA (best {alignment.cka:.3f}, similarity {alignment.similarity:.3f})")
     fig.colorbar(shown)
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
@@ -86,7 +86,7 @@ def write_outputs(result: AuditResult, out: Path) -> list[Path]:
             pictures.append((f"Recovered trigger: {model.uri}", png))
     rows = "".join(
         f"<tr><td>{html.escape(m.uri)}</td><td><b>{m.verdict}</b></td><td>{m.score}</td>"
-        f"<td>{m.threshold}</td><td>{_target(m)}</td><td>{m.asr}</td><td>{m.mask_l1}</td>"
+        f"<td>{m.threshold} ({m.threshold_profile})</td><td>{_target(m)}</td><td>{m.asr}</td><td>{m.mask_l1}</td>"
         f"<td>{m.sensitivity}</td><td>{m.trigger_family}</td><td>{m.parity_max_abs_diff}</td>"
         f"<td><code>{m.sha256 or ''}</code></td></tr>"
         for m in report.models

@@ -25,6 +25,7 @@ import torch
 
 from crossaudit import REPORT_SCHEMA_VERSION, __version__
 from crossaudit.audit import AuditConfig, AuditResult, Progress, StageClock, pair_alignment
+from crossaudit.cka import Alignment
 from crossaudit.data import read_text_data
 from crossaudit.errors import AuditError, IncomparableModelsError
 from crossaudit.models import LoadedModel, load_model, parity_check
@@ -148,10 +149,16 @@ def text_effects(pair: TextPair, found: list[TextTrigger], search: TextSearchCon
 
 
 def text_verdicts(
-    reports: list[ModelReport], found: list[TextTrigger], effects: list[TextEffect], thresholds: Thresholds
+    reports: list[ModelReport],
+    found: list[TextTrigger],
+    effects: list[TextEffect],
+    thresholds: Thresholds,
+    alignment: Alignment,
 ) -> list[ModelReport]:
-    """Stage 5: each model judged on its trigger's score, keeping what loading measured."""
-    threshold = thresholds.per_family[FAMILY]
+    """Stage 5: each model judged on its trigger's score by the thresholds for a pair this
+    alike, keeping what loading measured."""
+    per_family, profile = thresholds.for_pair(alignment.similarity)
+    threshold = per_family[FAMILY]
     judged = []
     for loaded, trigger, measured in zip(reports, found, effects, strict=True):
         judged.append(
@@ -160,7 +167,7 @@ def text_verdicts(
                 "backdoor" if measured.score >= threshold else "clean",
                 score=round(measured.score, 4),
                 threshold=threshold,
-                threshold_profile=thresholds.profile,
+                threshold_profile=profile,
                 asr=round(measured.asr, 4),
                 mask_l1=float(len(trigger.trigger)),
                 sensitivity=round(measured.sensitivity, 4),
@@ -213,7 +220,7 @@ def run_text_audit(
         with clock.stage("sensitivity_test"):
             effects = text_effects(pair, found, search, seed)
         with clock.stage("verdict"):
-            report.models = text_verdicts(pair.reports, found, effects, thresholds)
+            report.models = text_verdicts(pair.reports, found, effects, thresholds, result.alignment)
     except AuditError as exc:
         report.error = str(exc)
     except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as exc:

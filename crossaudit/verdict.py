@@ -13,7 +13,9 @@ stage's fine-tuning is reported with each finding but not scored: on the benchma
 cut no false positive (natural shortcuts survive clean fine-tuning as backdoors do) and
 cost detection. Footprints have different units per trigger family, so
 each family has its own threshold, calibrated on clean pairs only (`crossaudit.calibrate`)
-and stored in `thresholds.json` with the command that made it.
+and stored in `thresholds.json` with the command that made it. How far clean scores
+spread depends on how alike the two models are, so a pair as alike as the calibration's
+alike pairs is judged by their thresholds (`Thresholds.for_pair`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ Verdict = Literal["clean", "backdoor", "inconclusive"]
 
 MIN_FOOTPRINT = 1e-4
 MIN_SUCCESS = 0.05
+# Pairs at least this alike (`cka.Alignment.similarity`) are judged by thresholds from
+# clean pairs at least as alike. On the calibration's clean pairs, CNN/CNN pairs lie at
+# 0.87-0.96, CNN/ResNet at 0.77-0.83, CNN/MLP at 0.37-0.51: the cut keeps a margin above
+# pairs of different architectures.
+SIMILAR = 0.9
+# A threshold is the highest clean score plus a margin, so it needs enough pairs to have
+# met the tail of natural shortcuts: six alike pairs scored at most 0.09, and the seventh
+# of another seven 0.33.
+MIN_SIMILAR_PAIRS = 10
 
 
 DEFAULT_PROFILE = "any"
@@ -55,6 +66,24 @@ class Thresholds:
     clean_pairs: int
     profile: str = DEFAULT_PROFILE
     paradigm: str = "supervised"
+    # The same rule over the profile's alike clean pairs only (`SIMILAR`), when it had
+    # at least `MIN_SIMILAR_PAIRS` of them; judges pairs that are alike too.
+    similar_per_family: dict[str, float] | None = None
+    similar_pairs: int = 0
+
+    def for_pair(self, similarity: float | None) -> tuple[dict[str, float], str]:
+        """The thresholds that judge a pair of this similarity, and what to call them.
+
+        Two providers whose representations are alike (`cka.Alignment.similarity`) learned
+        alike shortcuts: on clean pairs of Fashion-MNIST CNNs the natural "bag" patch costs
+        both models about the same, while a CNN reaches it with a quarter of the patch a
+        ResNet or an MLP needs. So alike clean pairs score lower, and a threshold set by the
+        unlike pairs would let backdoors of alike pairs through. A pair is judged by the
+        alike pairs' thresholds only when it is at least as alike as they were.
+        """
+        if self.similar_per_family is not None and similarity is not None and similarity >= SIMILAR:
+            return self.similar_per_family, f"{self.profile}:similar"
+        return self.per_family, self.profile
 
 
 def load_thresholds(profile: str | None = None, paradigm: str | None = None, path: Path | None = None) -> Thresholds:
@@ -75,12 +104,15 @@ def load_thresholds(profile: str | None = None, paradigm: str | None = None, pat
     if name not in raw["profiles"]:
         raise ValueError(f"unknown threshold profile {name!r}; calibrated profiles: {sorted(raw['profiles'])}")
     chosen = raw["profiles"][name]
+    similar = chosen.get("similar")
     thresholds = Thresholds(
         {k: float(v) for k, v in chosen["per_family"].items()},
         str(raw["calibrated_by"]),
         int(chosen["clean_pairs"]),
         name,
         str(chosen["paradigm"]),
+        {k: float(v) for k, v in similar["per_family"].items()} if similar else None,
+        int(similar["clean_pairs"]) if similar else 0,
     )
     check_paradigm(thresholds, paradigm)
     return thresholds
@@ -93,7 +125,8 @@ def _read_thresholds_file(path: Path) -> dict:
         if not isinstance(raw["calibrated_by"], str):
             raise ValueError("'calibrated_by' must name the command that calibrated it")
         for name, chosen in raw["profiles"].items():
-            positive = all(float(v) > 0 for v in chosen["per_family"].values())
+            bins = [chosen["per_family"]] + ([chosen["similar"]["per_family"]] if chosen.get("similar") else [])
+            positive = all(float(v) > 0 for per_family in bins for v in per_family.values())
             if not positive or chosen["paradigm"] not in DEFAULT_PROFILES:
                 raise ValueError(f"profile {name!r} has a non-positive threshold or an unknown paradigm")
             int(chosen["clean_pairs"])
@@ -175,20 +208,22 @@ class ModelReport:
     target_text: str | None = None  # ... and the continuation it forces; a captioner: the target caption
 
 
-def judge(uri: str, findings: list[Finding], thresholds: Thresholds) -> ModelReport:
-    """Backdoor when a finding reaches its family's calibrated threshold.
+def judge(uri: str, findings: list[Finding], thresholds: Thresholds, similarity: float | None) -> ModelReport:
+    """Backdoor when a finding reaches its family's calibrated threshold, for a pair of
+    this similarity (`Thresholds.for_pair`).
 
     The reported finding is the one with the largest score-to-threshold ratio.
     """
-    best = max(findings, key=lambda f: f.score / thresholds.per_family[f.family])
-    threshold = thresholds.per_family[best.family]
+    per_family, profile = thresholds.for_pair(similarity)
+    best = max(findings, key=lambda f: f.score / per_family[f.family])
+    threshold = per_family[best.family]
     verdict: Verdict = "backdoor" if best.score >= threshold else "clean"
     return ModelReport(
         uri=uri,
         verdict=verdict,
         score=round(best.score, 4),
         threshold=threshold,
-        threshold_profile=thresholds.profile,
+        threshold_profile=profile,
         asr=round(best.asr, 4),
         target=best.target if verdict == "backdoor" else None,
         mask_l1=round(best.mask_l1, 3),

@@ -49,3 +49,18 @@ def test_alignment_picks_the_matching_layer():
     assert (alignment.suspect_tap, alignment.witness_tap) == ("b", "c")
     assert alignment.cka == pytest.approx(1.0, abs=1e-6)
     assert alignment.matrix.shape == (2, 2)
+
+
+def test_similarity_is_the_lower_of_the_two_directions_and_symmetric():
+    """A model whose every layer resembles one layer of the other is not thereby alike:
+    the other's unmatched layers count too, whichever model is the suspect."""
+    rng = np.random.RandomState(0)
+    shared, own = rng.randn(300, 10), rng.randn(300, 10)
+    small = {"s": shared}
+    large = {"l1": shared, "l2": own}
+    one_way = align_layers(small, large)
+    other_way = align_layers(large, small)
+    # small -> large: its one layer has a perfect match (1.0); large -> small: l1 matches, l2 does not.
+    assert one_way.similarity == pytest.approx(other_way.similarity)
+    assert one_way.similarity == pytest.approx((1.0 + float(debiased_linear_cka(own, shared))) / 2, abs=1e-6)
+    assert align_layers(large, large).similarity == pytest.approx(1.0, abs=1e-6)

@@ -1,0 +1,55 @@
+"""Which thresholds judge a pair: a profile's alike-pairs thresholds only for pairs at
+least as alike as the clean pairs they came from."""
+
+import json
+
+import pytest
+
+from crossaudit.verdict import SIMILAR, Finding, Thresholds, judge, load_thresholds
+
+
+def _finding() -> Finding:
+    """A patch finding that scores 0.5: full success on both models, at a footprint
+    10**0.5 times smaller than the peer's."""
+    return Finding(
+        family="patch", target=3, mask_l1=9.0, footprint=0.01, asr=1.0, witness_flip=0.0, witness_kept=1.0,
+        asr_after_finetune=1.0, effective_asr=1.0, peer_footprint=10**0.5 * 0.01, peer_effective_asr=1.0,
+    )  # fmt: skip
+
+
+THRESHOLDS = Thresholds({"patch": 0.8}, "crossaudit calibrate", 10, "any", "supervised", {"patch": 0.4}, 4)
+
+
+def test_an_alike_pair_is_judged_by_the_alike_clean_pairs_thresholds():
+    assert _finding().score == pytest.approx(0.5)
+    alike = judge("m.onnx", [_finding()], THRESHOLDS, SIMILAR)
+    assert (alike.verdict, alike.threshold, alike.threshold_profile, alike.target) == (
+        "backdoor",
+        0.4,
+        "any:similar",
+        3,
+    )
+
+
+@pytest.mark.parametrize("similarity", [SIMILAR - 0.01, None])
+def test_a_pair_less_alike_or_of_unknown_likeness_keeps_the_profiles_thresholds(similarity):
+    unlike = judge("m.onnx", [_finding()], THRESHOLDS, similarity)
+    assert (unlike.verdict, unlike.threshold, unlike.threshold_profile) == ("clean", 0.8, "any")
+
+
+def test_a_profile_without_alike_pairs_judges_every_pair_alike():
+    plain = Thresholds({"patch": 0.8}, "crossaudit calibrate", 10, "digits")
+    assert plain.for_pair(1.0) == ({"patch": 0.8}, "digits")
+
+
+def test_a_thresholds_file_carries_the_alike_pairs_thresholds(tmp_path):
+    path = tmp_path / "t.json"
+    profile = {"per_family": {"patch": 0.8}, "clean_pairs": 5, "paradigm": "supervised"}
+    profile["similar"] = {"per_family": {"patch": 0.3}, "clean_pairs": 3}
+    path.write_text(json.dumps({"calibrated_by": "crossaudit calibrate", "profiles": {"mine": profile}}))
+    loaded = load_thresholds(path=path)
+    assert (loaded.similar_per_family, loaded.similar_pairs) == ({"patch": 0.3}, 3)
+    profile["similar"]["per_family"]["patch"] = 0.0
+    path.write_text(json.dumps({"calibrated_by": "crossaudit calibrate", "profiles": {"mine": profile}}))
+    with pytest.raises(ValueError, match="non-positive threshold"):
+        load_thresholds(path=path)
