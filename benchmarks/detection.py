@@ -4,7 +4,7 @@ Every test pair is a suspect (backdoored with one of the zoo's attacks, or clean
 clean witness from another provider; both detectors judge *every* model of the pair, so
 each model is one sample (positive when it carries a backdoor). Thresholds are never
 fitted here: crossaudit uses the shipped profiles (`crossaudit calibrate`, clean pairs of
-seeds 100-119 only, no backdoored model), Neural Cleanse its published rule (anomaly index
+seeds below 200 only, no backdoored model), Neural Cleanse its published rule (anomaly index
 >= 2). Test pairs use seeds 200 and up. Also measured, in the same run:
 - adversarially vulnerable clean models (MLPs, with their FGSM error shown): must pass;
 - ablations (no witness, no CKA term, and the sensitivity stage's fine-tuning scored as
