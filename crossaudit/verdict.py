@@ -35,7 +35,7 @@ MIN_FOOTPRINT = 1e-4
 MIN_SUCCESS = 0.05
 # Pairs at least this alike (`cka.Alignment.similarity`) are judged by thresholds from
 # clean pairs at least as alike. On the calibration's clean pairs, CNN/CNN pairs lie at
-# 0.87-0.96, CNN/ResNet at 0.77-0.83, CNN/MLP at 0.37-0.51: the cut keeps a margin above
+# 0.87-0.97, CNN/ResNet at 0.77-0.83, CNN/MLP at 0.37-0.51: the cut keeps a margin above
 # pairs of different architectures.
 SIMILAR = 0.9
 # A threshold is the highest clean score plus a margin, so it needs enough pairs to have
@@ -71,17 +71,17 @@ class Thresholds:
     similar_per_family: dict[str, float] | None = None
     similar_pairs: int = 0
 
-    def for_pair(self, similarity: float | None) -> tuple[dict[str, float], str]:
+    def for_pair(self, similarity: float) -> tuple[dict[str, float], str]:
         """The thresholds that judge a pair of this similarity, and what to call them.
 
-        Two providers whose representations are alike (`cka.Alignment.similarity`) learned
-        alike shortcuts: on clean pairs of Fashion-MNIST CNNs the natural "bag" patch costs
-        both models about the same, while a CNN reaches it with a quarter of the patch a
-        ResNet or an MLP needs. So alike clean pairs score lower, and a threshold set by the
-        unlike pairs would let backdoors of alike pairs through. A pair is judged by the
-        alike pairs' thresholds only when it is at least as alike as they were.
+        Two providers whose representations are alike (`cka.Alignment.similarity`) mostly
+        learned alike shortcuts, while a Fashion-MNIST CNN reaches the natural "bag" patch
+        with a quarter of the patch a ResNet or an MLP needs. So alike clean pairs mostly
+        score lower (26 alike pairs at most 0.51, unlike ones up to 0.83), and a threshold
+        set by the unlike pairs lets more backdoors of alike pairs through. A pair is judged
+        by the alike pairs' thresholds only when it is at least as alike as they were.
         """
-        if self.similar_per_family is not None and similarity is not None and similarity >= SIMILAR:
+        if self.similar_per_family is not None and similarity >= SIMILAR:
             return self.similar_per_family, f"{self.profile}:similar"
         return self.per_family, self.profile
 
@@ -208,7 +208,7 @@ class ModelReport:
     target_text: str | None = None  # ... and the continuation it forces; a captioner: the target caption
 
 
-def judge(uri: str, findings: list[Finding], thresholds: Thresholds, similarity: float | None) -> ModelReport:
+def judge(uri: str, findings: list[Finding], thresholds: Thresholds, similarity: float) -> ModelReport:
     """Backdoor when a finding reaches its family's calibrated threshold, for a pair of
     this similarity (`Thresholds.for_pair`).
 
