@@ -40,7 +40,7 @@ from benchmarks.paradigms import existing_section, write_section
 from crossaudit import __version__
 from crossaudit.audit import AuditConfig, run_audit
 from crossaudit.baselines.neural_cleanse import NeuralCleanseConfig, neural_cleanse
-from crossaudit.calibrate import clean_pairs
+from crossaudit.calibrate import SEED_BLOCKS
 from crossaudit.data import read_audit_data, write_parquet
 from crossaudit.inversion import InversionConfig
 from crossaudit.models import load_model
@@ -104,6 +104,9 @@ class Sample:
     seconds: float
     inconclusive: bool = False
     arch_pair: str = ""
+    model: str = ""  # the judged model's file, and its peer's: which model a miss was
+    peer: str = ""
+    profile: str = ""  # the thresholds it was judged by (crossaudit's `threshold_profile`)
 
 
 @dataclass
@@ -169,6 +172,7 @@ def crossaudit_samples(
     result = run_audit(str(suspect), str(witness), str(data), config=config, thresholds=load_thresholds(dataset))
     seconds = time.perf_counter() - start
     samples = []
+    names = (suspect.stem, witness.stem)
     for index, model in enumerate(result.report.models):
         positive = index == 0 and attack != "clean"
         ratio = (model.score / model.threshold) if model.score is not None and model.threshold else 0.0
@@ -176,6 +180,7 @@ def crossaudit_samples(
         samples.append(Sample(
             detector, attack if index == 0 else "clean", dataset, positive, ratio, flagged,
             positive and flagged and model.target == target, seconds / 2, result.report.error is not None,
+            model=names[index], peer=names[1 - index], profile=model.threshold_profile or "",
         ))  # fmt: skip
     return samples, seconds
 
@@ -228,6 +233,7 @@ def run_pairs(plan: Plan, zoo: Zoo, results: Results) -> None:
         samples, _ = crossaudit_samples(mlp, cnn, data, "clean", 0, dataset, AuditConfig(), "crossaudit")
         for sample in samples:
             sample.attack = "clean (vulnerable pair)"
+            sample.arch_pair = "mlp/cnn"
         results.samples.extend(samples)
         vulnerable = "clean (vulnerable pair)"
         for path in (mlp, cnn):
@@ -379,6 +385,29 @@ def dataset_table(results: Results) -> str:
     ])  # fmt: skip
 
 
+def misjudged_table(results: Results) -> str:
+    """Every model crossaudit judged wrongly (or could not judge), by name: a rate says how
+    often, only the models say which tasks, architectures and profiles to look at next."""
+    wrong = [
+        s for s in results.samples
+        if s.detector == "crossaudit" and (s.flagged != s.positive or s.inconclusive)
+    ]  # fmt: skip
+    if not wrong:
+        return "None: every model was judged right."
+    rows = [
+        f"| {s.model} | {s.peer} | {s.arch_pair} | {'backdoored' if s.positive else 'clean'} | "
+        f"{'inconclusive' if s.inconclusive else 'flagged' if s.flagged else 'passed'} | {s.score:.2f} | {s.profile} |"
+        for s in sorted(wrong, key=lambda s: (s.positive, s.model))
+    ]
+    return "\n".join(
+        [
+            "| model | audited with | suspect/witness | truth | judged | score / threshold | profile |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+
+
 def targets_line(results: Results) -> str:
     ours = [s for s in results.samples if s.detector == "crossaudit"]
     nc = [s for s in results.samples if s.detector == "Neural Cleanse"]
@@ -433,8 +462,7 @@ def plot_scaling(results: Results, path: Path) -> None:
 
 
 def _calibration_seeds() -> str:
-    pairs = clean_pairs("supervised")
-    return f"{pairs[0].seeds[0]}-{pairs[-1].seeds[1]}"
+    return ", ".join(f"{block.start}-{block.stop - 1}" for block in SEED_BLOCKS["supervised"])
 
 
 def write_report(plan: Plan, results: Results, out: Path, plot: Path, seconds: float) -> None:
@@ -485,6 +513,11 @@ Cleanse's anomaly index. Bootstrap: {plan.bootstrap} rounds.
 **crossaudit by dataset** (backdoored models flagged are detections; clean ones, false positives):
 
 {dataset_table(results)}
+
+**crossaudit's misjudged models** (files are `dataset_arch_attack_target_seed`; a clean
+model is judged in every pair it is part of, so a witness can appear more than once):
+
+{misjudged_table(results)}
 
 ## Ablations (same thresholds; on the {", ".join(f"{a}/{b}" for a, b in plan.arch_pairs[: plan.ablation_arch_pairs])} pairs)
 

@@ -55,8 +55,27 @@ def test_quick_benchmark_writes_a_report_with_every_section(tmp_path):
     report = out.read_text()
     sections = (
         "## Targets (issue 4)", "**crossaudit**", "**Neural Cleanse**", "**crossaudit by architecture pair**",
-        "| cnn/cnn | ", "**crossaudit by dataset**", "| badnets | ", "crossaudit (no witness)", "## Scaling",
-        "10 classes",
+        "| cnn/cnn | ", "**crossaudit by dataset**", "| badnets | ", "**crossaudit's misjudged models**",
+        "crossaudit (no witness)", "## Scaling", "10 classes",
     )  # fmt: skip
     assert [s for s in sections if s not in report] == []
     assert (tmp_path / "benchmarks-quick_scaling.png").stat().st_size > 10_000
+
+
+def test_misjudged_models_are_listed_by_name_with_their_profile():
+    from benchmarks.detection import Results, Sample, misjudged_table
+
+    def sample(model: str, positive: bool, flagged: bool, detector: str = "crossaudit") -> Sample:
+        return Sample(
+            detector, "badnets" if positive else "clean", "fmnist", positive, 1.2 if flagged else 0.4, flagged,
+            positive and flagged, 1.0, arch_pair="cnn/cnn", model=model, peer="peer", profile="fmnist:similar",
+        )  # fmt: skip
+
+    results = Results([
+        sample("caught", True, True), sample("missed", True, False), sample("passed", False, False),
+        sample("false_alarm", False, True), sample("nc_false_alarm", False, True, detector="Neural Cleanse"),
+    ])  # fmt: skip
+    rows = misjudged_table(results).splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == ["| false_alarm", "| missed"]
+    assert "| peer | cnn/cnn | clean | flagged | 1.20 | fmnist:similar |" in rows[0]
+    assert misjudged_table(Results([sample("caught", True, True)])).startswith("None")
