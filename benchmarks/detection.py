@@ -233,7 +233,6 @@ def run_pairs(plan: Plan, zoo: Zoo, results: Results) -> None:
         samples, _ = crossaudit_samples(mlp, cnn, data, "clean", 0, dataset, AuditConfig(), "crossaudit")
         for sample in samples:
             sample.attack = "clean (vulnerable pair)"
-            sample.arch_pair = "mlp/cnn"
         results.samples.extend(samples)
         vulnerable = "clean (vulnerable pair)"
         for path in (mlp, cnn):
@@ -395,13 +394,13 @@ def misjudged_table(results: Results) -> str:
     if not wrong:
         return "None: every model was judged right."
     rows = [
-        f"| {s.model} | {s.peer} | {s.arch_pair} | {'backdoored' if s.positive else 'clean'} | "
+        f"| {s.model} | {s.peer} | {s.arch_pair} | {s.attack} | "
         f"{'inconclusive' if s.inconclusive else 'flagged' if s.flagged else 'passed'} | {s.score:.2f} | {s.profile} |"
         for s in sorted(wrong, key=lambda s: (s.positive, s.model))
     ]
     return "\n".join(
         [
-            "| model | audited with | suspect/witness | truth | judged | score / threshold | profile |",
+            "| model | audited with | suspect/witness | attack | judged | score / threshold | profile |",
             "|---|---|---|---|---|---|---|",
             *rows,
         ]
