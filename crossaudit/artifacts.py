@@ -109,7 +109,7 @@ def write_triggers(triggers: list[list[Trigger]], shape: tuple[int, ...], classe
                 arrays[f"{prefix}/{name}"] = value.detach().cpu().numpy()
             listing.append(
                 {"direction": index, "family": trigger.family_name, "target": trigger.target,
-                 "footprint": trigger.footprint, "pixels": trigger.pixels}
+                 "footprint": trigger.footprint, "pixels": trigger.pixels, "scale": trigger.scale}
             )  # fmt: skip
     np.savez(out / "triggers.npz", **arrays)
     (out / "triggers.json").write_text(
@@ -133,7 +133,14 @@ def read_triggers(folder: Path, device: str = "cpu") -> list[list[Trigger]]:
                 )
                 families[key] = family.to(device).requires_grad_(False)
             found[key[0]].append(
-                Trigger(key[1], int(entry["target"]), families[key], float(entry["footprint"]), int(entry["pixels"]))
+                Trigger(
+                    key[1],
+                    int(entry["target"]),
+                    families[key],
+                    float(entry["footprint"]),
+                    int(entry["pixels"]),
+                    float(entry["scale"]),
+                )
             )
     return found
 

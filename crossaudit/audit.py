@@ -154,6 +154,8 @@ def measure(
                     effective_asr=effective(effect),
                     peer_footprint=peer_trigger.footprint,
                     peer_effective_asr=effective(peer_effect),
+                    footprint_scale=trigger.scale,
+                    peer_footprint_scale=peer_trigger.scale,
                 )
             )
     return findings

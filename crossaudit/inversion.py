@@ -17,6 +17,13 @@ The loss, per target, is `attack_loss + witness_loss + alignment_weight * alignm
 size_weight * size`. The target search costs less than one optimisation per class: all
 targets are optimised together in one batch for a short search, and only the most
 promising `keep_targets` are refined (successive halving).
+
+The patch family is searched differently, for its smallest trigger per target
+(`minimal_patches`): a clean Fashion-MNIST CNN turns anything into "bag" with a patch
+smaller than a 3x3 BadNets key, so one target's size says little on its own. What marks
+a backdoor is a target far cheaper than the model's *other* targets, and cheaper than the
+same target is for the peer. So every target's minimal patch is found, in one batch, and
+each model's footprints are read against their median over targets (`Trigger.scale`).
 """
 
 from __future__ import annotations
@@ -53,6 +60,14 @@ class InversionConfig:
     alignment_weight: float = 0.5
     use_witness: bool = True
     use_alignment: bool = True
+    # The patch family's minimal-trigger search (`minimal_patches`), in place of the search
+    # and refinement above: Neural Cleanse's schedule (the size weight raised 1.5x while
+    # a trigger reaches `minimal_success`, lowered 1.84x otherwise, every `check_every`
+    # steps), on all targets at once.
+    minimal_steps: int = 400
+    minimal_success: float = 0.9
+    check_every: int = 10
+    check_per_target: int = 20
 
 
 class TriggerFamily(nn.Module):
@@ -67,6 +82,8 @@ class TriggerFamily(nn.Module):
 
 class PatchTrigger(TriggerFamily):
     size_weight = 15.0
+    raise_weight = 1.5
+    lower_weight = 1.5**1.5
 
     def __init__(self, targets: int, shape: tuple[int, int, int]) -> None:
         super().__init__()
@@ -189,6 +206,9 @@ class Trigger:
     family: TriggerFamily
     footprint: float
     pixels: int
+    # What this model's footprints are read against: for the patch family the median,
+    # over all targets, of its minimal footprints (`minimal_patches`); 1 for the others.
+    scale: float = 1.0
 
     @torch.no_grad()
     def apply(self, x: Tensor) -> Tensor:
@@ -228,20 +248,26 @@ def _batch(
 
 
 def _losses(
-    family: TriggerFamily, models: Models, config: InversionConfig, batch: tuple[Tensor, ...]
+    family: TriggerFamily,
+    models: Models,
+    config: InversionConfig,
+    batch: tuple[Tensor, ...],
+    size_weight: float | Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-target loss, and per-target merit (success rate minus the size penalty).
 
-    Family index == target class, so `which` is also the suspect's goal label.
+    Family index == target class, so `which` is also the suspect's goal label. The size
+    weight is the family's, or one per target (`minimal_patches`).
     """
     x, y, which = batch
     groups = len(torch.unique(which))
+    size_weight = family.size_weight if size_weight is None else size_weight
     triggered = family(x, which)
     s_logits, s_feat = models.suspect.forward_tapped(triggered, [models.suspect_tap])
     w_logits, w_feat = models.witness.forward_tapped(triggered, [models.witness_tap])
     attack_loss = F.cross_entropy(s_logits, which, reduction="none").view(groups, -1).mean(1)
     size = family.footprint(which).view(groups, -1).mean(1)
-    loss = attack_loss + family.size_weight * size
+    loss = attack_loss + size_weight * size
     if config.use_witness:
         witness_loss = F.cross_entropy(w_logits, y, reduction="none").view(groups, -1).mean(1)
         loss = loss + config.witness_weight * witness_loss
@@ -262,7 +288,7 @@ def _losses(
     flipped = s_logits.argmax(1) == which
     kept = w_logits.argmax(1) == y if config.use_witness else torch.ones_like(flipped)
     success = (flipped & kept).float().view(groups, -1).mean(1)
-    return loss, success - family.size_weight * size.detach()
+    return loss, success - size_weight * size.detach()
 
 
 def _optimise(
@@ -287,6 +313,90 @@ def _optimise(
     return merit
 
 
+@torch.no_grad()
+def _success(family: TriggerFamily, models: Models, config: InversionConfig, batch: tuple[Tensor, ...]) -> Tensor:
+    """Per target: the fraction of the batch sent to the target with the witness kept."""
+    x, y, which = batch
+    triggered = family(x, which)
+    flipped = models.suspect(triggered).argmax(1) == which
+    if config.use_witness:
+        flipped &= models.witness(triggered).argmax(1) == y
+    return flipped.float().view(family.mask_logit.shape[0], -1).mean(1)
+
+
+def minimal_patches(
+    family: PatchTrigger,
+    models: Models,
+    data: tuple[Tensor, Tensor],
+    config: InversionConfig,
+    rng: np.random.RandomState,
+) -> np.ndarray:
+    """Every target's smallest patch that sends `minimal_success` of a fixed check batch
+    to the target (with the witness kept), as a fraction of the image; 1 (the whole
+    image, an upper bound) where none did. The family is left holding those patches, or
+    the last one tried where none succeeded.
+
+    Each target's size weight follows Neural Cleanse's schedule, so the mask shrinks while
+    the trigger works and grows back when it stops working; the check batch, not the
+    training batch, decides both, so the smallest is not a lucky draw.
+    """
+    targets = family.mask_logit.shape[0]
+    everyone = list(range(targets))
+    check = _batch(*data, everyone, config.check_per_target, rng)
+    weight = torch.full((targets,), family.size_weight, device=data[0].device)
+    smallest = np.ones(targets)
+    kept = [p.detach().clone() for p in family.parameters()]
+    optimiser = torch.optim.Adam(family.parameters(), lr=config.lr)
+    for step in range(1, config.minimal_steps + 1):
+        loss, _ = _losses(family, models, config, _batch(*data, everyone, config.search_batch, rng), weight)
+        optimiser.zero_grad()
+        loss.sum().backward()
+        optimiser.step()
+        if step % config.check_every:
+            continue
+        reached = _success(family, models, config, check) >= config.minimal_success
+        with torch.no_grad():
+            size = torch.sigmoid(family.mask_logit).flatten(1).mean(1)
+            better = reached & (size < torch.from_numpy(smallest).to(size))
+            for saved, live in zip(kept, family.parameters(), strict=True):
+                saved[better] = live[better]
+        smallest[better.cpu().numpy()] = size[better].cpu().numpy()
+        weight = torch.where(reached, weight * family.raise_weight, weight / family.lower_weight)
+    with torch.no_grad():
+        for saved, live in zip(kept, family.parameters(), strict=True):
+            reached_any = torch.from_numpy(smallest < 1.0).to(live.device)
+            live[reached_any] = saved[reached_any]
+    return smallest
+
+
+def _minimal_patch_triggers(
+    directions: list[Models],
+    data: tuple[Tensor, Tensor],
+    num_classes: int,
+    config: InversionConfig,
+    rng: np.random.RandomState,
+) -> list[list[Trigger]]:
+    """Per direction, patch triggers for the targets most out of line with the model's
+    other targets *and* with the peer (`minimal_patches`): the union of each direction's
+    `keep_targets` best, so each candidate has a trigger against both models."""
+    shape = tuple(data[0].shape[1:])
+    families = [PatchTrigger(num_classes, shape).to(data[0].device) for _ in directions]
+    smallest = [minimal_patches(f, m, data, config, rng) for f, m in zip(families, directions, strict=True)]
+    scales = [float(np.median(s)) for s in smallest]
+    relative = [np.log10(s / scale) for s, scale in zip(smallest, scales, strict=True)]
+    keep: set[int] = set()
+    for index in range(len(directions)):
+        economy = relative[1 - index] - relative[index]
+        keep.update(int(i) for i in np.argsort(-economy)[: config.keep_targets])
+    pixels = int(shape[-1] * shape[-2])
+    for family in families:
+        family.requires_grad_(False)
+    return [
+        [Trigger("patch", t, family, float(s[t]), pixels, scale) for t in sorted(keep)]
+        for family, s, scale in zip(families, smallest, scales, strict=True)
+    ]
+
+
 def cross_invert(
     directions: list[Models],
     x: Tensor,
@@ -300,7 +410,8 @@ def cross_invert(
     Per family: every direction searches all targets at once; the union of each
     direction's `keep_targets` best targets is refined in every direction, so each
     candidate target ends with a trigger against both models and their footprints can be
-    compared. Returns, per direction, one trigger per (family, candidate target).
+    compared. The patch family is searched for its minimal triggers instead
+    (`minimal_patches`). Returns, per direction, one trigger per (family, candidate target).
     """
     rng = np.random.RandomState(seed)
     torch.manual_seed(seed)
@@ -308,6 +419,11 @@ def cross_invert(
     everyone = list(range(num_classes))
     found: list[list[Trigger]] = [[] for _ in directions]
     for name in config.families:
+        if name == "patch":
+            patches = _minimal_patch_triggers(directions, (x, y), num_classes, config, rng)
+            for mine, theirs in zip(found, patches, strict=True):
+                mine.extend(theirs)
+            continue
         families = [FAMILY_CLASSES[name](num_classes, shape).to(x.device) for _ in directions]
         candidates: set[int] = set()
         for family, models in zip(families, directions, strict=True):

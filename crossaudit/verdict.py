@@ -8,7 +8,9 @@ a backdoor adds is *economy relative to the peer*: both providers learned the ta
 natural shortcuts from the same kind of data, but only the poisoned model learned the
 trigger. So every candidate target is inverted against both models, and a finding's score
 is its effective attack success (held-out, witness kept) times log10(peer's cost /
-suspect's cost), where cost is footprint per unit of effective success. The sensitivity
+suspect's cost), where cost is footprint per unit of effective success; a patch's
+footprint is first read against its model's median minimal patch over all targets, since
+a model cheap to flip everywhere is not a backdoor (`inversion.minimal_patches`). The sensitivity
 stage's fine-tuning is reported with each finding but not scored: on the benchmark it
 cut no false positive (natural shortcuts survive clean fine-tuning as backdoors do) and
 cost detection. Footprints have different units per trigger family, so
@@ -77,9 +79,11 @@ class Thresholds:
         Two providers whose representations are alike (`cka.Alignment.similarity`) mostly
         learned alike shortcuts, while a Fashion-MNIST CNN reaches the natural "bag" patch
         with a quarter of the patch a ResNet or an MLP needs. So alike clean pairs mostly
-        score lower (26 alike pairs at most 0.51, unlike ones up to 0.83), and a threshold
-        set by the unlike pairs lets more backdoors of alike pairs through. A pair is judged
-        by the alike pairs' thresholds only when it is at least as alike as they were.
+        score lower (stop 18: 26 alike pairs at most 0.51, unlike ones up to 0.83; since
+        the minimal-patch search the two bins' highest are close, 0.57 and 0.53), and a
+        threshold set by the unlike pairs lets more backdoors of alike pairs through. A
+        pair is judged by the alike pairs' thresholds only when it is at least as alike as
+        they were.
         """
         if self.similar_per_family is not None and similarity >= SIMILAR:
             return self.similar_per_family, f"{self.profile}:similar"
@@ -158,6 +162,9 @@ class Finding:
     effective_asr: float  # held-out success the witness does not share (`audit.measure`)
     peer_footprint: float
     peer_effective_asr: float
+    # What each model's footprints are read against (`inversion.Trigger.scale`).
+    footprint_scale: float = 1.0
+    peer_footprint_scale: float = 1.0
 
     @property
     def sensitivity(self) -> float:
@@ -168,18 +175,21 @@ class Finding:
 
     @property
     def score(self) -> float:
-        """Effective success times log10(peer's cost / suspect's cost) for the same target.
+        """Effective success times log10(peer's cost / suspect's cost) for the same target,
+        each footprint read against its model's scale (a patch against the model's median
+        minimal patch: a model cheap to flip to every target is not a backdoor).
 
         A peer trigger that never worked (effective success under MIN_SUCCESS) shrinks
         under its size penalty towards nothing, which would read as a peer flipped for
         free; flipping it costs at least what the suspect's trigger took, so its footprint
         counts as no smaller than the suspect's.
         """
-        peer_footprint = self.peer_footprint
+        footprint = self.footprint / self.footprint_scale
+        peer_footprint = self.peer_footprint / self.peer_footprint_scale
         if self.peer_effective_asr < MIN_SUCCESS:
-            peer_footprint = max(peer_footprint, self.footprint)
+            peer_footprint = max(peer_footprint, footprint)
         return self.effective_asr * float(
-            np.log10(cost(peer_footprint, self.peer_effective_asr)) - np.log10(cost(self.footprint, self.effective_asr))
+            np.log10(cost(peer_footprint, self.peer_effective_asr)) - np.log10(cost(footprint, self.effective_asr))
         )
 
 

@@ -251,17 +251,7 @@ def _audit(zoo: ParadigmZoo, first: str, second: str, data: Path, *extra: str) -
 @pytest.mark.parametrize(
     ("backdoored", "clean", "data", "paradigm"),
     [
-        pytest.param(
-            "semi_badnets_cnn",
-            "semi_clean_mlp",
-            "digits",
-            "semi",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a known miss since stop 14 unscored fine-tuning: semi-supervised clean pairs then score "
-                "high, so the recalibrated semi thresholds are high (README, Learning paradigms)",
-            ),
-        ),
+        ("semi_badnets_cnn", "semi_clean_mlp", "digits", "semi"),
         ("ssl_badnets_cnn", "ssl_clean_mlp", "digits", "auto"),
     ],
 )

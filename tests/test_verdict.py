@@ -2,6 +2,7 @@
 least as alike as the clean pairs they came from."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -29,6 +30,15 @@ def test_an_alike_pair_is_judged_by_the_alike_clean_pairs_thresholds():
         "any:similar",
         3,
     )
+
+
+def test_a_suspect_cheap_to_flip_to_every_target_gains_nothing_from_it():
+    """Footprints are read against each model's scale: a suspect whose median patch is as
+    much smaller than its peer's as this target's is scores nothing for it."""
+    cheap_everywhere = replace(_finding(), footprint_scale=10**-0.5, peer_footprint_scale=1.0)
+    assert cheap_everywhere.score == pytest.approx(0.0, abs=1e-9)
+    out_of_line = replace(_finding(), footprint_scale=10**0.5, peer_footprint_scale=1.0)
+    assert out_of_line.score == pytest.approx(1.0)
 
 
 def test_a_pair_less_alike_keeps_the_profiles_thresholds():
