@@ -285,10 +285,17 @@ def _losses(
             ]
         )
         loss = loss + config.alignment_weight * alignment_loss.to(loss.dtype)
-    flipped = s_logits.argmax(1) == which
-    kept = w_logits.argmax(1) == y if config.use_witness else torch.ones_like(flipped)
-    success = (flipped & kept).float().view(groups, -1).mean(1)
+    success = _success_rate(s_logits, w_logits if config.use_witness else None, y, which, groups)
     return loss, success - size_weight * size.detach()
+
+
+def _success_rate(s_logits: Tensor, w_logits: Tensor | None, y: Tensor, which: Tensor, groups: int) -> Tensor:
+    """Per target: the share of its samples the suspect sends to the target while the
+    witness (when it takes part) keeps the true label."""
+    hit = s_logits.argmax(1) == which
+    if w_logits is not None:
+        hit = hit & (w_logits.argmax(1) == y)
+    return hit.float().view(groups, -1).mean(1)
 
 
 def _optimise(
@@ -318,10 +325,8 @@ def _success(family: TriggerFamily, models: Models, config: InversionConfig, bat
     """Per target: the fraction of the batch sent to the target with the witness kept."""
     x, y, which = batch
     triggered = family(x, which)
-    flipped = models.suspect(triggered).argmax(1) == which
-    if config.use_witness:
-        flipped &= models.witness(triggered).argmax(1) == y
-    return flipped.float().view(family.mask_logit.shape[0], -1).mean(1)
+    witness = models.witness(triggered) if config.use_witness else None
+    return _success_rate(models.suspect(triggered), witness, y, which, len(torch.unique(which)))
 
 
 def minimal_patches(
@@ -342,6 +347,7 @@ def minimal_patches(
     """
     targets = family.mask_logit.shape[0]
     everyone = list(range(targets))
+    every_target = torch.arange(targets, device=data[0].device)
     check = _batch(*data, everyone, config.check_per_target, rng)
     weight = torch.full((targets,), family.size_weight, device=data[0].device)
     smallest = np.ones(targets)
@@ -356,15 +362,15 @@ def minimal_patches(
             continue
         reached = _success(family, models, config, check) >= config.minimal_success
         with torch.no_grad():
-            size = torch.sigmoid(family.mask_logit).flatten(1).mean(1)
+            size = family.footprint(every_target)
             better = reached & (size < torch.from_numpy(smallest).to(size))
             for saved, live in zip(kept, family.parameters(), strict=True):
                 saved[better] = live[better]
         smallest[better.cpu().numpy()] = size[better].cpu().numpy()
         weight = torch.where(reached, weight * family.raise_weight, weight / family.lower_weight)
+    reached_any = torch.from_numpy(smallest < 1.0).to(data[0].device)
     with torch.no_grad():
         for saved, live in zip(kept, family.parameters(), strict=True):
-            reached_any = torch.from_numpy(smallest < 1.0).to(live.device)
             live[reached_any] = saved[reached_any]
     return smallest
 
