@@ -38,13 +38,13 @@ import torch.nn.functional as F
 from benchmarks.metrics import auroc, bootstrap_auroc, tpr_at_fpr
 from benchmarks.paradigms import existing_section, write_section
 from crossaudit import __version__
-from crossaudit.audit import AuditConfig, run_audit
+from crossaudit.audit import AuditConfig, AuditResult, run_audit
 from crossaudit.baselines.neural_cleanse import NeuralCleanseConfig, neural_cleanse
 from crossaudit.calibrate import SEED_BLOCKS
 from crossaudit.data import read_audit_data, write_parquet
 from crossaudit.inversion import InversionConfig
 from crossaudit.models import load_model
-from crossaudit.verdict import load_thresholds
+from crossaudit.verdict import Finding, ModelReport, Thresholds, judge, load_thresholds
 from crossaudit.zoo.attacks import ATTACKS
 from crossaudit.zoo.datasets import Split, load_dataset
 from crossaudit.zoo.train import config_for, export_onnx, train
@@ -53,10 +53,12 @@ ABLATIONS = {
     "full": AuditConfig(),
     "no witness": AuditConfig(inversion=InversionConfig(use_witness=False)),
     "no CKA term": AuditConfig(inversion=InversionConfig(use_alignment=False)),
-    # The sensitivity stage is measured, not scored; this is the earlier design that
-    # scored only the success surviving its fine-tuning, to show what scoring it buys.
-    "fine-tuning scored": AuditConfig(score_after_finetune=True),
 }
+# The sensitivity stage is measured, not scored; this ablation is the earlier design that
+# scored only the success surviving its fine-tuning, to show what scoring it buys. Only
+# the score differs, so it rescores the full audit's findings (`finetune_scored`) rather
+# than audit again, and its time is the full audit's.
+FINETUNE_SCORED = "fine-tuning scored"
 TARGETS = (3, 7, 1, 5)
 
 
@@ -77,14 +79,16 @@ class Plan:
 
 FULL = Plan(
     "full", ("digits", "fmnist"), (("cnn", "cnn"), ("resnet", "cnn"), ("cnn", "mlp")), ATTACKS[1:], (200, 210, 220),
-    tuple(ABLATIONS), (10, 20, 40), ("mlp", "cnn", "resnet"), NeuralCleanseConfig(), ablation_arch_pairs=2,
+    (*ABLATIONS, FINETUNE_SCORED), (10, 20, 40), ("mlp", "cnn", "resnet"), NeuralCleanseConfig(),
+    ablation_arch_pairs=2,
 )  # fmt: skip
-STANDARD = dataclasses.replace(FULL, name="standard", seeds=(200,))
-# The smoke plan: one ablation (every ablation is the same code path with another config)
-# and one scaling point, 10 classes: the quadrant task's 32 x 32 canvas with one quadrant
+# One seed, and the ablations on cnn/cnn only: the ResNet pairs' audits are the slowest.
+STANDARD = dataclasses.replace(FULL, name="standard", seeds=(200,), ablation_arch_pairs=1)
+# The smoke plan: one audited ablation (every one is the same code path with another config),
+# the rescored one (free), and one scaling point, 10 classes: the quadrant task's 32 x 32 canvas with one quadrant
 # (20 classes doubled the plan's slowest step for no other code).
 QUICK = Plan(
-    "quick", ("digits",), (("cnn", "cnn"),), ("badnets",), (200,), ("full", "no witness"), (10,), (),
+    "quick", ("digits",), (("cnn", "cnn"),), ("badnets",), (200,), ("full", "no witness", FINETUNE_SCORED), (10,), (),
     NeuralCleanseConfig(steps=60), bootstrap=200,
 )  # fmt: skip
 PLANS = {plan.name: plan for plan in (QUICK, STANDARD, FULL)}
@@ -165,24 +169,61 @@ def fgsm_error(model: torch.nn.Module, split: Split, eps: float = 0.03) -> float
 
 
 def crossaudit_samples(
-    suspect: Path, witness: Path, data: Path, attack: str, target: int, dataset: str, config: AuditConfig,
-    detector: str,
-) -> tuple[list[Sample], float]:  # fmt: skip
-    start = time.perf_counter()
-    result = run_audit(str(suspect), str(witness), str(data), config=config, thresholds=load_thresholds(dataset))
-    seconds = time.perf_counter() - start
-    samples = []
+    suspect: Path, witness: Path, data: Path, attack: str, target: int, dataset: str, ablations: tuple[str, ...],
+) -> dict[str, tuple[list[Sample], float]]:  # fmt: skip
+    """Per detector (the full audit and each ablation asked for): its samples and the pair's seconds."""
+    judged = {}
+    for name in ablations:
+        if name == FINETUNE_SCORED:
+            continue
+        thresholds = load_thresholds(dataset)
+        start = time.perf_counter()
+        result = run_audit(str(suspect), str(witness), str(data), config=ABLATIONS[name], thresholds=thresholds)
+        seconds = time.perf_counter() - start
+        judged[detector_name(name)] = (result.report.models, result.report.error, seconds)
+        if name == "full" and FINETUNE_SCORED in ablations:
+            models = finetune_scored(result, thresholds)
+            judged[detector_name(FINETUNE_SCORED)] = (models, result.report.error, seconds)
     names = (suspect.stem, witness.stem)
-    for index, model in enumerate(result.report.models):
-        positive = index == 0 and attack != "clean"
-        ratio = (model.score / model.threshold) if model.score is not None and model.threshold else 0.0
-        flagged = model.verdict == "backdoor"
-        samples.append(Sample(
-            detector, attack if index == 0 else "clean", dataset, positive, ratio, flagged,
-            positive and flagged and model.target == target, seconds / 2, result.report.error is not None,
-            model=names[index], peer=names[1 - index], profile=model.threshold_profile or "",
-        ))  # fmt: skip
-    return samples, seconds
+    samples = {}
+    for detector, (models, error, seconds) in judged.items():
+        found = []
+        for index, model in enumerate(models):
+            positive = index == 0 and attack != "clean"
+            ratio = (model.score / model.threshold) if model.score is not None and model.threshold else 0.0
+            flagged = model.verdict == "backdoor"
+            found.append(Sample(
+                detector, attack if index == 0 else "clean", dataset, positive, ratio, flagged,
+                positive and flagged and model.target == target, seconds / 2, error is not None,
+                model=names[index], peer=names[1 - index], profile=model.threshold_profile or "",
+            ))  # fmt: skip
+        samples[detector] = (found, seconds)
+    return samples
+
+
+def detector_name(ablation: str) -> str:
+    return "crossaudit" if ablation == "full" else f"crossaudit ({ablation})"
+
+
+def finetune_scored(result: AuditResult, thresholds: Thresholds) -> list[ModelReport]:
+    """The full audit's models judged again, each finding's success (its own and its
+    peer's) counted only as far as it survived the sensitivity stage's fine-tuning."""
+    report = result.report
+    if report.error is not None or result.alignment is None:
+        return report.models
+
+    def surviving(finding: Finding) -> float:
+        return min(finding.asr, finding.asr_after_finetune) * finding.witness_kept
+
+    rescored = []
+    for index, model in enumerate(report.models):
+        peers = {(f.family, f.target): f for f in report.models[1 - index].findings}
+        findings = [
+            dataclasses.replace(f, effective_asr=surviving(f), peer_effective_asr=surviving(peers[f.family, f.target]))
+            for f in model.findings
+        ]
+        rescored.append(judge(model.uri, findings, thresholds, result.alignment.similarity))
+    return rescored
 
 
 def neural_cleanse_sample(
@@ -208,11 +249,8 @@ def run_pairs(plan: Plan, zoo: Zoo, results: Results) -> None:
                 suspects = [(a, zoo.model(dataset, first, a, target, seed)) for a in (*plan.attacks, "clean")]
                 for attack, suspect in suspects:
                     print(f"[{plan.name}] {dataset} {first}/{second} seed {seed}: {attack}", flush=True)
-                    for name in ablations:
-                        detector = "crossaudit" if name == "full" else f"crossaudit ({name})"
-                        samples, seconds = crossaudit_samples(
-                            suspect, witness, data, attack, target, dataset, ABLATIONS[name], detector
-                        )
+                    judged = crossaudit_samples(suspect, witness, data, attack, target, dataset, ablations)
+                    for detector, (samples, seconds) in judged.items():
                         for sample in samples:
                             sample.arch_pair = f"{first}/{second}"
                         results.samples.extend(samples)
@@ -230,7 +268,7 @@ def run_pairs(plan: Plan, zoo: Zoo, results: Results) -> None:
         mlp = zoo.model(dataset, "mlp", "clean", 0, plan.seeds[0] + 5)
         cnn = zoo.model(dataset, "cnn", "clean", 0, plan.seeds[0] + 6)
         print(f"[{plan.name}] {dataset}: adversarially vulnerable clean pair", flush=True)
-        samples, _ = crossaudit_samples(mlp, cnn, data, "clean", 0, dataset, AuditConfig(), "crossaudit")
+        samples, _ = crossaudit_samples(mlp, cnn, data, "clean", 0, dataset, ("full",))["crossaudit"]
         for sample in samples:
             sample.attack = "clean (vulnerable pair)"
         results.samples.extend(samples)
@@ -466,7 +504,7 @@ def _calibration_seeds() -> str:
 
 def write_report(plan: Plan, results: Results, out: Path, plot: Path, seconds: float) -> None:
     ablated = {f"{a}/{b}" for a, b in plan.arch_pairs[: plan.ablation_arch_pairs]}
-    detectors = ["crossaudit", "Neural Cleanse", *(f"crossaudit ({a})" for a in plan.ablations if a != "full")]
+    detectors = ["crossaudit", "Neural Cleanse", *(detector_name(a) for a in plan.ablations if a != "full")]
     times = "\n".join(
         f"| {d} | {statistics.mean(results.pair_seconds[d]):.1f} | {statistics.median(results.pair_seconds[d]):.1f} |"
         for d in detectors
@@ -520,7 +558,7 @@ model is judged in every pair it is part of, so a witness can appear more than o
 
 ## Ablations (same thresholds; on the {", ".join(f"{a}/{b}" for a, b in plan.arch_pairs[: plan.ablation_arch_pairs])} pairs)
 
-{chr(10).join(detector_table(results, d, plan.bootstrap, ablated) + chr(10) for d in ("crossaudit", *(f"crossaudit ({a})" for a in plan.ablations if a != "full")))}
+{chr(10).join(detector_table(results, detector_name(d), plan.bootstrap, ablated) + chr(10) for d in plan.ablations)}
 
 ## Time per pair (seconds; crossaudit audits both models, Neural Cleanse runs on both)
 

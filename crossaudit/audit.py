@@ -72,11 +72,6 @@ Progress = Callable[[str], None]
 class AuditConfig:
     inversion: InversionConfig = field(default_factory=InversionConfig)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
-    # Count only the success that survives the sensitivity stage's fine-tuning. Off: on
-    # three benchmark runs this cut no false positive and cost detection (backdoors lose
-    # some success to fine-tuning too), so fine-tuning is measured and reported as
-    # evidence, not scored. Kept for the benchmark's ablation of that earlier design.
-    score_after_finetune: bool = False
     holdout_fraction: float = 0.5
     feature_samples: int = 500
     min_accuracy: float = 0.5
@@ -129,11 +124,8 @@ def measure(
         )
 
     def effective(effect: AttackEffect) -> float:
-        """Success the witness does not share (and, in the ablation, fine-tuning leaves)."""
-        flip = effect.suspect_flip
-        if config.score_after_finetune:
-            flip = min(flip, effect.suspect_flip_after_finetune)
-        return flip * effect.witness_kept
+        """Success the witness does not share."""
+        return effect.suspect_flip * effect.witness_kept
 
     findings: list[list[Finding]] = []
     for index, mine in enumerate(effects):

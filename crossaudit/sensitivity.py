@@ -9,8 +9,8 @@ remain are natural shortcuts, which survive fine-tuning as backdoors do, and bac
 some success too. Scoring only the surviving success cut no false positive and cost
 detection, on three runs. So for images the effect after fine-tuning is measured and reported
 with every finding (`Finding.sensitivity`), as evidence for the reviewer, but not scored
-(`AuditConfig.score_after_finetune`). For language models it is scored, in the other
-direction (`paradigms.autoregressive.TextEffect.score`).
+(the detection benchmark's "fine-tuning scored" ablation rescores with it). For language
+models it is scored, in the other direction (`paradigms.autoregressive.TextEffect.score`).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def test_quick_benchmark_writes_a_report_with_every_section(tmp_path):
     sections = (
         "## Targets (issue 4)", "**crossaudit**", "**Neural Cleanse**", "**crossaudit by architecture pair**",
         "| cnn/cnn | ", "**crossaudit by dataset**", "| badnets | ", "**crossaudit's misjudged models**",
-        "crossaudit (no witness)", "## Scaling", "10 classes",
+        "crossaudit (no witness)", "crossaudit (fine-tuning scored)", "## Scaling", "10 classes",
     )  # fmt: skip
     assert [s for s in sections if s not in report] == []
     assert (tmp_path / "benchmarks-quick_scaling.png").stat().st_size > 10_000
@@ -79,3 +79,27 @@ def test_misjudged_models_are_listed_by_name_with_their_profile():
     assert [row.split(" | ")[0] for row in rows] == ["| false_alarm", "| missed"]
     assert "| peer | cnn/cnn | clean | flagged | 1.20 | fmnist:similar |" in rows[0]
     assert misjudged_table(Results([sample("caught", True, True)])).startswith("None")
+
+
+def test_finetune_scored_counts_only_the_success_that_survived_fine_tuning():
+    from types import SimpleNamespace
+
+    from benchmarks.detection import finetune_scored
+    from crossaudit.verdict import Finding, ModelReport, load_thresholds
+
+    def finding(asr: float, after: float, footprint: float, peer_footprint: float) -> Finding:
+        return Finding(
+            "patch", 3, footprint, footprint, asr, 0.0, 1.0, after, asr, peer_footprint, asr,
+        )  # fmt: skip
+
+    fragile = finding(0.9, 0.1, 0.01, 0.2)  # a cheap trigger that fine-tuning wipes out
+    steady = finding(0.9, 0.9, 0.2, 0.01)
+    models = [ModelReport("suspect", "backdoor", findings=[fragile]), ModelReport("peer", "clean", findings=[steady])]
+    report = SimpleNamespace(error=None, models=models)
+    result = SimpleNamespace(report=report, alignment=SimpleNamespace(similarity=0.9))
+    suspect, peer = finetune_scored(result, load_thresholds("digits"))
+    # The suspect keeps a tenth of its success, against a peer whose success all survived.
+    assert suspect.findings[0].effective_asr == pytest.approx(0.1)
+    assert suspect.findings[0].peer_effective_asr == pytest.approx(0.9)
+    assert suspect.score == pytest.approx(suspect.findings[0].score, abs=1e-4) and suspect.score < fragile.score
+    assert peer.findings[0].peer_effective_asr == pytest.approx(0.1)
