@@ -8,14 +8,14 @@ seeds below 200 only, no backdoored model), Neural Cleanse its published rule (a
 >= 2). Test pairs use seeds 200 and up. Also measured, in the same run:
 - adversarially vulnerable clean models (MLPs, with their FGSM error shown): must pass;
 - ablations (no witness, no CKA term, and the sensitivity stage's fine-tuning scored as
-  it was before), same pairs and thresholds;
+  it was before), same thresholds, on the plan's first architecture pairs;
 - scaling of audit time with the number of classes (10/20/40 from real digits placed in
   the quadrants of a larger canvas) and with the model size.
 
-`python -m benchmarks.detection` (`--plan full`, three seeds, about three and a half hours
-on 2 cores; run by `make bench`) writes docs/benchmarks.md and docs/benchmarks_scaling.png;
-`--plan standard` is the same zoo with one seed (75 minutes); `--quick` runs a smoke
-version of the same code path in a few minutes (the tests run it).
+`python -m benchmarks.detection` (`--plan full`, three seeds, about four hours on 2 cores,
+an estimate; run by `make bench`) writes docs/benchmarks.md and docs/benchmarks_scaling.png;
+`--plan standard` is the same zoo with one seed and fewer ablated pairs (87 minutes);
+`--quick` runs a smoke version of the same code path in a few minutes (the tests run it).
 """
 
 from __future__ import annotations
@@ -582,7 +582,7 @@ Neural Cleanse / crossaudit time ratio (means): {statistics.mean(results.pair_se
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--plan", choices=sorted(PLANS), default="full", help="zoo size (full: about 3.5 h)")
+    parser.add_argument("--plan", choices=sorted(PLANS), default="full", help="zoo size (full: about 4 h)")
     parser.add_argument("--quick", action="store_true", help="the smoke plan (same as --plan quick)")
     parser.add_argument("--out", type=Path, default=None, help="report path (default docs/benchmarks[-quick].md)")
     args = parser.parse_args(argv)
