@@ -84,9 +84,9 @@ FULL = Plan(
 )  # fmt: skip
 # One seed, and the ablations on cnn/cnn only: the ResNet pairs' audits are the slowest.
 STANDARD = dataclasses.replace(FULL, name="standard", seeds=(200,), ablation_arch_pairs=1)
-# The smoke plan: one audited ablation (every one is the same code path with another config),
-# the rescored one (free), and one scaling point, 10 classes: the quadrant task's 32 x 32 canvas with one quadrant
-# (20 classes doubled the plan's slowest step for no other code).
+# The smoke plan: one audited ablation (every one is the same code path with another
+# config), the rescored one (free), and one scaling point, 10 classes: the quadrant task's
+# 32 x 32 canvas with one quadrant (20 classes doubled the plan's slowest step for no other code).
 QUICK = Plan(
     "quick", ("digits",), (("cnn", "cnn"),), ("badnets",), (200,), ("full", "no witness", FINETUNE_SCORED), (10,), (),
     NeuralCleanseConfig(steps=60), bootstrap=200,
@@ -172,11 +172,11 @@ def crossaudit_samples(
     suspect: Path, witness: Path, data: Path, attack: str, target: int, dataset: str, ablations: tuple[str, ...],
 ) -> dict[str, tuple[list[Sample], float]]:  # fmt: skip
     """Per detector (the full audit and each ablation asked for): its samples and the pair's seconds."""
+    thresholds = load_thresholds(dataset)
     judged = {}
     for name in ablations:
         if name == FINETUNE_SCORED:
             continue
-        thresholds = load_thresholds(dataset)
         start = time.perf_counter()
         result = run_audit(str(suspect), str(witness), str(data), config=ABLATIONS[name], thresholds=thresholds)
         seconds = time.perf_counter() - start
