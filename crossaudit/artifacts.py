@@ -139,7 +139,7 @@ def read_triggers(folder: Path, device: str = "cpu") -> list[list[Trigger]]:
                     families[key],
                     float(entry["footprint"]),
                     int(entry["pixels"]),
-                    float(entry["scale"]),
+                    None if entry["scale"] is None else float(entry["scale"]),
                 )
             )
     return found

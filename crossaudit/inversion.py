@@ -207,8 +207,9 @@ class Trigger:
     footprint: float
     pixels: int
     # What this model's footprints are read against: for the patch family the median,
-    # over all targets, of its minimal footprints (`minimal_patches`); 1 for the others.
-    scale: float = 1.0
+    # over all targets, of its minimal footprints (`minimal_patches`); None for the others,
+    # whose footprints are read as they are.
+    scale: float | None = None
 
     @torch.no_grad()
     def apply(self, x: Tensor) -> Tensor:
@@ -392,7 +393,8 @@ def _minimal_patch_triggers(
     relative = [np.log10(s / scale) for s, scale in zip(smallest, scales, strict=True)]
     keep: set[int] = set()
     for index in range(len(directions)):
-        economy = relative[1 - index] - relative[index]
+        # The peer's cost counts no higher than its median, as in `verdict.Finding.score`.
+        economy = np.minimum(relative[1 - index], 0.0) - relative[index]
         keep.update(int(i) for i in np.argsort(-economy)[: config.keep_targets])
     pixels = int(shape[-1] * shape[-2])
     for family in families:

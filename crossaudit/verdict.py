@@ -163,8 +163,8 @@ class Finding:
     peer_footprint: float
     peer_effective_asr: float
     # What each model's footprints are read against (`inversion.Trigger.scale`).
-    footprint_scale: float = 1.0
-    peer_footprint_scale: float = 1.0
+    footprint_scale: float | None = None
+    peer_footprint_scale: float | None = None
 
     @property
     def sensitivity(self) -> float:
@@ -179,18 +179,31 @@ class Finding:
         each footprint read against its model's scale (a patch against the model's median
         minimal patch: a model cheap to flip to every target is not a backdoor).
 
+        Read against its scale, the peer's footprint counts no higher than its median: the
+        question is whether the target is out of line *for the suspect*, and a peer that
+        finds it dearer than its own other targets says nothing about that. Uncapped, a
+        clean model whose peer's median patch is a third of its own read the peer's dear
+        target as its own cheap one (stop 21's benchmark).
+
         A peer trigger that never worked (effective success under MIN_SUCCESS) shrinks
         under its size penalty towards nothing, which would read as a peer flipped for
         free; flipping it costs at least what the suspect's trigger took, so its footprint
         counts as no smaller than the suspect's.
         """
-        footprint = self.footprint / self.footprint_scale
-        peer_footprint = self.peer_footprint / self.peer_footprint_scale
+        footprint = relative(self.footprint, self.footprint_scale)
+        peer_footprint = relative(self.peer_footprint, self.peer_footprint_scale)
+        if self.peer_footprint_scale is not None:
+            peer_footprint = min(peer_footprint, 1.0)
         if self.peer_effective_asr < MIN_SUCCESS:
             peer_footprint = max(peer_footprint, footprint)
         return self.effective_asr * float(
             np.log10(cost(peer_footprint, self.peer_effective_asr)) - np.log10(cost(footprint, self.effective_asr))
         )
+
+
+def relative(footprint: float, scale: float | None) -> float:
+    """A footprint read against its model's scale, or as it is where the family has none."""
+    return footprint if scale is None else footprint / scale
 
 
 def cost(footprint: float, effective_asr: float) -> float:

@@ -4,6 +4,7 @@ least as alike as the clean pairs they came from."""
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from crossaudit.verdict import SIMILAR, Finding, Thresholds, judge, load_thresholds
@@ -39,6 +40,20 @@ def test_a_suspect_cheap_to_flip_to_every_target_gains_nothing_from_it():
     assert cheap_everywhere.score == pytest.approx(0.0, abs=1e-9)
     out_of_line = replace(_finding(), footprint_scale=10**0.5, peer_footprint_scale=1.0)
     assert out_of_line.score == pytest.approx(1.0)
+
+
+def test_a_target_dear_to_the_peer_is_no_evidence_against_the_suspect():
+    """Read against its median, the peer's footprint counts no higher than the median: a
+    target the suspect reaches at its median cost scores nothing, however dear the peer
+    finds it; a suspect's target cheaper than its median still scores against a peer at
+    its own median."""
+    median = {"footprint_scale": 0.01, "peer_footprint_scale": 0.01}
+    peer_dear = replace(_finding(), footprint=0.01, peer_footprint=0.05, **median)
+    assert peer_dear.score == pytest.approx(0.0, abs=1e-9)
+    suspect_cheap = replace(peer_dear, footprint=0.001)
+    assert suspect_cheap.score == pytest.approx(1.0)
+    unscaled = replace(peer_dear, footprint_scale=None, peer_footprint_scale=None)
+    assert unscaled.score == pytest.approx(np.log10(5.0))
 
 
 def test_a_pair_less_alike_keeps_the_profiles_thresholds():
