@@ -16,12 +16,14 @@ seeds below 200 only, no backdoored model), Neural Cleanse its published rule (a
 an estimate; run by `make bench`) writes docs/benchmarks.md and docs/benchmarks_scaling.png;
 `--plan standard` is the same zoo with one seed and fewer ablated pairs (87 minutes);
 `--quick` runs a smoke version of the same code path in a few minutes (the tests run it).
+Each run also writes every judged model's findings next to the report (`write_findings`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import platform
 import statistics
@@ -111,6 +113,10 @@ class Sample:
     model: str = ""  # the judged model's file, and its peer's: which model a miss was
     peer: str = ""
     profile: str = ""  # the thresholds it was judged by (crossaudit's `threshold_profile`)
+    # crossaudit's evidence, kept so that a change to the score can be read on this run's
+    # triggers before the benchmark is run again (`write_findings`).
+    findings: tuple[Finding, ...] = ()
+    similarity: float | None = None
 
 
 @dataclass
@@ -180,6 +186,7 @@ def crossaudit_samples(
         start = time.perf_counter()
         result = run_audit(str(suspect), str(witness), str(data), config=ABLATIONS[name], thresholds=thresholds)
         seconds = time.perf_counter() - start
+        similarity = result.alignment.similarity if result.alignment is not None else None
         judged[detector_name(name)] = (result.report.models, result.report.error, seconds)
         if name == "full" and FINETUNE_SCORED in ablations:
             models = finetune_scored(result, thresholds)
@@ -196,6 +203,7 @@ def crossaudit_samples(
                 detector, attack if index == 0 else "clean", dataset, positive, ratio, flagged,
                 positive and flagged and model.target == target, seconds / 2, error is not None,
                 model=names[index], peer=names[1 - index], profile=model.threshold_profile or "",
+                findings=tuple(model.findings), similarity=similarity,
             ))  # fmt: skip
         samples[detector] = (found, seconds)
     return samples
@@ -580,6 +588,18 @@ Neural Cleanse / crossaudit time ratio (means): {statistics.mean(results.pair_se
         write_section(paradigms, out)
 
 
+def write_findings(results: Results, out: Path) -> None:
+    """Every model crossaudit's full audit judged, with its findings and its pair's
+    similarity: enough to score the same triggers again (`verdict.Finding.score`,
+    `verdict.Thresholds.for_pair`) when the score changes."""
+    judged = [
+        dataclasses.asdict(s) | {"findings": [dataclasses.asdict(f) for f in s.findings]}
+        for s in results.samples
+        if s.detector == "crossaudit"
+    ]
+    out.write_text(json.dumps(judged, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--plan", choices=sorted(PLANS), default="full", help="zoo size (full: about 4 h)")
@@ -598,6 +618,7 @@ def main(argv: list[str] | None = None) -> None:
     plot = out.with_name(out.stem + "_scaling.png")
     plot_scaling(results, plot)
     write_report(plan, results, out, plot, time.perf_counter() - start)
+    write_findings(results, out.with_name(out.stem + "_findings.json"))
     print(out.read_text())
 
 

@@ -48,7 +48,10 @@ def test_neural_cleanse_finds_the_badnets_target_of_a_backdoored_model(digits_zo
 
 @pytest.mark.slow
 def test_quick_benchmark_writes_a_report_with_every_section(tmp_path):
+    import json
+
     from benchmarks.detection import main
+    from crossaudit.verdict import Finding, judge, load_thresholds
 
     out = tmp_path / "benchmarks-quick.md"
     main(["--quick", "--out", str(out)])
@@ -60,6 +63,13 @@ def test_quick_benchmark_writes_a_report_with_every_section(tmp_path):
     )  # fmt: skip
     assert [s for s in sections if s not in report] == []
     assert (tmp_path / "benchmarks-quick_scaling.png").stat().st_size > 10_000
+    # The findings file is enough to judge every model again, as the run judged it.
+    judged = json.loads((tmp_path / "benchmarks-quick_findings.json").read_text())
+    assert len(judged) == 6 and all(record["findings"] for record in judged)
+    for record in judged:
+        findings = [Finding(**f) for f in record["findings"]]
+        again = judge(record["model"], findings, load_thresholds("digits"), record["similarity"])
+        assert (again.verdict == "backdoor") == record["flagged"], record["model"]
 
 
 def test_misjudged_models_are_listed_by_name_with_their_profile():
