@@ -592,11 +592,7 @@ def write_findings(results: Results, out: Path) -> None:
     """Every model crossaudit's full audit judged, with its findings and its pair's
     similarity: enough to score the same triggers again (`verdict.Finding.score`,
     `verdict.Thresholds.for_pair`) when the score changes."""
-    judged = [
-        dataclasses.asdict(s) | {"findings": [dataclasses.asdict(f) for f in s.findings]}
-        for s in results.samples
-        if s.detector == "crossaudit"
-    ]
+    judged = [dataclasses.asdict(s) for s in results.samples if s.detector == "crossaudit"]
     out.write_text(json.dumps(judged, indent=1) + "\n")
 
 

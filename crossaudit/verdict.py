@@ -10,7 +10,8 @@ trigger. So every candidate target is inverted against both models, and a findin
 is its effective attack success (held-out, witness kept) times log10(peer's cost /
 suspect's cost), where cost is footprint per unit of effective success; a patch's
 footprint is first read against its model's median minimal patch over all targets, since
-a model cheap to flip everywhere is not a backdoor (`inversion.minimal_patches`). The sensitivity
+a model cheap to flip everywhere is not a backdoor (`inversion.minimal_patches`), and the
+peer's counts no dearer than its median (`Finding.score`). The sensitivity
 stage's fine-tuning is reported with each finding but not scored: on the benchmark it
 cut no false positive (natural shortcuts survive clean fine-tuning as backdoors do) and
 cost detection. Footprints have different units per trigger family, so
