@@ -14,7 +14,7 @@ seeds below 200 only, no backdoored model), Neural Cleanse its published rule (a
 
 `python -m benchmarks.detection` (`--plan full`, three seeds, about four hours on 2 cores,
 an estimate; run by `make bench`) writes docs/benchmarks.md and docs/benchmarks_scaling.png;
-`--plan standard` is the same zoo with one seed and fewer ablated pairs (87 minutes);
+`--plan standard` is the same zoo with one seed and fewer ablated pairs (87-95 minutes);
 `--quick` runs a smoke version of the same code path in a few minutes (the tests run it).
 Each run also writes every judged model's findings next to the report (`write_findings`).
 """
