@@ -187,13 +187,13 @@ def crossaudit_samples(
         result = run_audit(str(suspect), str(witness), str(data), config=ABLATIONS[name], thresholds=thresholds)
         seconds = time.perf_counter() - start
         similarity = result.alignment.similarity if result.alignment is not None else None
-        judged[detector_name(name)] = (result.report.models, result.report.error, seconds)
+        judged[detector_name(name)] = (result.report.models, result.report.error, seconds, similarity)
         if name == "full" and FINETUNE_SCORED in ablations:
             models = finetune_scored(result, thresholds)
-            judged[detector_name(FINETUNE_SCORED)] = (models, result.report.error, seconds)
+            judged[detector_name(FINETUNE_SCORED)] = (models, result.report.error, seconds, similarity)
     names = (suspect.stem, witness.stem)
     samples = {}
-    for detector, (models, error, seconds) in judged.items():
+    for detector, (models, error, seconds, similarity) in judged.items():
         found = []
         for index, model in enumerate(models):
             positive = index == 0 and attack != "clean"
