@@ -19,28 +19,39 @@ def _as_float64(x: Tensor | np.ndarray) -> Tensor:
     return torch.as_tensor(x).to(torch.float64).flatten(1)
 
 
-def _centered(x: Tensor | np.ndarray) -> Tensor:
-    x = _as_float64(x)
-    return x - x.mean(dim=0, keepdim=True)
+def _centered(x: Tensor) -> Tensor:
+    """Features (..., n, d) centered over their n samples."""
+    return x - x.mean(dim=-2, keepdim=True)
 
 
 def linear_cka(x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> Tensor:
     """Biased linear CKA: ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)."""
-    xc, yc = _centered(x), _centered(y)
+    xc, yc = _centered(_as_float64(x)), _centered(_as_float64(y))
     cross = torch.linalg.matrix_norm(yc.T @ xc) ** 2
     return cross / (torch.linalg.matrix_norm(xc.T @ xc) * torch.linalg.matrix_norm(yc.T @ yc))
 
 
 def unbiased_hsic(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741 - the paper's names
-    """HSIC_1 of Song et al. (2012) on Gram matrices with zeroed diagonals."""
-    n = k.shape[0]
-    k = k - torch.diag(torch.diag(k))
-    l = l - torch.diag(torch.diag(l))  # noqa: E741
-    ones = torch.ones(n, 1, dtype=k.dtype, device=k.device)
-    trace = torch.sum(k * l.T)
-    sums = (ones.T @ k @ ones) * (ones.T @ l @ ones) / ((n - 1) * (n - 2))
-    cross = 2.0 / (n - 2) * (ones.T @ k @ l @ ones)
-    return ((trace + sums - cross) / (n * (n - 3))).squeeze()
+    """HSIC_1 of Song et al. (2012) on Gram matrices (..., n, n) with zeroed diagonals.
+
+    Leading dimensions are a batch of independent minibatches, so that the inversion's
+    alignment loss for every target is one computation rather than one per target.
+    """
+    n = k.shape[-1]
+    k = k - torch.diag_embed(torch.diagonal(k, dim1=-2, dim2=-1))
+    l = l - torch.diag_embed(torch.diagonal(l, dim1=-2, dim2=-1))  # noqa: E741
+    trace = (k * l.mT).sum(dim=(-2, -1))
+    sums = k.sum(dim=(-2, -1)) * l.sum(dim=(-2, -1)) / ((n - 1) * (n - 2))
+    # 1^T K L 1: K's column sums against L's row sums.
+    cross = 2.0 / (n - 2) * (k.sum(dim=-2) * l.sum(dim=-1)).sum(dim=-1)
+    return (trace + sums - cross) / (n * (n - 3))
+
+
+def _debiased_cka(xc: Tensor, yc: Tensor) -> Tensor:
+    """Debiased linear CKA of centered features (..., n, d), one value per leading index."""
+    k, l = xc @ xc.mT, yc @ yc.mT  # noqa: E741
+    denominator = torch.sqrt(torch.clamp(unbiased_hsic(k, k) * unbiased_hsic(l, l), min=1e-24))
+    return unbiased_hsic(k, l) / denominator
 
 
 def debiased_linear_cka(x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> Tensor:
@@ -49,21 +60,19 @@ def debiased_linear_cka(x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> Tenso
     The biased estimator drifts towards 1 for small batches of wide features,
     which would make unrelated layers look aligned.
     """
-    xc, yc = _centered(x), _centered(y)
-    k, l = xc @ xc.T, yc @ yc.T  # noqa: E741
-    denominator = torch.sqrt(torch.clamp(unbiased_hsic(k, k) * unbiased_hsic(l, l), min=1e-24))
-    return unbiased_hsic(k, l) / denominator
+    return _debiased_cka(_centered(_as_float64(x)), _centered(_as_float64(y)))
 
 
 def minibatch_cka(x: Tensor, y: Tensor) -> Tensor:
-    """Differentiable CKA of one minibatch (debiased), for use as a loss term.
+    """Differentiable CKA of minibatches (debiased), for use as a loss term: features
+    (n, d), or (groups, n, d) for one CKA per group.
 
     Debiased because inversion batches are small (tens of samples) and wide, exactly where
     the biased estimator is inflated.
     """
-    if x.shape[0] < 4:
+    if x.shape[-2] < 4:
         raise ValueError("minibatch CKA needs at least 4 samples")
-    return debiased_linear_cka(x, y)
+    return _debiased_cka(_centered(x.to(torch.float64)), _centered(y.to(torch.float64)))
 
 
 @dataclass(frozen=True)

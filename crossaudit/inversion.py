@@ -275,16 +275,7 @@ def _losses(
     if config.use_alignment:
         s_vec = pooled(s_feat[models.suspect_tap])
         w_vec = pooled(w_feat[models.witness_tap])
-        alignment_loss = torch.stack(
-            [
-                minibatch_cka(s, w)
-                for s, w in zip(
-                    s_vec.view(groups, -1, s_vec.shape[1]),
-                    w_vec.view(groups, -1, w_vec.shape[1]),
-                    strict=True,
-                )
-            ]
-        )
+        alignment_loss = minibatch_cka(s_vec.view(groups, -1, s_vec.shape[1]), w_vec.view(groups, -1, w_vec.shape[1]))
         loss = loss + config.alignment_weight * alignment_loss.to(loss.dtype)
     success = _success_rate(s_logits, w_logits if config.use_witness else None, y, which, groups)
     return loss, success - size_weight * size.detach()
