@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from crossaudit.audit import AuditConfig, run_audit
@@ -80,6 +80,9 @@ class CalibrationRun:
     pair: str
     scores: dict[str, float]
     similarity: float  # `cka.Alignment.similarity` of the pair
+    # Each model's findings (`verdict.Finding`, as dicts) by its file name: enough to read
+    # a change to the score on these clean pairs before recalibrating (`write_findings`).
+    findings: dict[str, list[dict]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -140,10 +143,12 @@ def calibrate_pairs(
     return profile(name, paradigm, runs), runs
 
 
-def pair_scores(first: str, second: str, data: str, paradigm: str) -> tuple[dict[str, float], float]:
+def pair_scores(
+    first: str, second: str, data: str, paradigm: str
+) -> tuple[dict[str, float], float, dict[str, list[dict]]]:
     """Per trigger family, the highest score of one clean pair's audit (both directions),
-    judged against unreachable thresholds, and how alike the pair is; an audit that fails
-    is an error, not a zero."""
+    judged against unreachable thresholds, how alike the pair is, and each model's
+    findings; an audit that fails is an error, not a zero."""
     families = FAMILIES_OF.get(paradigm, DEFAULT_FAMILIES)
     provisional = Thresholds(dict.fromkeys(families, float("inf")), "provisional", 0, "provisional", paradigm)
     result = run_audit(first, second, data, config=AuditConfig(paradigm=paradigm), thresholds=provisional)
@@ -155,7 +160,8 @@ def pair_scores(first: str, second: str, data: str, paradigm: str) -> tuple[dict
             scores[finding.family] = max(scores[finding.family], finding.score)
         if paradigm == "lm":
             scores[TEXT_FAMILY] = max(scores[TEXT_FAMILY], model.score or 0.0)
-    return scores, round(result.alignment.similarity, 4)
+    findings = {Path(model.uri).name: [asdict(f) for f in model.findings] for model in result.report.models}
+    return scores, round(result.alignment.similarity, 4), findings
 
 
 def profiles(paradigm: str, runs: list[CalibrationRun]) -> list[Thresholds]:
@@ -237,6 +243,16 @@ def write_thresholds(thresholds: list[Thresholds], runs: list[CalibrationRun], p
         kept = {name: v for name, v in record.get(key, {}).items() if _paradigm_of(name) != paradigm}
         record[key] = kept | {run.pair: getattr(run, value) for run in runs}
     path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def write_findings(runs: list[CalibrationRun], path: Path) -> None:
+    """Every clean pair's findings and similarity, as JSON: a change to the score or to the
+    choice of thresholds can then be measured on the calibration's own clean pairs (which
+    is where it may be designed) before the half-hour recalibration, never on a
+    benchmark's test pairs. `verdict.judge(model, [Finding(**f) ...], thresholds,
+    similarity)` judges a model again."""
+    records = [{"pair": run.pair, "similarity": run.similarity, "models": run.findings} for run in runs]
+    path.write_text(json.dumps(records, indent=1) + "\n")
 
 
 def _paradigm_of(pair: str) -> str:

@@ -207,11 +207,15 @@ def calibrate(
     ] = None,
     data: Annotated[Path | None, typer.Option("--data", help="Your audit set (with --pair)")] = None,
     profile: Annotated[str, typer.Option("--profile", help="Name of your task's profile (with --pair)")] = "task",
+    findings: Annotated[
+        Path | None,
+        typer.Option("--findings", help="Also write every clean pair's findings to this JSON file"),
+    ] = None,
 ) -> None:
     """Recompute verdict thresholds on clean pairs only: the zoo's freshly trained ones for
     a paradigm, or, with --pair and --data, clean models of your own task."""
     from crossaudit.calibrate import calibrate as run_calibration
-    from crossaudit.calibrate import calibrate_pairs, write_thresholds
+    from crossaudit.calibrate import calibrate_pairs, write_findings, write_thresholds
 
     try:
         if pair:
@@ -227,6 +231,8 @@ def calibrate(
         stderr.print(f"error: {exc}")
         raise typer.Exit(2) from exc
     write_thresholds(profiles, runs, out)
+    if findings is not None:
+        write_findings(runs, findings)
     for run in runs:
         print(run.pair, {k: round(v, 3) for k, v in run.scores.items()}, f"similarity {run.similarity:.3f}")
     for thresholds in profiles:

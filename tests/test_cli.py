@@ -109,15 +109,24 @@ def test_unknown_profile_exits_2(digits_zoo):
 @pytest.mark.slow
 def test_a_profile_calibrated_on_the_users_own_clean_pair_judges_their_audits(digits_zoo, tmp_path):
     """`calibrate --pair` on a clean pair of the user's task writes a profile file that
-    `audit --thresholds` then judges with (here it catches the tests' BadNets CNN)."""
-    thresholds = tmp_path / "thresholds.json"
+    `audit --thresholds` then judges with (here it catches the tests' BadNets CNN), and
+    with --findings the findings its scores came from."""
+    from crossaudit.verdict import Finding
+
+    thresholds, findings = tmp_path / "thresholds.json", tmp_path / "findings.json"
     done = crossaudit(
         "calibrate", "--pair", f"{digits_zoo.clean_cnn},{digits_zoo.clean_mlp}", "--data", str(digits_zoo.audit_data),
-        "--profile", "my-digits", "--out", str(thresholds),
+        "--profile", "my-digits", "--out", str(thresholds), "--findings", str(findings),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     record = json.loads(thresholds.read_text())
     assert list(record["profiles"]) == ["my-digits"] and record["profiles"]["my-digits"]["clean_pairs"] == 1
+    [clean] = json.loads(findings.read_text())
+    assert clean["similarity"] == record["clean_pair_similarity"][clean["pair"]]
+    assert set(clean["models"]) == {digits_zoo.clean_cnn.name, digits_zoo.clean_mlp.name}
+    rescored = [Finding(**f) for model in clean["models"].values() for f in model]
+    for family, score in record["clean_pair_scores"][clean["pair"]].items():
+        assert max([0.0] + [f.score for f in rescored if f.family == family]) == pytest.approx(score)
     ours = record["profiles"]["my-digits"]["per_family"]
     done = crossaudit(
         "audit", str(digits_zoo.clean_cnn), str(digits_zoo.badnets_cnn), "--data", str(digits_zoo.audit_data),
