@@ -80,9 +80,9 @@ class CalibrationRun:
     pair: str
     scores: dict[str, float]
     similarity: float  # `cka.Alignment.similarity` of the pair
-    # Each model's findings (`verdict.Finding`, as dicts) by its file name: enough to read
-    # a change to the score on these clean pairs before recalibrating (`write_findings`).
-    findings: dict[str, list[dict]] = field(default_factory=dict)
+    # Each model's file name and findings (`verdict.Finding`, as dicts), in the pair's
+    # order: enough to read a change to the score on these clean pairs (`write_findings`).
+    findings: list[dict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -143,9 +143,7 @@ def calibrate_pairs(
     return profile(name, paradigm, runs), runs
 
 
-def pair_scores(
-    first: str, second: str, data: str, paradigm: str
-) -> tuple[dict[str, float], float, dict[str, list[dict]]]:
+def pair_scores(first: str, second: str, data: str, paradigm: str) -> tuple[dict[str, float], float, list[dict]]:
     """Per trigger family, the highest score of one clean pair's audit (both directions),
     judged against unreachable thresholds, how alike the pair is, and each model's
     findings; an audit that fails is an error, not a zero."""
@@ -160,7 +158,10 @@ def pair_scores(
             scores[finding.family] = max(scores[finding.family], finding.score)
         if paradigm == "lm":
             scores[TEXT_FAMILY] = max(scores[TEXT_FAMILY], model.score or 0.0)
-    findings = {Path(model.uri).name: [asdict(f) for f in model.findings] for model in result.report.models}
+    findings = [
+        {"model": Path(model.uri).name, "findings": [asdict(finding) for finding in model.findings]}
+        for model in result.report.models
+    ]
     return scores, round(result.alignment.similarity, 4), findings
 
 
@@ -248,9 +249,9 @@ def write_thresholds(thresholds: list[Thresholds], runs: list[CalibrationRun], p
 def write_findings(runs: list[CalibrationRun], path: Path) -> None:
     """Every clean pair's findings and similarity, as JSON: a change to the score or to the
     choice of thresholds can then be measured on the calibration's own clean pairs (which
-    is where it may be designed) before the half-hour recalibration, never on a
-    benchmark's test pairs. `verdict.judge(model, [Finding(**f) ...], thresholds,
-    similarity)` judges a model again."""
+    is where it may be designed) before a recalibration (40 min for the supervised
+    pairs), never on a benchmark's test pairs. `verdict.judge(model, [Finding(**f) ...],
+    thresholds, similarity)` judges a model again."""
     records = [{"pair": run.pair, "similarity": run.similarity, "models": run.findings} for run in runs]
     path.write_text(json.dumps(records, indent=1) + "\n")
 

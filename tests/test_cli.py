@@ -123,8 +123,8 @@ def test_a_profile_calibrated_on_the_users_own_clean_pair_judges_their_audits(di
     assert list(record["profiles"]) == ["my-digits"] and record["profiles"]["my-digits"]["clean_pairs"] == 1
     [clean] = json.loads(findings.read_text())
     assert clean["similarity"] == record["clean_pair_similarity"][clean["pair"]]
-    assert set(clean["models"]) == {digits_zoo.clean_cnn.name, digits_zoo.clean_mlp.name}
-    rescored = [Finding(**f) for model in clean["models"].values() for f in model]
+    assert [model["model"] for model in clean["models"]] == [digits_zoo.clean_cnn.name, digits_zoo.clean_mlp.name]
+    rescored = [Finding(**f) for model in clean["models"] for f in model["findings"]]
     for family, score in record["clean_pair_scores"][clean["pair"]].items():
         assert max([0.0] + [f.score for f in rescored if f.family == family]) == pytest.approx(score)
     ours = record["profiles"]["my-digits"]["per_family"]
