@@ -105,8 +105,27 @@ def _conv_transpose(a: Attrs, x: list[Tensor | None]) -> Tensor:
     return TRANSPOSED_CONVS[spatial](inp, w, b, output_padding=output_padding, **_conv_options(a, spatial, pads))
 
 
+def _max_pool2d(
+    x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
+    dilation: tuple[int, ...], ceil: bool,
+) -> Tensor:  # fmt: skip
+    """`F.max_pool2d`, through oneDNN for the common non-overlapping window on CPU.
+
+    Why: torch's CPU max pool with indices (what autograd needs) was a third of a trigger
+    inversion step on a small CNN; oneDNN's runs that step about 20% faster. Only windows
+    that do not overlap take this path: there every input gets its gradient from at most
+    one output, so values *and* gradients are bitwise those of `F.max_pool2d` (ties go to
+    the same first maximum), and audits and calibrated scores do not move. Overlapping
+    windows sum gradients in a different order, so they stay on torch's own kernel.
+    """
+    plain = not any(padding) and set(dilation) == {1} and not ceil and kernel == stride
+    if plain and x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        return torch.mkldnn_max_pool2d(x.to_mkldnn(), list(kernel), list(stride)).to_dense()
+    return F.max_pool2d(x, kernel, stride, padding, dilation, ceil)
+
+
 POOLS = {
-    "max": {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d},
+    "max": {1: F.max_pool1d, 2: _max_pool2d, 3: F.max_pool3d},
     "avg": {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d},
 }
 

@@ -40,6 +40,23 @@ def test_resnet_ops_translate(tmp_path):
     assert parity_check(load_model(str(tmp_path / "r.onnx")), example) < 1e-3
 
 
+@pytest.mark.parametrize("window", [(2, 2, 0), (3, 3, 0), (3, 2, 1), (2, 1, 0)])
+def test_max_pool_matches_torch_bit_for_bit_in_values_and_gradients(window):
+    """The translator's max pool (oneDNN for non-overlapping windows) must not move an
+    audit: same values, and the gradient on the same input when windows tie."""
+    from crossaudit.onnx_torch import POOLS
+
+    kernel, stride, pad = window
+    x = torch.relu(torch.randn(6, 4, 13, 10, generator=torch.Generator().manual_seed(0)))
+    x = x.round(decimals=1).requires_grad_(True)  # many tied windows
+    args = ((kernel, kernel), (stride, stride), (pad, pad), (1, 1), False)
+    ours = POOLS["max"][2](x, *args)
+    theirs = torch.nn.functional.max_pool2d(x, *args)
+    upstream = torch.randn_like(theirs)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(*(torch.autograd.grad(out, x, upstream)[0] for out in (ours, theirs)))
+
+
 def test_truncated_onnx_is_a_clear_error(digits_zoo, tmp_path):
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(digits_zoo.clean_cnn.read_bytes()[:500])
