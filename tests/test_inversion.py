@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from crossaudit.inversion import FAMILY_CLASSES, InversionConfig, Models, PatchTrigger, WarpTrigger, minimal_patches
+from crossaudit import inversion
+from crossaudit.inversion import FAMILY_CLASSES, InversionConfig, Models, PatchTrigger, WarpTrigger, cross_invert
 
 SHAPE = (3, 12, 10)  # C x H x W: colour, taller than wide
 
@@ -61,10 +62,38 @@ def test_minimal_patches_finds_each_targets_smallest_trigger():
     config = InversionConfig(use_witness=False, use_alignment=False, minimal_steps=200)
     family = PatchTrigger(3, (1, 6, 6))
     x, y = 0.5 * torch.rand(90, 1, 6, 6), torch.arange(90) % 3
-    smallest = minimal_patches(family, Models(model, model, "", ""), (x, y), config, np.random.RandomState(0))
+    plan = inversion.minimal_plan(y.numpy(), 3, config, np.random.RandomState(0))
+    smallest = inversion.minimal_patches(family, Models(model, model, "", ""), (x, y), config, plan)
     assert smallest[0] < 0.5 / 36  # already class 0: nothing to stamp
     assert 0.5 / 36 < smallest[1] < 2 / 36
     assert smallest[2] > 0.5
     mask = torch.sigmoid(family.mask_logit[1, 0])
     assert mask.argmax().item() == 0  # the key's pixel
     assert mask.sum().item() == pytest.approx(smallest[1] * 36, rel=1e-5)
+
+
+def test_both_directions_side_by_side_find_bitwise_what_one_after_the_other_finds(tmp_path, monkeypatch):
+    """The directions' optimisations run at the same time for speed; an audit's findings
+    must not depend on that (each direction's batches are drawn before either runs)."""
+    from crossaudit.models import load_model
+    from crossaudit.zoo.architectures import build
+    from crossaudit.zoo.train import export_onnx
+
+    example = np.random.RandomState(0).rand(4, 1, 8, 8).astype(np.float32)
+    modules = []
+    for seed, arch in ((0, "cnn"), (1, "mlp")):
+        torch.manual_seed(seed)
+        export_onnx(build(arch, 1, 8, 4).eval(), example, tmp_path / f"{arch}.onnx")
+        modules.append(load_model(str(tmp_path / f"{arch}.onnx")).module.requires_grad_(False).eval())
+    directions = [Models(modules[0], modules[1], "", ""), Models(modules[1], modules[0], "", "")]
+    x, y = torch.rand(48, 1, 8, 8), torch.arange(48) % 4
+    config = InversionConfig(use_alignment=False, minimal_steps=30, search_steps=6, refine_steps=6)
+
+    def findings() -> list[list]:
+        found = cross_invert(directions, x, y, 4, config, seed=3)
+        return [[(t.family_name, t.target, t.footprint, [p.tolist() for p in t.family.parameters()]) for t in mine]
+                for mine in found]  # fmt: skip
+
+    side_by_side = findings()
+    monkeypatch.setattr(inversion, "_side_by_side", lambda jobs: [job() for job in jobs])
+    assert side_by_side == findings()
