@@ -46,6 +46,18 @@ class Samples:
     negatives: list[float] = field(default_factory=list)  # ... of clean models
     seconds: list[float] = field(default_factory=list)
     errors: int = 0
+    # One row per model judged wrongly or not at all: a rate says how often, only the
+    # models say which architectures and attacks to look at next.
+    misjudged: list[Misjudged] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Misjudged:
+    model: str
+    peer: str
+    backdoored: bool
+    judged: str  # "passed", "flagged" or "inconclusive"
+    ratio: float | None  # score / threshold; None when the audit ended in an error
 
 
 def _judge(
@@ -54,12 +66,18 @@ def _judge(
     start = time.perf_counter()
     report = run_audit(str(first), str(second), str(data), config=AuditConfig(paradigm=paradigm)).report
     samples.seconds.append(time.perf_counter() - start)
+    pair = ((first, second, backdoored[0]), (second, first, backdoored[1]))
     if report.error:
         samples.errors += 1
+        samples.misjudged.extend(Misjudged(m.stem, p.stem, poisoned, "inconclusive", None) for m, p, poisoned in pair)
         return
-    for model, poisoned in zip(report.models, backdoored, strict=True):
+    for model, (path, peer, poisoned) in zip(report.models, pair, strict=True):
         ratio = (model.score or 0.0) / (model.threshold or 1.0)
         (samples.positives if poisoned else samples.negatives).append(ratio)
+        if (ratio >= 1.0) != poisoned:
+            samples.misjudged.append(
+                Misjudged(path.stem, peer.stem, poisoned, "flagged" if ratio >= 1.0 else "passed", ratio)
+            )
 
 
 def image_paradigm(paradigm: str, seed: int, work: Path, samples: Samples) -> None:
@@ -111,6 +129,22 @@ def run(seeds: tuple[int, ...]) -> dict[str, Samples]:
     return results
 
 
+def misjudged_table(results: dict[str, Samples]) -> str:
+    """Every model judged wrongly or not at all, by name (files are
+    `paradigm_arch_attack_seed`, language models `lm_attack_seed`; a clean model is judged
+    in every pair it is part of)."""
+    rows = [
+        f"| {paradigm} | {m.model} | {m.peer} | {'backdoored' if m.backdoored else 'clean'} | {m.judged} | "
+        f"{'-' if m.ratio is None else f'{m.ratio:.2f}'} |"
+        for paradigm, s in results.items()
+        for m in s.misjudged
+    ]
+    if not rows:
+        return "Misjudged models: none, every model was judged right."
+    header = "| paradigm | model | audited with | model is | judged | score / threshold |\n|---|---|---|---|---|---|"
+    return "Misjudged models:\n\n" + header + "\n" + "\n".join(rows)
+
+
 def section(results: dict[str, Samples], seeds: tuple[int, ...], seconds: float) -> str:
     rows = []
     for paradigm, s in results.items():
@@ -138,6 +172,8 @@ pairs, seeds below 200). AUROC on score / threshold.
 | paradigm | backdoored models detected | clean models flagged | AUROC | median s per pair | inconclusive pairs |
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
+
+{misjudged_table(results)}
 {END}"""
 
 

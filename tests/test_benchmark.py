@@ -113,3 +113,20 @@ def test_finetune_scored_counts_only_the_success_that_survived_fine_tuning():
     assert suspect.findings[0].peer_effective_asr == pytest.approx(0.9)
     assert suspect.score == pytest.approx(suspect.findings[0].score, abs=1e-4) and suspect.score < fragile.score
     assert peer.findings[0].peer_effective_asr == pytest.approx(0.1)
+
+
+def test_paradigm_benchmark_names_its_misjudged_models():
+    from benchmarks.paradigms import Misjudged, Samples, section
+
+    semi = Samples(positives=[0.8, 1.4], negatives=[0.3, 1.1], seconds=[20.0, 21.0])
+    semi.misjudged += [
+        Misjudged("semi_cnn_badnets_302", "semi_mlp_clean_301", True, "passed", 0.8),
+        Misjudged("semi_mlp_clean_301", "semi_cnn_clean_300", False, "flagged", 1.1),
+    ]
+    lm = Samples(positives=[1.5], negatives=[0.2, 0.4], seconds=[30.0], errors=1)
+    lm.misjudged.append(Misjudged("lm_phrase_302", "lm_clean_300", True, "inconclusive", None))
+    text = section({"semi": semi, "lm": lm}, (300,), 60.0)
+    assert "| semi | semi_cnn_badnets_302 | semi_mlp_clean_301 | backdoored | passed | 0.80 |" in text
+    assert "| semi | semi_mlp_clean_301 | semi_cnn_clean_300 | clean | flagged | 1.10 |" in text
+    assert "| lm | lm_phrase_302 | lm_clean_300 | backdoored | inconclusive | - |" in text
+    assert "none, every model" in section({"ssl": Samples([1.2], [0.1], [9.0])}, (300,), 9.0)
