@@ -351,13 +351,13 @@ def _optimise(
     return merit
 
 
-def _optimise_each(
-    families: list[TriggerFamily], directions: list[Models], data: tuple[Tensor, Tensor], plans: list[BatchPlan],
-    config: InversionConfig,
+def _each_direction(
+    search: Callable[..., np.ndarray], families: list[TriggerFamily], directions: list[Models],
+    data: tuple[Tensor, Tensor], plans: list[BatchPlan], config: InversionConfig,
 ) -> list[np.ndarray]:  # fmt: skip
-    """`_optimise` for every direction, side by side."""
+    """`search` (`_optimise` or `minimal_patches`) for every direction, side by side."""
     jobs = zip(families, directions, plans, strict=True)
-    return _side_by_side([partial(_optimise, family, models, data, plan, config) for family, models, plan in jobs])
+    return _side_by_side([partial(search, family, models, data, plan, config) for family, models, plan in jobs])
 
 
 @torch.no_grad()
@@ -373,8 +373,8 @@ def minimal_patches(
     family: PatchTrigger,
     models: Models,
     data: tuple[Tensor, Tensor],
-    config: InversionConfig,
     plan: BatchPlan,
+    config: InversionConfig,
 ) -> np.ndarray:
     """Every target's smallest patch that sends `minimal_success` of a fixed check batch
     to the target (with the witness kept), as a fraction of the image; 1 (the whole
@@ -435,9 +435,7 @@ def _minimal_patch_triggers(
     families = [PatchTrigger(num_classes, shape).to(data[0].device) for _ in directions]
     labels = data[1].cpu().numpy()
     plans = [minimal_plan(labels, num_classes, config, rng) for _ in directions]
-    smallest = _side_by_side(
-        [partial(minimal_patches, f, m, data, config, p) for f, m, p in zip(families, directions, plans, strict=True)]
-    )
+    smallest = _each_direction(minimal_patches, families, directions, data, plans, config)
     scales = [float(np.median(s)) for s in smallest]
     relative = [np.log10(s / scale) for s, scale in zip(smallest, scales, strict=True)]
     keep: set[int] = set()
@@ -484,10 +482,10 @@ def cross_invert(
             continue
         families = [FAMILY_CLASSES[name](num_classes, shape).to(x.device) for _ in directions]
         plans = [BatchPlan.draw(labels, everyone, config.search_batch, config.search_steps, rng) for _ in directions]
-        merits = _optimise_each(families, directions, (x, y), plans, config)
+        merits = _each_direction(_optimise, families, directions, (x, y), plans, config)
         keep = sorted({int(i) for merit in merits for i in np.argsort(-merit)[: config.keep_targets]})
         plans = [BatchPlan.draw(labels, keep, config.refine_batch, config.refine_steps, rng) for _ in directions]
-        _optimise_each(families, directions, (x, y), plans, config)
+        _each_direction(_optimise, families, directions, (x, y), plans, config)
         for index, family in enumerate(families):
             family.requires_grad_(False)
             for target in keep:

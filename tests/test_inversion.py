@@ -63,7 +63,7 @@ def test_minimal_patches_finds_each_targets_smallest_trigger():
     family = PatchTrigger(3, (1, 6, 6))
     x, y = 0.5 * torch.rand(90, 1, 6, 6), torch.arange(90) % 3
     plan = inversion.minimal_plan(y.numpy(), 3, config, np.random.RandomState(0))
-    smallest = inversion.minimal_patches(family, Models(model, model, "", ""), (x, y), config, plan)
+    smallest = inversion.minimal_patches(family, Models(model, model, "", ""), (x, y), plan, config)
     assert smallest[0] < 0.5 / 36  # already class 0: nothing to stamp
     assert 0.5 / 36 < smallest[1] < 2 / 36
     assert smallest[2] > 0.5
