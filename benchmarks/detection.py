@@ -87,11 +87,12 @@ FULL = Plan(
 # One seed, and the ablations on cnn/cnn only: the ResNet pairs' audits are the slowest.
 STANDARD = dataclasses.replace(FULL, name="standard", seeds=(200,), ablation_arch_pairs=1)
 # The smoke plan: one audited ablation (every one is the same code path with another
-# config), the rescored one (free), and one scaling point, 10 classes: the quadrant task's
-# 32 x 32 canvas with one quadrant (20 classes doubled the plan's slowest step for no other code).
+# config), the rescored one (free), and one scaling point, a pair of digits MLPs: the
+# classes axis runs the same `_time_pair` on the quadrant task, whose 32 x 32 canvas made
+# even its 10-class point the plan's slowest step (`quadrant_digits` has its own test).
 QUICK = Plan(
-    "quick", ("digits",), (("cnn", "cnn"),), ("badnets",), (200,), ("full", "no witness", FINETUNE_SCORED), (10,), (),
-    NeuralCleanseConfig(steps=60), bootstrap=200,
+    "quick", ("digits",), (("cnn", "cnn"),), ("badnets",), (200,), ("full", "no witness", FINETUNE_SCORED),
+    (), ("mlp",), NeuralCleanseConfig(steps=60), bootstrap=200,
 )  # fmt: skip
 PLANS = {plan.name: plan for plan in (QUICK, STANDARD, FULL)}
 

@@ -59,7 +59,7 @@ def test_quick_benchmark_writes_a_report_with_every_section(tmp_path):
     sections = (
         "## Targets (issue 4)", "**crossaudit**", "**Neural Cleanse**", "**crossaudit by architecture pair**",
         "| cnn/cnn | ", "**crossaudit by dataset**", "| badnets | ", "**crossaudit's misjudged models**",
-        "crossaudit (no witness)", "crossaudit (fine-tuning scored)", "## Scaling", "10 classes",
+        "crossaudit (no witness)", "crossaudit (fine-tuning scored)", "## Scaling", "| mlp | ",
     )  # fmt: skip
     assert [s for s in sections if s not in report] == []
     assert (tmp_path / "benchmarks-quick_scaling.png").stat().st_size > 10_000
@@ -70,6 +70,19 @@ def test_quick_benchmark_writes_a_report_with_every_section(tmp_path):
         findings = [Finding(**f) for f in record["findings"]]
         again = judge(record["model"], findings, load_thresholds("digits"), record["similarity"])
         assert (again.verdict == "backdoor") == record["flagged"], record["model"]
+
+
+def test_quadrant_digits_gives_each_class_its_own_quadrant():
+    """The scaling benchmark's 20- and 40-class tasks: real digits, the quadrant part of the class."""
+    from benchmarks.detection import quadrant_digits
+
+    split = quadrant_digits(4)
+    assert split.x_train.shape[1:] == (1, 32, 32) and set(split.y_test.tolist()) == set(range(40))
+    for label in range(40):
+        row, col = divmod(label // 10, 2)
+        images = split.x_test[split.y_test == label]
+        inside = images[:, :, 16 * row : 16 * row + 16, 16 * col : 16 * col + 16]
+        assert images.sum() == inside.sum() > 0
 
 
 def test_misjudged_models_are_listed_by_name_with_their_profile():
