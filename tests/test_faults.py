@@ -7,7 +7,6 @@ test_receiver.py and test_pipeline.py.)
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from pathlib import Path
 
@@ -40,6 +39,18 @@ def _mine(receiver: ReceiverProcess, name: str, version: str) -> list[dict]:
     return [j for j in receiver.jobs() if j["key"] == f"audit:{name}/{version}"]
 
 
+def _processes_naming(text: str) -> list[int]:
+    """Live processes whose command line holds `text` (an audit's model name)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # gone while we looked
+            continue
+    return found
+
+
 def _receiver(url: str, tmp_path: Path, *options: str) -> ReceiverProcess:
     receiver = ReceiverProcess(url, SECRET, tmp_path / "queue.db", tmp_path / "receiver.log", *options)
     install(registry.client(url), f"{receiver.url}/webhook", SECRET)
@@ -58,7 +69,11 @@ def test_audit_past_its_time_budget_is_error_and_no_late_verdict_follows(digits_
             wait_for(lambda: _status(client, name, second.version) == "error", 60, "the time budget")
             tags = client.get_model_version(name, second.version).tags
             assert "time budget of 4s" in tags[registry.ERROR]
-            time.sleep(30)  # long enough for a pipeline the kill missed to reach its gate
+            # No late verdict can follow: the job has ended, and no process of the killed
+            # pipeline (the audit-version process, a component's executor) lives on.
+            ended = ("done", "failed", "dropped")
+            wait_for(lambda: [j for j in _mine(receiver, name, second.version) if j["state"] in ended], 30, "job end")
+            wait_for(lambda: not _processes_naming(name), 30, "the killed audit's processes to end")
             assert _status(client, name, second.version) == "error"
             assert registry.promoted_versions(client) == []
         finally:
