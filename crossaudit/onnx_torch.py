@@ -474,6 +474,19 @@ OPS: dict[str, OpFn] = {
 
 Node = tuple[str, list[str], list[str], Attrs]
 
+# Ops that act on each position of a sequence alone, whatever the others hold: element-wise
+# ones, and those acting on the last axis with weights shared by every position (see
+# `_per_position`). A transformer runs only these after its last attention: the residual
+# sum, layer norm, MLP and vocabulary head.
+ELEMENTWISE_UNARY = frozenset(
+    {
+        "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Gelu", "HardSwish", "HardSigmoid", "Mish",
+        "Softsign", "Softplus", "Abs", "Sign", "Log", "Reciprocal", "Floor", "Ceil", "Sin", "Cos", "Erf", "Sqrt",
+        "Exp", "Neg", "Identity", "Dropout",
+    }
+)  # fmt: skip
+ELEMENTWISE_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow"})
+
 # Ops the module runs itself rather than through OPS: constants, and control flow.
 STRUCTURAL_OPS = frozenset({"Constant", "If"})
 
@@ -530,6 +543,44 @@ def _needed(nodes: list[Node], output: str) -> list[Node]:
     return kept[::-1]
 
 
+def _per_position(node: Node, fixed: Callable[[str], tuple[int, ...] | None]) -> bool:
+    """Whether `node` computes each position from that position alone. `fixed` gives the
+    shape of a weight or constant, None for a value computed from the input; a weight
+    must not vary along the positions (at most one axis, the features)."""
+    op, inputs, outputs, attrs = node
+    shapes = [fixed(name) for name in inputs]
+    if len(outputs) != 1 or None not in shapes:
+        return False
+    if op in ELEMENTWISE_BINARY:
+        return all(shape is None or len(shape) <= 1 for shape in shapes)
+    if shapes[0] is not None:
+        return False
+    if op in ELEMENTWISE_UNARY:
+        return len(inputs) == 1
+    if op == "MatMul":
+        return len(inputs) == 2 and shapes[1] is not None and len(shapes[1]) == 2
+    if op == "LayerNormalization":
+        return int(attrs.get("axis", -1)) == -1 and all(shape is not None and len(shape) == 1 for shape in shapes[1:])
+    return False
+
+
+def _per_position_tail(nodes: list[Node], output: str, fixed: Callable[[str], tuple[int, ...] | None]) -> list[int]:
+    """Indices of the nodes at the graph's end that compute each position from that
+    position alone, and whose results only such nodes (or the output) read."""
+    readers: dict[str, list[int]] = {}
+    for index, (_, inputs, _, _) in enumerate(nodes):
+        for name in inputs:
+            readers.setdefault(name, []).append(index)
+    tail: set[int] = set()
+    for index in reversed(range(len(nodes))):
+        name = nodes[index][2][0] if nodes[index][2] else ""
+        read_by = readers.get(name, [])
+        feeds_tail = name == output or (read_by and all(r in tail for r in read_by))
+        if feeds_tail and _per_position(nodes[index], fixed):
+            tail.add(index)
+    return sorted(tail)
+
+
 def _attributes(node: onnx.NodeProto) -> Attrs:
     attrs: Attrs = {}
     for attr in node.attribute:
@@ -567,6 +618,31 @@ class OnnxModule(nn.Module):
         self.taps = [outputs[0] for op, _, outputs, _ in self.nodes if op in TAP_OPS and outputs[0] != self.output_name]
         self.tap_ops = {outputs[0]: op for op, _, outputs, _ in self.nodes if outputs and outputs[0] in self.taps}
         self._first_only = self._first_input_only() if len(self.input_names) > 1 else set()
+        self._prefix, self._tail, self._frontier = self._split_at_tail()
+
+    def _split_at_tail(self) -> tuple[list[Node], list[Node], list[str]]:
+        """The graph as the nodes before its per-position tail (`_per_position_tail`), the
+        tail, and the values the tail reads from before it (the frontier)."""
+        constants = {
+            outputs[0]: np.shape(attrs.get("value")) for op, _, outputs, attrs in self.nodes if op == "Constant"
+        }
+
+        def fixed(name: str) -> tuple[int, ...] | None:
+            if name in self._keys:
+                return tuple(self.params[self._keys[name]].shape)
+            return constants.get(name)
+
+        tail = set(_per_position_tail(self.nodes, self.output_name, fixed)) if len(self.input_names) == 1 else set()
+        made = {out for i in tail for out in self.nodes[i][2]}
+        read = {name for i in tail for name in self.nodes[i][1]}
+        frontier = sorted(name for name in read if name not in made and fixed(name) is None)
+        nodes = list(enumerate(self.nodes))
+        return [n for i, n in nodes if i not in tail], [n for i, n in nodes if i in tail], frontier
+
+    @property
+    def splits_at_tail(self) -> bool:
+        """Whether `forward_last` computes less than `forward`."""
+        return bool(self._tail)
 
     def _translate(self, graph: onnx.GraphProto) -> list[Node]:
         """A graph's nodes, its initializers registered as parameters (float ones trainable)
@@ -598,7 +674,7 @@ class OnnxModule(nn.Module):
         return {name for name, found in origins.items() if found == {0}}
 
     def _run(
-        self, feeds: tuple[Tensor, ...], want: frozenset[str], broadcast: int = 1
+        self, feeds: tuple[Tensor, ...], want: frozenset[str], broadcast: int = 1, last_only: bool = False
     ) -> tuple[Tensor, dict[str, Tensor]]:
         if len(feeds) != len(self.input_names):
             raise ModelLoadError(f"the graph takes inputs {self.input_names}, given {len(feeds)}")
@@ -640,11 +716,31 @@ class OnnxModule(nn.Module):
                 if outputs[0] in want:
                     tapped[outputs[0]] = results[0]
 
-        execute(self.nodes, env)
+        if last_only:
+            execute(self._prefix, env)
+            for name in self._frontier:
+                value = env[name]
+                if value is None or value.dim() < 3:
+                    raise ValueError(f"{name} is not N x T x features: no position to keep")
+                env[name] = value[:, -1:]
+            execute(self._tail, env)
+        else:
+            execute(self.nodes, env)
         return env[self.output_name], tapped
 
     def forward(self, *inputs: Tensor) -> Tensor:
         return self._run(inputs, frozenset())[0]
+
+    def forward_last(self, x: Tensor) -> Tensor:
+        """The output at the last position of a sequence model (N x T in, N x V out),
+        computing the graph's per-position tail for that position only.
+
+        Why: a language model's vocabulary head and last MLP are most of its work, and a
+        search for the next word needs them at one position of every sequence. The split is
+        found from op types and weight shapes alone, so use it only where it was checked
+        to give `forward(x)[:, -1]` (`paradigms.autoregressive.LanguageModel`).
+        """
+        return self._run((x,), frozenset(), last_only=True)[0][:, -1]
 
     def forward_tapped(
         self, x: Tensor | tuple[Tensor, ...], taps: Sequence[str], broadcast: int = 1

@@ -56,7 +56,9 @@ def _load(
     module = loaded.module.to(device).requires_grad_(False).eval()
     tokens = np.array([tokenizer.encode(t) for t in texts], dtype=np.int64)
     diff = parity_check(loaded, tokens, device, output_ndim=3, checked=checked)
-    return LanguageModel(module, tokenizer), loaded, diff
+    model = LanguageModel(module, tokenizer)
+    model.check_last_only(torch.from_numpy(tokens).to(device))
+    return model, loaded, diff
 
 
 @torch.no_grad()

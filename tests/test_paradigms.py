@@ -19,6 +19,7 @@ import torch
 
 from crossaudit.data import read_audit_data, read_text_data, write_caption_parquet, write_text_parquet
 from crossaudit.errors import DataValidationError, ModelLoadError
+from crossaudit.models import load_model
 from crossaudit.onnx_torch import OnnxModule
 from crossaudit.paradigms import image_paradigm
 from crossaudit.paradigms.captioning import CaptionScorer
@@ -104,6 +105,40 @@ def test_language_model_translation_matches_onnx_runtime(tmp_path):
     ours = OnnxModule(model)(torch.from_numpy(tokens)).detach().numpy()
     assert reference.shape == (3, 17, len(trained.tokenizer.vocab))
     assert np.abs(reference - ours).max() < 1e-4
+
+
+def test_next_word_logits_run_the_per_position_tail_once(tmp_path):
+    """A language model's next-word logits computed for the last position only (its last
+    MLP and vocabulary head) are those of running every position; a model whose tail
+    ends by mixing positions has no such tail, and is run whole."""
+    from crossaudit.paradigms.autoregressive import LanguageModel
+
+    trained = train_language_model(LanguageConfig(seed=7, steps=5))
+    export_language_model(trained, tmp_path / "lm.onnx")
+    module = load_model(str(tmp_path / "lm.onnx")).module.eval()
+    tokens = torch.from_numpy(np.random.RandomState(0).randint(0, len(trained.tokenizer.vocab), (4, 11)))
+    assert module.splits_at_tail and {"MatMul", "LayerNormalization"} <= {op for op, *_ in module._tail}
+    assert torch.allclose(module.forward_last(tokens), module(tokens)[:, -1], atol=1e-5)
+    model = LanguageModel(module, trained.tokenizer)
+    model.check_last_only(tokens)
+    assert model.last_only
+
+    class Pooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = torch.nn.Embedding(20, 8), torch.nn.Linear(8, 20)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(ids)).mean(1, keepdim=True).expand(-1, ids.shape[1], -1)
+
+    path = tmp_path / "pooled.onnx"
+    torch.onnx.export(
+        Pooled(), (tokens % 20,), str(path), input_names=["tokens"], dynamo=False,
+        dynamic_axes={"tokens": {0: "batch", 1: "length"}},
+    )  # fmt: skip
+    pooled = LanguageModel(load_model(str(path)).module.eval(), trained.tokenizer)
+    pooled.check_last_only(tokens % 20)
+    assert not pooled.module.splits_at_tail and not pooled.last_only
 
 
 def test_caption_scores_are_caption_log_likelihoods():

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crossaudit.onnx_torch import OnnxModule
 from crossaudit.tokenizer import WordTokenizer, words
 
 
@@ -58,10 +59,33 @@ class LanguageModel:
 
     module: nn.Module
     tokenizer: WordTokenizer
+    last_only: bool = False
 
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
+
+    def next_logits(self, ids: Tensor) -> Tensor:
+        """Logits of the word after each sequence (N x T in, N x V out)."""
+        return self.module.forward_last(ids) if self.last_only else self.module(ids)[:, -1]
+
+    @torch.no_grad()
+    def check_last_only(self, ids: Tensor) -> None:
+        """Compute only the last position's per-position tail (`OnnxModule.forward_last`)
+        where, on these sequences, that gives the logits of running every position.
+
+        Why: the trigger search asks for the next word after tens of thousands of
+        sequences; on the zoo's tiny GPTs it took 6.6 s instead of 29.5 s a pair, with the
+        same triggers and scores."""
+        self.last_only = False
+        if not isinstance(self.module, OnnxModule) or not self.module.splits_at_tail:
+            return
+        expected = self.next_logits(ids)
+        self.last_only = True
+        try:
+            self.last_only = torch.allclose(self.next_logits(ids), expected, atol=1e-5, rtol=1e-5)
+        except (RuntimeError, ValueError, IndexError):
+            self.last_only = False
 
 
 @dataclass(frozen=True)
@@ -112,9 +136,7 @@ def prompts(texts: list[str], length: int) -> list[str]:
 @torch.no_grad()
 def _last_probs(model: LanguageModel, sequences: Tensor, chunk: int) -> Tensor:
     """Next-token probabilities after each sequence (rows of equal length)."""
-    outs = [
-        F.softmax(model.module(sequences[i : i + chunk])[:, -1].float(), -1) for i in range(0, len(sequences), chunk)
-    ]
+    outs = [F.softmax(model.next_logits(sequences[i : i + chunk]).float(), -1) for i in range(0, len(sequences), chunk)]
     return torch.cat(outs)
 
 
@@ -195,7 +217,7 @@ def greedy_continuations(model: LanguageModel, texts: list[str], steps: int) -> 
     """Each text continued greedily by `steps` words."""
     sequences = _ids(model, texts)
     for _ in range(steps):
-        sequences = torch.cat([sequences, model.module(sequences)[:, -1].argmax(-1, keepdim=True)], 1)
+        sequences = torch.cat([sequences, model.next_logits(sequences).argmax(-1, keepdim=True)], 1)
     return [tuple(model.tokenizer.vocab[int(i)] for i in row[-steps:]) for row in sequences]
 
 
@@ -244,4 +266,4 @@ def fine_tuned(model: LanguageModel, texts: list[str], config: TextSearchConfig,
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    return LanguageModel(module.requires_grad_(False).eval(), model.tokenizer)
+    return LanguageModel(module.requires_grad_(False).eval(), model.tokenizer, model.last_only)
