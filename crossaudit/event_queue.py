@@ -43,6 +43,7 @@ CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, kind, not_before);
 """
 KINDS = ("audit", "guard")
 STATES = ("queued", "running", "done", "dropped", "failed")
+ENDED = STATES[2:]  # a job in one of these is never run again
 
 
 class ReplayedDeliveryError(Exception):
@@ -159,7 +160,7 @@ class EventQueue:
         return Job(job.id, job.key, job.kind, job.name, job.version, job.source, job.attempts + 1, job.created_at)
 
     def finish(self, job: Job, state: str, outcome: str) -> None:
-        if state not in STATES[2:]:
+        if state not in ENDED:
             raise ValueError(f"a job finishes done, dropped or failed, not {state!r}")
         with self._lock:
             self._db.execute(

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from crossaudit import registry
+from crossaudit.event_queue import ENDED
 from crossaudit.receiver_process import ReceiverProcess, wait_for
 from crossaudit.tracking_server import free_port, local_server
 from crossaudit.webhook import install
@@ -71,8 +72,7 @@ def test_audit_past_its_time_budget_is_error_and_no_late_verdict_follows(digits_
             assert "time budget of 4s" in tags[registry.ERROR]
             # No late verdict can follow: the job has ended, and no process of the killed
             # pipeline (the audit-version process, a component's executor) lives on.
-            ended = ("done", "failed", "dropped")
-            wait_for(lambda: [j for j in _mine(receiver, name, second.version) if j["state"] in ended], 30, "job end")
+            wait_for(lambda: [j for j in _mine(receiver, name, second.version) if j["state"] in ENDED], 30, "job end")
             wait_for(lambda: not _processes_naming(name), 30, "the killed audit's processes to end")
             assert _status(client, name, second.version) == "error"
             assert registry.promoted_versions(client) == []
