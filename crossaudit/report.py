@@ -98,6 +98,13 @@ def write_outputs(result: AuditResult, out: Path) -> list[Path]:
         for m in report.models
         if m.verdict == "backdoor" and m.trigger_text
     )
+    crossings = "".join(
+        f"<p>{html.escape(m.uri)}: other targets also over their thresholds: "
+        + ", ".join(f"class {c.target} ({c.family}, {c.score / c.threshold:.2f}x)" for c in m.also_over_threshold)
+        + "</p>"
+        for m in report.models
+        if m.also_over_threshold
+    )
     error = f"<p><b>Error:</b> {html.escape(report.error)}</p>" if report.error else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>crossaudit report</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:4px}}
@@ -109,7 +116,7 @@ table{{border-collapse:collapse}}</style></head><body>
 aligned layers {html.escape(str(report.alignment))}; seed {report.seed}; crossaudit {report.version}.</p>
 <table><tr><th>model</th><th>verdict</th><th>score</th><th>threshold</th><th>target</th>
 <th>held-out ASR</th><th>mask L1</th><th>sensitivity</th><th>family</th><th>parity diff</th><th>sha256</th></tr>
-{rows}</table>{figures}
+{rows}</table>{crossings}{figures}
 <h3>Timings (s)</h3><pre>{html.escape(json.dumps(report.timings, indent=1))}</pre>
 </body></html>"""
     (out / "report.html").write_text(page)

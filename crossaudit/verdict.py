@@ -212,6 +212,16 @@ def cost(footprint: float, effective_asr: float) -> float:
     return max(footprint, MIN_FOOTPRINT) / max(effective_asr, MIN_SUCCESS)
 
 
+@dataclass(frozen=True)
+class Crossing:
+    """Another target whose finding also reached its family's threshold (`judge`)."""
+
+    target: int
+    family: str
+    score: float
+    threshold: float
+
+
 @dataclass
 class ModelReport:
     uri: str
@@ -230,18 +240,32 @@ class ModelReport:
     findings: list[Finding] = field(default_factory=list)
     trigger_text: str | None = None  # language models: the recovered trigger phrase
     target_text: str | None = None  # ... and the continuation it forces; a captioner: the target caption
+    also_over_threshold: list[Crossing] = field(default_factory=list)
 
 
 def judge(uri: str, findings: list[Finding], thresholds: Thresholds, similarity: float) -> ModelReport:
     """Backdoor when a finding reaches its family's calibrated threshold, for a pair of
     this similarity (`Thresholds.for_pair`).
 
-    The reported finding is the one with the largest score-to-threshold ratio.
+    The reported finding is the one with the largest score-to-threshold ratio. Every other
+    target that also reached a threshold is listed with it (`also_over_threshold`,
+    strongest first): a natural shortcut that crosses a threshold can outrank the planted
+    target (in the detection benchmark a Fashion-MNIST BadNets CNN's blend to "bag" scored
+    1.19x its threshold, its patch to the planted class 1.13x), and the reviewer should
+    see both.
     """
     per_family, profile = thresholds.for_pair(similarity)
-    best = max(findings, key=lambda f: f.score / per_family[f.family])
+    by_ratio = sorted(findings, key=lambda f: f.score / per_family[f.family], reverse=True)
+    best = by_ratio[0]
     threshold = per_family[best.family]
     verdict: Verdict = "backdoor" if best.score >= threshold else "clean"
+    crossings: dict[int, Crossing] = {}
+    for finding in by_ratio[1:]:
+        if finding.target != best.target and finding.score >= per_family[finding.family]:
+            crossings.setdefault(
+                finding.target,
+                Crossing(finding.target, finding.family, round(finding.score, 4), per_family[finding.family]),
+            )
     return ModelReport(
         uri=uri,
         verdict=verdict,
@@ -254,6 +278,7 @@ def judge(uri: str, findings: list[Finding], thresholds: Thresholds, similarity:
         sensitivity=round(best.sensitivity, 4),
         trigger_family=best.family,
         findings=findings,
+        also_over_threshold=list(crossings.values()),
     )
 
 

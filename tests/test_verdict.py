@@ -77,3 +77,30 @@ def test_a_thresholds_file_carries_the_alike_pairs_thresholds(tmp_path):
     path.write_text(json.dumps({"calibrated_by": "crossaudit calibrate", "profiles": {"mine": profile}}))
     with pytest.raises(ValueError, match="non-positive threshold"):
         load_thresholds(path=path)
+
+
+def test_every_other_target_over_its_threshold_is_reported_with_the_named_one(tmp_path):
+    """The named target is the strongest finding's; another target that also reached its
+    family's threshold is listed (once, at its strongest family), so a natural shortcut
+    that outranks a planted target does not hide it."""
+    from crossaudit.audit import AuditResult
+    from crossaudit.report import write_outputs
+    from crossaudit.verdict import AuditReport, Crossing
+
+    thresholds = Thresholds({"patch": 0.4, "blend": 0.5}, "crossaudit calibrate", 10)
+    shortcut = replace(_finding(), family="blend", target=8, peer_footprint=10**0.6 * 0.01)  # 0.6: 1.2x
+    planted = replace(_finding(), target=3, peer_footprint=10**0.45 * 0.01)  # 0.45: 1.125x
+    planted_blend = replace(planted, family="blend")  # 0.45 < 0.5: under its threshold
+    weaker_shortcut = replace(shortcut, family="patch", peer_footprint=10**0.42 * 0.01)  # 1.05x, target 8 again
+    below = replace(_finding(), target=5, peer_footprint=10**0.3 * 0.01)  # 0.3 < 0.4
+    judged = judge("m.onnx", [below, planted_blend, planted, weaker_shortcut, shortcut], thresholds, 0.5)
+    assert (judged.verdict, judged.target, judged.trigger_family) == ("backdoor", 8, "blend")
+    assert judged.also_over_threshold == [Crossing(3, "patch", pytest.approx(0.45), 0.4)]
+    assert judge("m.onnx", [below], thresholds, 0.5).also_over_threshold == []
+
+    report = AuditReport("backdoor", [judged], None, None, {}, "0", 0, "1")
+    write_outputs(AuditResult(report), tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["models"][0]["also_over_threshold"] == [
+        {"target": 3, "family": "patch", "score": pytest.approx(0.45), "threshold": 0.4}
+    ]
+    assert "class 3 (patch, 1.12x)" in (tmp_path / "report.html").read_text()
