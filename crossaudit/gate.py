@@ -67,17 +67,28 @@ def pair_result(folder: Path, data: AuditData | None, profile: str, thresholds_f
     return result
 
 
-def version_status(results: list[AuditResult]) -> str:
-    """The audited version is model 0 of every pair: found in any pair -> failed; any pair
-    that could not tell -> inconclusive; passed only when every peer's audit says clean."""
+def version_status(results: list[AuditResult], hold_on_flagged_peer: bool) -> tuple[str, str]:
+    """The status, and why a clean version was held. The audited version is model 0 of
+    every pair: found in any pair -> failed; any pair that could not tell -> inconclusive;
+    passed only when every peer's audit says clean.
+
+    With `hold_on_flagged_peer`, a version whose peer the same audit judged backdoored is
+    inconclusive instead of passed: the audit cannot always tell which of two models holds
+    the backdoor (in the detection benchmark it once flagged a clean CNN and passed its
+    backdoored peer), so a pass resting on a flagged peer's word is held for another
+    provider or a person. Off by default: it also holds every clean model whose only peer
+    is backdoored."""
     verdicts = [r.report.models[0].verdict for r in results]
     if not verdicts:
-        return "error"
+        return "error", ""
     if "backdoor" in verdicts:
-        return "failed"
+        return "failed", ""
     if any(v != "clean" for v in verdicts) or any(r.report.error for r in results):
-        return "inconclusive"
-    return "passed"
+        return "inconclusive", ""
+    flagged = [r.report.models[1].uri for r in results if r.report.models[1].verdict == "backdoor"]
+    if hold_on_flagged_peer and flagged:
+        return "inconclusive", f"held: peer {', '.join(flagged)} was judged backdoored ({registry.HOLD_TAG})"
+    return "passed", ""
 
 
 def _params(model_uri: str, peers: list[str], results: list[AuditResult]) -> dict[str, str]:
@@ -106,6 +117,7 @@ def gate_step(
     alias: str,
     profile: str,
     thresholds_uri: str,
+    hold_on_flagged_peer: bool,
     out: Path,
 ) -> str:
     """Stage 5: judge every peer's audit of the version, record it in MLflow as one run,
@@ -115,7 +127,9 @@ def gate_step(
     `data_folder` is the audit set as stage 1 fetched it (not fetched again: the gate
     draws the triggers and names the captions of the data the branches audited). A
     `thresholds_uri` (the registered model's own calibration) is fetched into `out`, so
-    the audit run keeps the thresholds it was judged by."""
+    the audit run keeps the thresholds it was judged by. `hold_on_flagged_peer` (the
+    registered model's tag of that name) holds a clean version whose peer was flagged
+    (`version_status`); the description says why."""
     mlflow_client = registry.client(tracking_uri)
     version = registry.resolve(mlflow_client, model_uri)
     ref = registry.VersionRef.of(version)
@@ -123,7 +137,7 @@ def gate_step(
     data = None if is_text_data(fetched) else read_audit_data(fetched)
     thresholds_file = registry.materialize(thresholds_uri, out / "thresholds") if thresholds_uri else None
     results = [pair_result(folder, data, profile, thresholds_file) for folder in pair_folders]
-    status = version_status(results)
+    status, held = version_status(results, hold_on_flagged_peer)
     for index, result in enumerate(results):
         write_outputs(result, out / f"peer_{index + 1}")
     peers = [r.report.models[1].uri for r in results]
@@ -139,11 +153,12 @@ def gate_step(
             registry.PEERS: ",".join(peers),
         },
     )  # fmt: skip
+    why = f" ({held})" if held else ""
     registry.append_description(
-        mlflow_client, ref, f"**crossaudit: {status}** ([audit run]({registry.run_link(mlflow_client, run_id)}))"
+        mlflow_client, ref, f"**crossaudit: {status}**{why} ([audit run]({registry.run_link(mlflow_client, run_id)}))"
     )
     promoted = registry.gate(mlflow_client, ref, alias)
     if status != "passed":
         registry.revoke(mlflow_client, ref, alias)
-    (out / "gate.json").write_text(json.dumps({"status": status, "promoted": promoted, "run_id": run_id}))
+    (out / "gate.json").write_text(json.dumps({"status": status, "held": held, "promoted": promoted, "run_id": run_id}))
     return status

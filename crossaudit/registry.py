@@ -34,6 +34,7 @@ AUDIT_DATA_TAG = "crossaudit.audit_data"
 PROFILE_TAG = "crossaudit.threshold_profile"
 THRESHOLDS_TAG = "crossaudit.thresholds"
 PARADIGM_TAG = "crossaudit.paradigm"
+HOLD_TAG = "crossaudit.hold_on_flagged_peer"
 STATUS = "crossaudit.status"
 VERDICT = "crossaudit.verdict"
 SCORE = "crossaudit.score"
@@ -123,6 +124,16 @@ def thresholds_uri(mlflow_client: MlflowClient, name: str) -> str:
     """The registered model's own thresholds file (`crossaudit calibrate --pair`), or empty
     for the shipped profiles."""
     return mlflow_client.get_registered_model(name).tags.get(THRESHOLDS_TAG, "")
+
+
+def hold_on_flagged_peer(mlflow_client: MlflowClient, name: str) -> bool:
+    """Whether a version whose peer the audit judged backdoored is held (`inconclusive`)
+    rather than passed on that peer's word (`gate.version_status`). Anything but "true"
+    or "false" is refused: a misspelt safety setting must not silently read as off."""
+    value = mlflow_client.get_registered_model(name).tags.get(HOLD_TAG, "false").strip().lower()
+    if value not in ("true", "false"):
+        raise RegistryError(f"registered model {name!r}: tag {HOLD_TAG!r} must be 'true' or 'false', not {value!r}")
+    return value == "true"
 
 
 def paradigm(mlflow_client: MlflowClient, name: str) -> str:

@@ -35,6 +35,7 @@ def audit_pipeline(
     threshold_profile: str = "",
     thresholds_uri: str = "",
     paradigm: str = "auto",
+    hold_on_flagged_peer: bool = False,
 ):
     on_exit = mark_unfinished(model_uri=model_uri, tracking_uri=tracking_uri)
     with dsl.ExitHandler(on_exit, name="audit"):
@@ -54,7 +55,7 @@ def audit_pipeline(
         gate(
             model_uri=model_uri, tracking_uri=tracking_uri, promotion_alias=promotion_alias,
             threshold_profile=threshold_profile, thresholds_uri=thresholds_uri,
-            audit_data=dsl.Collected(fetched.outputs["audit_data"]),
+            hold_on_flagged_peer=hold_on_flagged_peer, audit_data=dsl.Collected(fetched.outputs["audit_data"]),
             pair_results=dsl.Collected(measured.outputs["findings"]),
         )  # fmt: skip
 

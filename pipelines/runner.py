@@ -40,6 +40,7 @@ def pipeline_arguments(
         "threshold_profile": registry.threshold_profile(mlflow_client, version.name),
         "thresholds_uri": registry.thresholds_uri(mlflow_client, version.name),
         "paradigm": registry.paradigm(mlflow_client, version.name),
+        "hold_on_flagged_peer": registry.hold_on_flagged_peer(mlflow_client, version.name),
     }  # fmt: skip
 
 

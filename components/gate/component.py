@@ -16,6 +16,7 @@ def gate(
     audit_data: Input[list[Dataset]],
     pair_results: Input[list[Dataset]],
     report: Output[HTML],
+    hold_on_flagged_peer: bool = False,
 ) -> str:
     import shutil
     import tempfile
@@ -32,6 +33,7 @@ def gate(
             promotion_alias,
             threshold_profile,
             thresholds_uri,
+            hold_on_flagged_peer,
             Path(out),
         )
         shutil.copy(Path(out) / "peer_1" / "report.html", report.path)

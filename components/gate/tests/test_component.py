@@ -49,3 +49,53 @@ def test_the_registered_models_own_thresholds_judge_and_travel_with_the_audit_ru
     assert status == tags[registry.STATUS] == "failed"
     kept = {a.path for a in client.list_artifacts(tags[registry.RUN_ID], "thresholds")}
     assert kept == {"thresholds/strict.json"}
+
+
+def test_a_clean_version_whose_peer_was_flagged_is_held_when_the_registered_model_asks(
+    stage_folders, mlflow_server, digits_zoo, tmp_path
+):
+    """Thresholds between the two models' scores flag the peer only. With the registered
+    model's `crossaudit.hold_on_flagged_peer` tag the clean version is held (inconclusive,
+    not promoted, the description naming the peer); without it, it passes."""
+    import json
+
+    import pytest
+
+    from crossaudit.gate import pair_result
+
+    def best(model) -> dict[str, float]:
+        families = ("patch", "blend", "warp")
+        return {family: max(f.score for f in model.findings if f.family == family) for family in families}
+
+    version, peer = (best(m) for m in pair_result(stage_folders.findings, None, "any").report.models)
+    family = max(peer, key=lambda f: peer[f] - version[f])
+    assert peer[family] > version[family], "the stage folders' peer must out-score the version in some family"
+    between = {f: max(version[f], peer[f]) + 1.0 for f in peer} | {family: (version[family] + peer[family]) / 2}
+    profile = {"per_family": between, "clean_pairs": 1, "paradigm": "supervised"}
+    path = tmp_path / "between.json"
+    path.write_text(json.dumps({"calibrated_by": "hand, for this test", "profiles": {"between": profile}}))
+
+    client = registry.client(mlflow_server)
+    name = f"gate-hold-{uuid.uuid4().hex[:8]}"
+    ref = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
+    uri = registry.publish_thresholds(client, name, path)
+    client.set_registered_model_tag(name, registry.HOLD_TAG, "true")
+
+    def run(hold: bool) -> str:
+        return gate.python_func(
+            model_uri=ref.uri, tracking_uri=mlflow_server, promotion_alias="production", threshold_profile="",
+            thresholds_uri=uri, audit_data=[Dataset(uri=str(stage_folders.data))],
+            pair_results=[Dataset(uri=str(stage_folders.findings))], report=HTML(uri=str(tmp_path / "report.html")),
+            hold_on_flagged_peer=hold,
+        )  # fmt: skip
+
+    assert run(registry.hold_on_flagged_peer(client, name)) == "inconclusive"
+    held = client.get_model_version(name, ref.version)
+    assert held.tags[registry.VERDICT] == "clean" and "production" not in held.aliases
+    assert f"held: peer {stage_folders.uris[1]} was judged backdoored" in held.description
+    assert run(False) == "passed"
+    assert registry.resolve(client, f"models:/{name}@production").version == ref.version
+
+    client.set_registered_model_tag(name, registry.HOLD_TAG, "yes")
+    with pytest.raises(registry.RegistryError, match="must be 'true' or 'false'"):
+        registry.hold_on_flagged_peer(client, name)
