@@ -104,12 +104,7 @@ def audit(
         print(json.dumps(report.to_dict(), indent=2))
     else:
         for model in report.models:
-            target = f", target class {model.target}" if model.target is not None else ""
-            if model.target_text and not model.trigger_text:
-                target += f" (caption {model.target_text!r})"
-            if model.verdict == "backdoor" and model.trigger_text:
-                target = f", trigger {model.trigger_text!r} -> {model.target_text!r}"
-            print(f"{model.uri}: {model.verdict} (score {model.score}, threshold {model.threshold}{target})")
+            print(model.summary())
         print(f"verdict: {report.verdict}")
     if out is not None:
         stderr.print(f"report: {out / 'report.html'}")

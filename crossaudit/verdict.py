@@ -242,6 +242,19 @@ class ModelReport:
     target_text: str | None = None  # ... and the continuation it forces; a captioner: the target caption
     also_over_threshold: list[Crossing] = field(default_factory=list)
 
+    def summary(self) -> str:
+        """One line for a terminal: the verdict, the score against its threshold, and what
+        the model was found to do (the target, a captioner's caption or a language model's
+        trigger and continuation, and any other target over its threshold)."""
+        target = f", target class {self.target}" if self.target is not None else ""
+        if self.target_text and not self.trigger_text:
+            target += f" (caption {self.target_text!r})"
+        if self.verdict == "backdoor" and self.trigger_text:
+            target = f", trigger {self.trigger_text!r} -> {self.target_text!r}"
+        if self.also_over_threshold:
+            target += "; also over threshold: " + ", ".join(f"class {c.target}" for c in self.also_over_threshold)
+        return f"{self.uri}: {self.verdict} (score {self.score}, threshold {self.threshold}{target})"
+
 
 def judge(uri: str, findings: list[Finding], thresholds: Thresholds, similarity: float) -> ModelReport:
     """Backdoor when a finding reaches its family's calibrated threshold, for a pair of

@@ -97,6 +97,7 @@ def test_every_other_target_over_its_threshold_is_reported_with_the_named_one(tm
     assert (judged.verdict, judged.target, judged.trigger_family) == ("backdoor", 8, "blend")
     assert judged.also_over_threshold == [Crossing(3, "patch", pytest.approx(0.45), 0.4)]
     assert judge("m.onnx", [below], thresholds, 0.5).also_over_threshold == []
+    assert judged.summary().endswith("target class 8; also over threshold: class 3)")
 
     report = AuditReport("backdoor", [judged], None, None, {}, "0", 0, "1")
     write_outputs(AuditResult(report), tmp_path)
