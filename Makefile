@@ -21,7 +21,7 @@ fmnist:
 	  (apt-get update >/dev/null 2>&1 && apt-get install -y dataset-fashion-mnist >/dev/null 2>&1) || \
 	  { echo "error: Fashion-MNIST missing; run 'sudo apt-get install dataset-fashion-mnist'"; exit 2; }
 
-# Debian's chromium for the MLflow UI test (tests/test_ui.py); without it that test is skipped, saying so.
+# Debian's chromium for the MLflow UI test (tests/test_demo.py); without it that test skips its UI part, saying so.
 chromium:
 	@command -v chromium >/dev/null || apt-get install -y chromium >/dev/null 2>&1 || \
 	  (apt-get update >/dev/null 2>&1 && apt-get install -y chromium >/dev/null 2>&1) || \

@@ -4,8 +4,9 @@ A local MLflow server (SQLite, loopback) and the crossaudit receiver (`crossaudi
 start; the receiver's webhook is installed in MLflow. Two providers then register their
 versions of one model; one of them poisoned its training data (BadNets). Nothing else is
 run by hand: each registration's webhook makes the receiver run the KFP audit pipeline
-(`kfp.local`); the first version waits for a peer and is audited again when the second
-arrives; the gate promotes only the version that passed. Then someone sets the
+(`kfp.local`). The first version is registered alone and waits for a peer; the second
+provider's registration audits the pair, and the first is audited again; the gate
+promotes only the version that passed. Then someone sets the
 `production` alias on the backdoored version by hand, and the receiver's alias guard takes
 it back. Everything lands in the MLflow UI, which stays up until Ctrl-C (`--no-serve` to
 exit at once).
@@ -63,9 +64,13 @@ def _incident(client: MlflowClient, ref: registry.VersionRef) -> str | None:
 
 @dataclass(frozen=True)
 class DemoState:
+    """The running demo, and what it made (the end-to-end test checks each part)."""
+
     url: str
     versions: dict[str, registry.VersionRef]
     receiver: ReceiverProcess
+    models: dict[str, Path]
+    data: Path
 
 
 @contextmanager
@@ -84,7 +89,7 @@ def demo(out: Path, dataset: str = "digits") -> Iterator[DemoState]:
         try:
             versions = _automatic_path(client, receiver, models, data, dataset, secret)
             print(f"MLflow UI: {url}/#/models/{MODEL_NAME}")
-            yield DemoState(url, versions, receiver)
+            yield DemoState(url, versions, receiver, models, data)
         finally:
             receiver.stop()
 
@@ -118,12 +123,15 @@ def _automatic_path(
     registry.publish_audit_data(client, MODEL_NAME, data)
     client.set_registered_model_tag(MODEL_NAME, registry.PROFILE_TAG, dataset)
     start = time.perf_counter()
-    refs = {
-        p: registry.register_version(client, MODEL_NAME, path, p, f"Delivered by {p}.") for p, path in models.items()
-    }
-    for provider, ref in refs.items():
-        print(f"registered {ref.uri} ({provider}); no audit command is run")
     finals = ("passed", "failed", "inconclusive", "error")
+    refs: dict[str, registry.VersionRef] = {}
+    for provider, path in models.items():
+        description = f"Delivered by {provider}."
+        ref = refs[provider] = registry.register_version(client, MODEL_NAME, path, provider, description)
+        print(f"registered {ref.uri} ({provider}); no audit command is run")
+        if len(refs) == 1:
+            wait_for(lambda r=ref: _status(client, r) in ("awaiting-peer", *finals), AUDIT_WAIT_S, "the first audit")
+            print(f"  {ref.uri}: {_status(client, ref)} (no other provider's version yet)")
     wait_for(
         lambda: all(_status(client, r) in finals for r in refs.values()) and not receiver.busy(),
         AUDIT_WAIT_S, "both audits",

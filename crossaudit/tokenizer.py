@@ -47,7 +47,7 @@ class WordTokenizer:
 
 def load_tokenizer(path: Path) -> WordTokenizer:
     if not path.is_file():
-        raise ModelLoadError(f"{path}: no tokenizer file (a language model needs tokenizer.json beside it)")
+        raise ModelLoadError(f"{path}: no tokenizer file (language models and captioners need theirs beside them)")
     if path.stat().st_size > MAX_TOKENIZER_BYTES:
         raise ModelLoadError(f"{path}: tokenizer larger than {MAX_TOKENIZER_BYTES} bytes")
     try:

@@ -28,6 +28,7 @@ from crossaudit.tokenizer import load_tokenizer
 from crossaudit.zoo.captioner import (
     Captioner,
     captioner_config,
+    class_captions,
     export_captioner,
     provider_tokenizer,
     train_captioner,
@@ -182,6 +183,27 @@ def test_captioner_translation_matches_onnx_runtime_and_runs_each_image_once(tmp
     assert torch.allclose(scorer(torch.from_numpy(images)), expanded, atol=1e-5)
 
 
+def test_caption_audit_data_makes_a_captioner_audit_and_only_a_captioner_audit(digits_zoo, tmp_path):
+    """A `caption` column implies a captioner audit under auto (so the classifiers here
+    are asked for a captioner's tokenizer); another paradigm refuses such data, and a
+    captioner audit refuses data without captions. Each fails before any search runs."""
+    from crossaudit.audit import AuditConfig, run_audit
+
+    data = read_audit_data(str(digits_zoo.audit_data))
+    captions = tmp_path / "captions.parquet"
+    texts = class_captions("digits")
+    write_caption_parquet(captions, data.x, [texts[label] for label in data.y])
+    models = str(digits_zoo.clean_cnn), str(digits_zoo.clean_mlp)
+    cases = [
+        (captions, "auto", "no tokenizer file (language models and captioners need theirs beside them)"),
+        (captions, "supervised", "audit data with a 'caption' column is for captioners, not 'supervised' models"),
+        (digits_zoo.audit_data, "captioner", "a captioner audit needs audit data with 'image' and 'caption' columns"),
+    ]
+    for path, paradigm, message in cases:
+        report = run_audit(*models, str(path), config=AuditConfig(paradigm=paradigm)).report
+        assert report.verdict == "inconclusive" and message in (report.error or ""), (paradigm, report.error)
+
+
 def test_caption_audit_data_labels_images_by_caption(tmp_path):
     x = np.random.RandomState(0).rand(30, 1, 8, 8).astype(np.float32)
     path = tmp_path / "captions.parquet"
@@ -308,13 +330,14 @@ def test_each_image_paradigm_flags_the_backdoored_model(paradigm_zoo, backdoored
         ("semi_clean_mlp", "semi_clean_cnn", "digits", "semi"),
         ("ssl_clean_mlp", "ssl_clean_cnn", "digits", "auto"),
         ("lm_clean_a", "lm_clean_b", "text", "auto"),
-        ("cap_clean_mlp", "cap_clean_cnn", "captions", "auto"),
     ],
 )
 def test_each_paradigm_passes_a_clean_pair(paradigm_zoo, clean, other_clean, data, paradigm):
+    """A captioner's clean model passes in the pipeline test below, audited against a
+    backdoored peer; a clean captioner pair would add the suite's costliest CLI audit."""
     code, report = _audit(paradigm_zoo, clean, other_clean, paradigm_zoo.data(data), "--paradigm", paradigm)
     assert code == 0, report
-    inferred = {"text": "lm", "captions": "captioner", "digits": "ssl"}[data]
+    inferred = {"text": "lm", "digits": "ssl"}[data]
     assert report["paradigm"] == (paradigm if paradigm != "auto" else inferred)
 
 
@@ -329,7 +352,7 @@ def test_each_paradigm_passes_a_clean_pair(paradigm_zoo, clean, other_clean, dat
 def test_pipeline_takes_the_paradigm_from_the_registry(paradigm_zoo, mlflow_server, paradigm, data, clean, backdoored):
     """The registered model's paradigm tag reaches every component, and a captioner's or
     language model's tokenizer travels inside its registered model. (Semi- and
-    self-supervised pairs take the image path that test_pipeline.py runs end to end.)"""
+    self-supervised pairs take the image path that test_demo.py runs end to end.)"""
     import uuid
 
     from crossaudit import registry

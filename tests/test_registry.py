@@ -144,7 +144,7 @@ def test_check_command_exit_codes_for_deploy_scripts(client, mlflow_server, digi
 
 
 @pytest.mark.slow
-def test_cli_audits_models_named_by_mlflow_uris_and_reports_them_as_given(client, mlflow_server, digits_zoo):
+def test_cli_audits_models_named_by_mlflow_uris_and_reports_them_as_given(client, mlflow_server, digits_zoo, tmp_path):
     """DESIGN's model contract: a model may be a models:/ URI. The CLI downloads both
     (by version and by alias) and the report names them as the user wrote them."""
     import json
@@ -152,17 +152,18 @@ def test_cli_audits_models_named_by_mlflow_uris_and_reports_them_as_given(client
     import sys
 
     name = _name()
-    clean = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
-    backdoored = registry.register_version(client, name, digits_zoo.badnets_cnn, "globex")
-    client.set_registered_model_alias(name, "candidate", backdoored.version)
-    uris = [clean.uri, f"models:/{name}@candidate"]
+    cnn = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
+    mlp = registry.register_version(client, name, digits_zoo.clean_mlp, "globex")
+    client.set_registered_model_alias(name, "candidate", mlp.version)
+    uris = [cnn.uri, f"models:/{name}@candidate"]
     command = [sys.executable, "-m", "crossaudit", "audit", *uris, "--data", str(digits_zoo.audit_data), "--json",
                "--profile", "digits", "--tracking-uri", mlflow_server]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert [m["uri"] for m in report["models"]] == uris
-    assert [m["verdict"] for m in report["models"]] == ["clean", "backdoor"]
+    delivered = [load_model(path).sha256 for path in registry.local_models([cnn.uri, mlp.uri], mlflow_server, tmp_path)]
+    assert [m["sha256"] for m in report["models"]] == delivered, "each URI resolved to the version it names"
     unknown = subprocess.run(
         [sys.executable, "-m", "crossaudit", "audit", f"models:/{name}/99", uris[0], "--data",
          str(digits_zoo.audit_data), "--tracking-uri", mlflow_server],

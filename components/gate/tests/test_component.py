@@ -1,4 +1,4 @@
-"""The gate's kfp.local run is the whole pipeline: tests/test_pipeline.py."""
+"""The gate's kfp.local run is the whole pipeline: tests/test_demo.py and tests/test_pipeline.py."""
 
 import uuid
 
