@@ -63,7 +63,9 @@ def test_demo_audits_each_registration_gates_promotion_and_shows_it_in_the_mlflo
         tags = client.get_model_version(MODEL_NAME, poisoned.version).tags
         assert tags[registry.STATUS] == "failed" and tags[registry.VERDICT] == "backdoor"
         assert tags[registry.PEERS] == clean.uri
-        assert client.get_model_version(MODEL_NAME, clean.version).tags[registry.STATUS] == "passed"
+        passed = client.get_model_version(MODEL_NAME, clean.version)
+        assert passed.tags[registry.STATUS] == "passed"
+        assert passed.description.startswith("Delivered by acme."), "the audit adds to the provider's description"
         # The demo set the alias on the backdoored version by hand; the guard took it back.
         incident = tags[registry.INCIDENT]
         assert "status is failed" in incident and f"restored to version {clean.version}" in incident
