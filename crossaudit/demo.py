@@ -5,11 +5,10 @@ start; the receiver's webhook is installed in MLflow. Two providers then registe
 versions of one model; one of them poisoned its training data (BadNets). Nothing else is
 run by hand: each registration's webhook makes the receiver run the KFP audit pipeline
 (`kfp.local`). The first version is registered alone and waits for a peer; the second
-provider's registration audits the pair, and the first is audited again; the gate
-promotes only the version that passed. Then someone sets the
-`production` alias on the backdoored version by hand, and the receiver's alias guard takes
-it back. Everything lands in the MLflow UI, which stays up until Ctrl-C (`--no-serve` to
-exit at once).
+provider's registration audits the pair, and the first is audited again; the gate promotes
+only the version that passed. Then someone sets the `production` alias on the backdoored
+version by hand, and the receiver's alias guard takes it back. Everything lands in the
+MLflow UI, which stays up until Ctrl-C (`--no-serve` to exit at once).
 """
 
 from __future__ import annotations
