@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from crossaudit.errors import AuditError
+from crossaudit.event_queue import ENDED
 from crossaudit.receiver import Receiver
 from crossaudit.tracking_server import free_port
 from crossaudit.webhook import SECRET_ENV
@@ -112,7 +113,13 @@ class ReceiverProcess:
     def busy(self) -> bool:
         """Whether any job is queued or running: a version's status tag is written before
         its gate moves the alias, so only an idle receiver has finished with the registry."""
-        return any(job["state"] in ("queued", "running") for job in self.jobs())
+        return any(job["state"] not in ENDED for job in self.jobs())
+
+    def finished_audits(self, name: str) -> list[dict]:
+        """The registered model's audit jobs once every one has ended (else empty): what to
+        wait for before counting how many audits a model's registrations set off."""
+        audits = [job for job in self.jobs() if job["kind"] == "audit" and job["name"] == name]
+        return [] if any(job["state"] not in ENDED for job in audits) else audits
 
     def kill(self) -> None:
         """SIGKILL to the receiver and every process under it (its audits run in their own

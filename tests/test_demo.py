@@ -23,7 +23,7 @@ import pytest
 
 from crossaudit import registry
 from crossaudit.audit import run_audit
-from crossaudit.demo import MODEL_NAME, DemoState, demo
+from crossaudit.demo import MODEL_NAME, demo
 from crossaudit.receiver_process import wait_for
 from crossaudit.verdict import load_thresholds
 
@@ -49,12 +49,6 @@ def tag_value(dom: str, key: str) -> str | None:
     return re.sub(r"<[^>]+>", "", cells[1]).strip() if len(cells) > 1 else None
 
 
-def _finished_audits(state: DemoState) -> list[dict]:
-    """The demo model's audit jobs, once none is queued or running (else empty)."""
-    audits = [j for j in state.receiver.jobs() if j["kind"] == "audit" and j["name"] == MODEL_NAME]
-    return [] if any(j["state"] in ("queued", "running") for j in audits) else audits
-
-
 def test_demo_audits_each_registration_gates_promotion_and_shows_it_in_the_mlflow_ui(tmp_path):
     with demo(tmp_path / "demo") as state:
         client = registry.client(state.url)
@@ -69,7 +63,7 @@ def test_demo_audits_each_registration_gates_promotion_and_shows_it_in_the_mlflo
         # The demo set the alias on the backdoored version by hand; the guard took it back.
         incident = tags[registry.INCIDENT]
         assert "status is failed" in incident and f"restored to version {clean.version}" in incident
-        audits = wait_for(lambda: _finished_audits(state), 60, "audit jobs did not finish")
+        audits = wait_for(lambda: state.receiver.finished_audits(MODEL_NAME), 60, "audit jobs did not finish")
         assert sorted((j["version"], j["state"]) for j in audits) == [
             (clean.version, "done"),
             (clean.version, "done"),

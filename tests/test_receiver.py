@@ -122,12 +122,6 @@ def _task(client, digits_zoo, prefix: str) -> str:
     return name
 
 
-def _finished(receiver: ReceiverProcess, name: str) -> list[dict]:
-    """The model's audit jobs, once none is queued or running (else empty)."""
-    audits = [j for j in receiver.jobs() if j["kind"] == "audit" and j["name"] == name]
-    return [] if any(j["state"] in ("queued", "running") for j in audits) else audits
-
-
 def _status(client, name: str, version: str) -> str | None:
     return registry.status_of(client.get_model_version(name, version))
 
@@ -149,11 +143,8 @@ def test_webhook_install_command_registers_the_receiver_and_its_test_delivery_is
     assert "test delivery ok (HTTP 200)" in installed.stdout
 
     # MLflow's test delivery names a version that does not exist: its job is dropped, no audit runs.
-    def example_jobs() -> list[dict]:
-        jobs = [j for j in receiver.jobs() if j["name"] == "example_model"]
-        return [] if any(j["state"] in ("queued", "running") for j in jobs) else jobs
-
-    assert [j["state"] for j in wait_for(example_jobs, 30, "the test delivery's job")] == ["dropped"]
+    jobs = wait_for(lambda: receiver.finished_audits("example_model"), 30, "the test delivery's job")
+    assert [j["state"] for j in jobs] == ["dropped"]
 
 
 @pytest.mark.slow
@@ -176,7 +167,7 @@ def test_lost_webhooks_and_a_killed_receiver_still_end_in_one_audit_each(start_r
     receiver = start_receiver(workers=1)
     for version in (first.version, second.version):
         wait_for(lambda v=version: _status(client, name, v) == "passed", 300, f"version {version} not audited")
-    finished = wait_for(lambda: _finished(receiver, name), 60, "audit jobs did not finish")
+    finished = wait_for(lambda: receiver.finished_audits(name), 60, "audit jobs did not finish")
     assert sorted((j["version"], j["state"]) for j in finished) == [(first.version, "done"), (second.version, "done")]
     runs = client.search_runs(
         [client.get_experiment_by_name(registry.EXPERIMENT).experiment_id],
