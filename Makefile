@@ -37,7 +37,7 @@ bench: install fmnist
 	$(BIN)/python -m benchmarks.pipeline_overhead
 	$(BIN)/python -m benchmarks.webhook_latency
 	$(BIN)/python -m benchmarks.webhook_load
-	$(BIN)/python -m benchmarks.detection
+	$(BIN)/python -m benchmarks.detection $(DETECTION_ARGS)
 	$(BIN)/python -m benchmarks.unseen_attacks
 	$(BIN)/python -m benchmarks.paradigms
 
