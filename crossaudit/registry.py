@@ -107,38 +107,38 @@ def _latest_of_other_providers(version: ModelVersion, candidates: list[ModelVers
     return [latest[p] for p in sorted(latest)]
 
 
-def audit_data_uri(mlflow_client: MlflowClient, name: str) -> str:
-    model = mlflow_client.get_registered_model(name)
-    uri = model.tags.get(AUDIT_DATA_TAG)
-    if not uri:
+@dataclass(frozen=True)
+class AuditSettings:
+    """How a registered model's versions are audited, from the model's tags. The fields are
+    named as the pipeline's parameters they become (`pipelines.runner.pipeline_arguments`)."""
+
+    audit_data_uri: str
+    threshold_profile: str  # empty: the paradigm's default profile
+    thresholds_uri: str  # the model's own thresholds file (`crossaudit calibrate --pair`); empty: the shipped
+    paradigm: str  # `auto`: inferred from the models
+    hold_on_flagged_peer: bool  # hold a version whose peer was judged backdoored (`gate.version_status`)
+
+
+def audit_settings(mlflow_client: MlflowClient, name: str) -> AuditSettings:
+    """The registered model's audit settings, read in one request, so that one audit's
+    settings are one snapshot of the tags even while someone edits them.
+
+    An audit set is required, and the hold setting must be "true" or "false": a misspelt
+    safety setting must not silently read as off.
+    """
+    tags = mlflow_client.get_registered_model(name).tags
+    if not tags.get(AUDIT_DATA_TAG):
         raise RegistryError(f"registered model {name!r} has no {AUDIT_DATA_TAG!r} tag pointing at its audit set")
-    return uri
-
-
-def threshold_profile(mlflow_client: MlflowClient, name: str) -> str:
-    """The registered model's calibration profile; empty means its paradigm's default."""
-    return mlflow_client.get_registered_model(name).tags.get(PROFILE_TAG, "")
-
-
-def thresholds_uri(mlflow_client: MlflowClient, name: str) -> str:
-    """The registered model's own thresholds file (`crossaudit calibrate --pair`), or empty
-    for the shipped profiles."""
-    return mlflow_client.get_registered_model(name).tags.get(THRESHOLDS_TAG, "")
-
-
-def hold_on_flagged_peer(mlflow_client: MlflowClient, name: str) -> bool:
-    """Whether a version whose peer the audit judged backdoored is held (`inconclusive`)
-    rather than passed on that peer's word (`gate.version_status`). Anything but "true"
-    or "false" is refused: a misspelt safety setting must not silently read as off."""
-    value = mlflow_client.get_registered_model(name).tags.get(HOLD_TAG, "false").strip().lower()
-    if value not in ("true", "false"):
-        raise RegistryError(f"registered model {name!r}: tag {HOLD_TAG!r} must be 'true' or 'false', not {value!r}")
-    return value == "true"
-
-
-def paradigm(mlflow_client: MlflowClient, name: str) -> str:
-    """The registered model's learning paradigm (`auto`: inferred from the models)."""
-    return mlflow_client.get_registered_model(name).tags.get(PARADIGM_TAG, AUTO)
+    hold = tags.get(HOLD_TAG, "false").strip().lower()
+    if hold not in ("true", "false"):
+        raise RegistryError(f"registered model {name!r}: tag {HOLD_TAG!r} must be 'true' or 'false', not {hold!r}")
+    return AuditSettings(
+        audit_data_uri=tags[AUDIT_DATA_TAG],
+        threshold_profile=tags.get(PROFILE_TAG, ""),
+        thresholds_uri=tags.get(THRESHOLDS_TAG, ""),
+        paradigm=tags.get(PARADIGM_TAG, AUTO),
+        hold_on_flagged_peer=hold == "true",
+    )
 
 
 def materialize(uri: str, dest: Path) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
@@ -35,12 +35,8 @@ def pipeline_arguments(
     peers = [registry.VersionRef.of(p).uri for p in registry.peers_of(mlflow_client, version)]
     return {
         "model_uri": registry.VersionRef.of(version).uri, "peer_uris": peers,
-        "audit_data_uri": registry.audit_data_uri(mlflow_client, version.name),
         "tracking_uri": tracking_uri, "seed": seed, "device": device, "promotion_alias": alias,
-        "threshold_profile": registry.threshold_profile(mlflow_client, version.name),
-        "thresholds_uri": registry.thresholds_uri(mlflow_client, version.name),
-        "paradigm": registry.paradigm(mlflow_client, version.name),
-        "hold_on_flagged_peer": registry.hold_on_flagged_peer(mlflow_client, version.name),
+        **asdict(registry.audit_settings(mlflow_client, version.name)),
     }  # fmt: skip
 
 

@@ -116,12 +116,12 @@ def test_missing_local_audit_data_is_a_registry_error(tmp_path):
         registry.materialize(str(tmp_path / "gone.parquet"), tmp_path / "dest")
 
 
-def test_audit_data_tag_is_required(client, digits_zoo):
+def test_audit_settings_need_an_audit_set_and_default_the_rest(client, digits_zoo):
     ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme")
     with pytest.raises(registry.RegistryError, match=r"crossaudit\.audit_data"):
-        registry.audit_data_uri(client, ref.name)
+        registry.audit_settings(client, ref.name)
     uri = registry.publish_audit_data(client, ref.name, Path(digits_zoo.audit_data))
-    assert registry.audit_data_uri(client, ref.name) == uri
+    assert registry.audit_settings(client, ref.name) == registry.AuditSettings(uri, "", "", "auto", False)
 
 
 def test_check_command_exit_codes_for_deploy_scripts(client, mlflow_server, digits_zoo):

@@ -39,7 +39,8 @@ def test_the_registered_models_own_thresholds_judge_and_travel_with_the_audit_ru
     profile = {"per_family": reachable, "clean_pairs": 1, "paradigm": "supervised"}
     strict.write_text(json.dumps({"calibrated_by": "hand, for this test", "profiles": {"strict": profile}}))
     uri = registry.publish_thresholds(client, name, strict)
-    assert registry.thresholds_uri(client, name) == uri
+    client.set_registered_model_tag(name, registry.AUDIT_DATA_TAG, str(digits_zoo.audit_data))
+    assert registry.audit_settings(client, name).thresholds_uri == uri
     status = gate.python_func(
         model_uri=ref.uri, tracking_uri=mlflow_server, promotion_alias="production", threshold_profile="",
         thresholds_uri=uri, audit_data=[Dataset(uri=str(stage_folders.data))],
@@ -79,6 +80,7 @@ def test_a_clean_version_whose_peer_was_flagged_is_held_when_the_registered_mode
     name = f"gate-hold-{uuid.uuid4().hex[:8]}"
     ref = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
     uri = registry.publish_thresholds(client, name, path)
+    client.set_registered_model_tag(name, registry.AUDIT_DATA_TAG, str(digits_zoo.audit_data))
     client.set_registered_model_tag(name, registry.HOLD_TAG, "true")
 
     def run(hold: bool) -> str:
@@ -89,7 +91,7 @@ def test_a_clean_version_whose_peer_was_flagged_is_held_when_the_registered_mode
             hold_on_flagged_peer=hold,
         )  # fmt: skip
 
-    assert run(registry.hold_on_flagged_peer(client, name)) == "inconclusive"
+    assert run(registry.audit_settings(client, name).hold_on_flagged_peer) == "inconclusive"
     held = client.get_model_version(name, ref.version)
     assert held.tags[registry.VERDICT] == "clean" and "production" not in held.aliases
     assert f"held: peer {stage_folders.uris[1]} was judged backdoored" in held.description
@@ -98,4 +100,4 @@ def test_a_clean_version_whose_peer_was_flagged_is_held_when_the_registered_mode
 
     client.set_registered_model_tag(name, registry.HOLD_TAG, "yes")
     with pytest.raises(registry.RegistryError, match="must be 'true' or 'false'"):
-        registry.hold_on_flagged_peer(client, name)
+        registry.audit_settings(client, name)
