@@ -12,7 +12,7 @@ seeds below 200 only, no backdoored model), Neural Cleanse its published rule (a
 - scaling of audit time with the number of classes (10/20/40 from real digits placed in
   the quadrants of a larger canvas) and with the model size.
 
-`python -m benchmarks.detection` (`--plan standard`, run by `make bench`, 75-95 minutes on 2
+`python -m benchmarks.detection` (`--plan standard`, run by `make bench`, 70-95 minutes on 2
 cores) writes docs/benchmarks.md and docs/benchmarks_scaling.png. It gives each architecture
 pair its own seed and target, so every attack on every dataset is measured on three seeds
 and three targets at the cost of one seed. `--plan full` runs every seed on every
@@ -111,7 +111,7 @@ QUICK = Plan(
     (), ("mlp",), NeuralCleanseConfig(steps=60), bootstrap=200,
 )  # fmt: skip
 PLANS = {plan.name: plan for plan in (QUICK, STANDARD, FULL)}
-DEFAULT_PLAN = STANDARD.name  # what `make bench` runs: the budget is about an hour
+DEFAULT_PLAN = STANDARD.name  # what `make bench` runs: about 70 min, where the full plan takes about four hours
 
 
 @dataclass

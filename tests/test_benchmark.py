@@ -72,6 +72,19 @@ def test_quick_benchmark_writes_a_report_with_every_section(tmp_path):
         assert (again.verdict == "backdoor") == record["flagged"], record["model"]
 
 
+def test_make_bench_plan_puts_each_architecture_pair_on_its_own_seed_and_target():
+    """The default plan measures each attack on three seeds and targets at one seed's cost;
+    the full plan runs every seed on every architecture pair."""
+    from benchmarks.detection import DEFAULT_PLAN, FULL, PLANS
+
+    cells = PLANS[DEFAULT_PLAN].cells()
+    assert [arch_pair for _, arch_pair, _, _ in cells] == list(FULL.arch_pairs)
+    assert len({seed for _, _, seed, _ in cells}) == len({target for *_, target in cells}) == len(cells) == 3
+    assert {(arch_pair, seed) for _, arch_pair, seed, _ in FULL.cells()} == {
+        (arch_pair, seed) for arch_pair in FULL.arch_pairs for seed in FULL.seeds
+    }
+
+
 def test_quadrant_digits_gives_each_class_its_own_quadrant():
     """The scaling benchmark's 20- and 40-class tasks: real digits, the quadrant part of the class."""
     from benchmarks.detection import quadrant_digits
