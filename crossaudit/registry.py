@@ -114,7 +114,7 @@ class AuditSettings:
 
     audit_data_uri: str
     threshold_profile: str  # empty: the paradigm's default profile
-    thresholds_uri: str  # the model's own thresholds file (`crossaudit calibrate --pair`); empty: the shipped
+    thresholds_uri: str  # the model's own thresholds (`crossaudit calibrate --pair`); empty: the shipped ones
     paradigm: str  # `auto`: inferred from the models
     hold_on_flagged_peer: bool  # hold a version whose peer was judged backdoored (`gate.version_status`)
 
