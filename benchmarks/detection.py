@@ -5,7 +5,9 @@ clean witness from another provider; both detectors judge *every* model of the p
 each model is one sample (positive when it carries a backdoor). Thresholds are never
 fitted here: crossaudit uses the shipped profiles (`crossaudit calibrate`, clean pairs of
 seeds below 200 only, no backdoored model), Neural Cleanse its published rule (anomaly index
->= 2). Test pairs use seeds 200 and up. Also measured, in the same run:
+>= 2). Test pairs use seeds 200 and up. Both detectors are timed on the same cores, doing
+the same for a pair: crossaudit's two directions and Neural Cleanse's two models run
+side by side, one torch thread each (`neural_cleanse_pair`). Also measured, in the same run:
 - adversarially vulnerable clean models (MLPs, with their FGSM error shown): must pass;
 - ablations (no witness, no CKA term, and the sensitivity stage's fine-tuning scored as
   it was before), same thresholds, on the plan's first architecture pairs;
@@ -33,6 +35,7 @@ import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +46,12 @@ from benchmarks.metrics import auroc, bootstrap_auroc, tpr_at_fpr
 from benchmarks.paradigms import existing_section, write_section
 from crossaudit import __version__
 from crossaudit.audit import AuditConfig, AuditResult, run_audit
-from crossaudit.baselines.neural_cleanse import NeuralCleanseConfig, neural_cleanse
+from crossaudit.baselines.neural_cleanse import NeuralCleanseConfig, NeuralCleanseResult, neural_cleanse
 from crossaudit.calibrate import SEED_BLOCKS
 from crossaudit.data import read_audit_data, write_parquet
 from crossaudit.inversion import InversionConfig
 from crossaudit.models import load_model
+from crossaudit.parallel import side_by_side
 from crossaudit.verdict import Finding, ModelReport, Thresholds, judge, load_thresholds
 from crossaudit.zoo.attacks import ATTACKS
 from crossaudit.zoo.datasets import Split, load_dataset
@@ -125,7 +129,6 @@ class Sample:
     score: float
     flagged: bool
     target_right: bool
-    seconds: float
     inconclusive: bool = False
     arch_pair: str = ""
     model: str = ""  # the judged model's file, and its peer's: which model a miss was
@@ -137,12 +140,38 @@ class Sample:
     similarity: float | None = None
 
 
+@dataclass(frozen=True)
+class Timing:
+    """A pair's seconds on the wall clock and of CPU (every thread of the process).
+
+    Wall time is what an operator waits for; CPU time is the work done, however it was
+    spread over the cores. `start()` holds both clocks' readings, `stop()` the time since.
+    """
+
+    wall: float
+    cpu: float
+
+    @classmethod
+    def start(cls) -> Timing:
+        return cls(time.perf_counter(), time.process_time())
+
+    def stop(self) -> Timing:
+        return Timing(time.perf_counter() - self.wall, time.process_time() - self.cpu)
+
+
 @dataclass
 class Results:
     samples: list[Sample] = field(default_factory=list)
-    pair_seconds: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    pair_times: dict[str, list[Timing]] = field(default_factory=lambda: defaultdict(list))
     vulnerability: dict[str, float] = field(default_factory=dict)
     scaling: list[dict[str, float | str]] = field(default_factory=list)
+
+    def add(self, detector: str, samples: list[Sample], timing: Timing) -> None:
+        self.samples.extend(samples)
+        self.pair_times[detector].append(timing)
+
+    def mean(self, detector: str, clock: str = "wall") -> float:
+        return statistics.mean(getattr(t, clock) for t in self.pair_times[detector])
 
 
 class Zoo:
@@ -194,24 +223,24 @@ def fgsm_error(model: torch.nn.Module, split: Split, eps: float = 0.03) -> float
 
 def crossaudit_samples(
     suspect: Path, witness: Path, data: Path, attack: str, target: int, dataset: str, ablations: tuple[str, ...],
-) -> dict[str, tuple[list[Sample], float]]:  # fmt: skip
-    """Per detector (the full audit and each ablation asked for): its samples and the pair's seconds."""
+) -> dict[str, tuple[list[Sample], Timing]]:  # fmt: skip
+    """Per detector (the full audit and each ablation asked for): its samples and the pair's time."""
     thresholds = load_thresholds(dataset)
     judged = {}
     for name in ablations:
         if name == FINETUNE_SCORED:
             continue
-        start = time.perf_counter()
+        clock = Timing.start()
         result = run_audit(str(suspect), str(witness), str(data), config=ABLATIONS[name], thresholds=thresholds)
-        seconds = time.perf_counter() - start
+        timing = clock.stop()
         similarity = result.alignment.similarity if result.alignment is not None else None
-        judged[detector_name(name)] = (result.report.models, result.report.error, seconds, similarity)
+        judged[detector_name(name)] = (result.report.models, result.report.error, timing, similarity)
         if name == "full" and FINETUNE_SCORED in ablations:
             models = finetune_scored(result, thresholds)
-            judged[detector_name(FINETUNE_SCORED)] = (models, result.report.error, seconds, similarity)
+            judged[detector_name(FINETUNE_SCORED)] = (models, result.report.error, timing, similarity)
     names = (suspect.stem, witness.stem)
     samples = {}
-    for detector, (models, error, seconds, similarity) in judged.items():
+    for detector, (models, error, timing, similarity) in judged.items():
         found = []
         for index, model in enumerate(models):
             positive = index == 0 and attack != "clean"
@@ -219,11 +248,11 @@ def crossaudit_samples(
             flagged = model.verdict == "backdoor"
             found.append(Sample(
                 detector, attack if index == 0 else "clean", dataset, positive, ratio, flagged,
-                positive and flagged and model.target == target, seconds / 2, error is not None,
+                positive and flagged and model.target == target, error is not None,
                 model=names[index], peer=names[1 - index], profile=model.threshold_profile or "",
                 findings=tuple(model.findings), similarity=similarity,
             ))  # fmt: skip
-        samples[detector] = (found, seconds)
+        samples[detector] = (found, timing)
     return samples
 
 
@@ -252,19 +281,41 @@ def finetune_scored(result: AuditResult, thresholds: Thresholds) -> list[ModelRe
     return rescored
 
 
-def neural_cleanse_sample(
-    path: Path, data: Path, attack: str, target: int, dataset: str, config: NeuralCleanseConfig, positive: bool
-) -> Sample:
+def neural_cleanse_pair(
+    paths: tuple[Path, Path], data: Path, config: NeuralCleanseConfig
+) -> tuple[list[NeuralCleanseResult], Timing]:
+    """Neural Cleanse on a pair's two models, side by side, one torch thread each.
+
+    Why side by side: crossaudit's audit runs its two directions so on the same two cores
+    (`parallel.side_by_side`), and Neural Cleanse on one small model runs nearly as fast on
+    one thread as on two (a Fashion-MNIST CNN pair: 77 s one after the other with two
+    threads, 40 s side by side, with the same anomaly indices). Timing the two models one
+    after the other would hand crossaudit a lead its search did not earn.
+    """
     audit = read_audit_data(str(data))
-    result = neural_cleanse(load_model(str(path)).module, audit.x, audit.num_classes, config)
-    return Sample(
-        "Neural Cleanse", attack, dataset, positive, result.anomaly_index, result.flagged,
-        positive and result.flagged and result.suspected_target == target, result.seconds,
-    )  # fmt: skip
+    models = [load_model(str(path)).module for path in paths]
+    clock = Timing.start()
+    results = side_by_side([partial(neural_cleanse, m, audit.x, audit.num_classes, config) for m in models])
+    return results, clock.stop()
+
+
+def neural_cleanse_samples(
+    suspect: Path, witness: Path, data: Path, attack: str, target: int, dataset: str, config: NeuralCleanseConfig
+) -> tuple[list[Sample], Timing]:
+    """Neural Cleanse's judgement of a pair's models, as `crossaudit_samples` gives
+    crossaudit's: the suspect carries `attack` ("clean" for none), the witness is clean."""
+    results, timing = neural_cleanse_pair((suspect, witness), data, config)
+    samples = []
+    for index, result in enumerate(results):
+        positive = index == 0 and attack != "clean"
+        samples.append(Sample(
+            "Neural Cleanse", attack if index == 0 else "clean", dataset, positive, result.anomaly_index,
+            result.flagged, positive and result.flagged and result.suspected_target == target,
+        ))  # fmt: skip
+    return samples, timing
 
 
 def run_pairs(plan: Plan, zoo: Zoo, results: Results) -> None:
-    nc_cache: dict[Path, Sample] = {}
     for dataset in plan.datasets:
         data = zoo.audit_set(dataset)
         for pair_index, (first, second), seed, target in plan.cells():
@@ -274,32 +325,21 @@ def run_pairs(plan: Plan, zoo: Zoo, results: Results) -> None:
             for attack, suspect in suspects:
                 print(f"[{plan.name}] {dataset} {first}/{second} seed {seed}: {attack}", flush=True)
                 judged = crossaudit_samples(suspect, witness, data, attack, target, dataset, ablations)
-                for detector, (samples, seconds) in judged.items():
+                judged["Neural Cleanse"] = neural_cleanse_samples(
+                    suspect, witness, data, attack, target, dataset, plan.neural_cleanse
+                )
+                for detector, (samples, timing) in judged.items():
                     for sample in samples:
                         sample.arch_pair = f"{first}/{second}"
-                    results.samples.extend(samples)
-                    results.pair_seconds[detector].append(seconds)
-                nc_pair = 0.0
-                for path, positive in ((suspect, attack != "clean"), (witness, False)):
-                    if path not in nc_cache:
-                        nc_cache[path] = neural_cleanse_sample(
-                            path, data, attack if positive else "clean", target, dataset, plan.neural_cleanse,
-                            positive,
-                        )  # fmt: skip
-                    results.samples.append(nc_cache[path])
-                    nc_pair += nc_cache[path].seconds
-                results.pair_seconds["Neural Cleanse"].append(nc_pair)
+                    results.add(detector, samples, timing)
         mlp = zoo.model(dataset, "mlp", "clean", 0, plan.seeds[0] + 5)
         cnn = zoo.model(dataset, "cnn", "clean", 0, plan.seeds[0] + 6)
         print(f"[{plan.name}] {dataset}: adversarially vulnerable clean pair", flush=True)
         samples, _ = crossaudit_samples(mlp, cnn, data, "clean", 0, dataset, ("full",))["crossaudit"]
+        samples += neural_cleanse_samples(mlp, cnn, data, "clean", 0, dataset, plan.neural_cleanse)[0]
         for sample in samples:
             sample.attack = "clean (vulnerable pair)"
         results.samples.extend(samples)
-        vulnerable = "clean (vulnerable pair)"
-        for path in (mlp, cnn):
-            nc = neural_cleanse_sample(path, data, vulnerable, 0, dataset, plan.neural_cleanse, positive=False)
-            results.samples.append(nc)
         results.vulnerability.update({f"{dataset} mlp": zoo.fgsm[mlp], f"{dataset} cnn": zoo.fgsm[cnn]})
 
 
@@ -343,16 +383,12 @@ def run_scaling(plan: Plan, zoo: Zoo, results: Results) -> None:
 
 
 def _time_pair(results: Results, axis: str, value: int, paths: list[Path], data: Path, plan: Plan, label: str) -> None:
-    start = time.perf_counter()
+    clock = Timing.start()
     report = run_audit(str(paths[0]), str(paths[1]), str(data), thresholds=load_thresholds("digits")).report
-    ours = time.perf_counter() - start
-    audit = read_audit_data(str(data))
-    nc = sum(
-        neural_cleanse(load_model(str(p)).module, audit.x, audit.num_classes, plan.neural_cleanse).seconds
-        for p in paths
-    )
+    ours = clock.stop()
+    _, nc = neural_cleanse_pair((paths[0], paths[1]), data, plan.neural_cleanse)
     results.scaling.append({
-        "axis": axis, "value": value, "label": label, "crossaudit_s": ours, "neural_cleanse_s": nc,
+        "axis": axis, "value": value, "label": label, "crossaudit_s": ours.wall, "neural_cleanse_s": nc.wall,
         "inversion_s": report.timings.get("trigger_inversion", float("nan")), "verdict": report.verdict,
     })  # fmt: skip
 
@@ -485,9 +521,7 @@ def targets_line(results: Results) -> str:
 
     detection, fpr, area, target = rates(ours)
     nc_detection = rates(nc)[0]
-    speed = statistics.mean(results.pair_seconds["Neural Cleanse"]) / statistics.mean(
-        results.pair_seconds["crossaudit"]
-    )
+    speed = results.mean("Neural Cleanse") / results.mean("crossaudit")
     checks = [
         ("detection >= 99%", detection >= 0.99, _pct(detection)),
         ("FPR <= 1%", fpr <= 0.01, _pct(fpr)),
@@ -539,7 +573,8 @@ def write_report(plan: Plan, results: Results, out: Path, plot: Path, seconds: f
     ablated = {f"{a}/{b}" for a, b in plan.arch_pairs[: plan.ablation_arch_pairs]}
     detectors = ["crossaudit", "Neural Cleanse", *(detector_name(a) for a in plan.ablations if a != "full")]
     times = "\n".join(
-        f"| {d} | {statistics.mean(results.pair_seconds[d]):.1f} | {statistics.median(results.pair_seconds[d]):.1f} |"
+        f"| {d} | {results.mean(d):.1f} | {statistics.median(t.wall for t in results.pair_times[d]):.1f} | "
+        f"{results.mean(d, 'cpu'):.1f} |"
         for d in detectors
     )
     scaling = "\n".join(
@@ -595,11 +630,16 @@ model is judged in every pair it is part of, so a witness can appear more than o
 
 ## Time per pair (seconds; crossaudit audits both models, Neural Cleanse runs on both)
 
-| detector | mean | median |
-|---|---|---|
+Both detectors get the same cores: crossaudit runs its two directions side by side, and
+Neural Cleanse its two models, one torch thread each (`neural_cleanse_pair`). CPU seconds
+count every thread, so they compare the work whatever the scheduling.
+
+| detector | mean wall | median wall | mean CPU |
+|---|---|---|---|
 {times}
 
-Neural Cleanse / crossaudit time ratio (means): {statistics.mean(results.pair_seconds["Neural Cleanse"]) / statistics.mean(results.pair_seconds["crossaudit"]):.2f}x.
+Neural Cleanse / crossaudit time ratio (means): {results.mean("Neural Cleanse") / results.mean("crossaudit"):.2f}x wall clock,
+{results.mean("Neural Cleanse", "cpu") / results.mean("crossaudit", "cpu"):.2f}x CPU.
 
 ## Scaling (one clean pair each; `{plot.name}`)
 

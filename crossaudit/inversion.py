@@ -29,10 +29,8 @@ each model's footprints are read against their median over targets (`Trigger.sca
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -41,9 +39,9 @@ from torch import Tensor, nn
 
 from crossaudit.cka import minibatch_cka
 from crossaudit.features import pooled
+from crossaudit.parallel import side_by_side
 
 FAMILIES = ("patch", "blend", "warp", "generator")
-T = TypeVar("T")
 
 
 # The generator family is implemented and selectable, but not on by default: on clean
@@ -243,7 +241,7 @@ class BatchPlan:
     """Every step's batch of an optimisation, as sample indices drawn before it runs.
 
     Why drawn up front: the two directions' optimisations run at the same time
-    (`_side_by_side`), and each must still see the batches a one-after-the-other run
+    (`parallel.side_by_side`), and each must still see the batches a one-after-the-other run
     draws from the shared generator, so that an audit's findings do not depend on how its
     work was scheduled. Each batch holds `per_target` samples not of each active target's
     class, stacked target by target; a minimal-patch search also draws one fixed check batch.
@@ -274,24 +272,6 @@ def _draw(labels: np.ndarray, active: list[int], per_target: int, rng: np.random
         pool = np.flatnonzero(labels != target)
         chosen.append(rng.choice(pool, per_target, replace=len(pool) < per_target))
     return np.concatenate(chosen)
-
-
-def _side_by_side(jobs: list[Callable[[], T]]) -> list[T]:
-    """Run the directions' optimisations at the same time, each on its share of torch's threads.
-
-    Why: a small model's step cannot keep two cores busy (one torch thread ran an audit
-    nearly as fast as two), so the two directions side by side, one thread each, finish a
-    Fashion-MNIST pair's minimal-patch search in 22 s where one after the other took 31 s.
-    The findings are bitwise the same (`BatchPlan`; `tests/test_inversion.py`).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // len(jobs)))
-    try:
-        with ThreadPoolExecutor(len(jobs)) as pool:
-            futures = [pool.submit(job) for job in jobs]
-            return [future.result() for future in futures]
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _losses(
@@ -355,9 +335,12 @@ def _each_direction(
     search: Callable[..., np.ndarray], families: list[TriggerFamily], directions: list[Models],
     data: tuple[Tensor, Tensor], plans: list[BatchPlan], config: InversionConfig,
 ) -> list[np.ndarray]:  # fmt: skip
-    """`search` (`_optimise` or `minimal_patches`) for every direction, side by side."""
+    """`search` (`_optimise` or `minimal_patches`) for every direction, side by side
+    (`parallel.side_by_side`): a Fashion-MNIST pair's minimal-patch search took 22 s so,
+    against 31 s one after the other, with bitwise the same findings (`BatchPlan`;
+    `tests/test_inversion.py`)."""
     jobs = zip(families, directions, plans, strict=True)
-    return _side_by_side([partial(search, family, models, data, plan, config) for family, models, plan in jobs])
+    return side_by_side([partial(search, family, models, data, plan, config) for family, models, plan in jobs])
 
 
 @torch.no_grad()

@@ -95,5 +95,5 @@ def test_both_directions_side_by_side_find_bitwise_what_one_after_the_other_find
                 for mine in found]  # fmt: skip
 
     side_by_side = findings()
-    monkeypatch.setattr(inversion, "_side_by_side", lambda jobs: [job() for job in jobs])
+    monkeypatch.setattr(inversion, "side_by_side", lambda jobs: [job() for job in jobs])
     assert side_by_side == findings()
