@@ -11,7 +11,6 @@ batched target search is compared with.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +39,6 @@ class NeuralCleanseResult:
     anomaly_index: float
     suspected_target: int
     flagged: bool
-    seconds: float
 
 
 def _reverse_engineer(
@@ -90,7 +88,6 @@ def neural_cleanse(
     model: nn.Module, x: np.ndarray, num_classes: int, config: NeuralCleanseConfig, seed: int = 0, device: str = "cpu"
 ) -> NeuralCleanseResult:
     """Run Neural Cleanse on one model with the auditor's clean images `x`."""
-    start = time.perf_counter()
     model = model.to(device).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -99,6 +96,5 @@ def neural_cleanse(
     norms = np.array([_reverse_engineer(model, images, t, config, generator) for t in range(num_classes)])
     index, target = anomaly_index(norms)
     return NeuralCleanseResult(
-        [round(float(n), 3) for n in norms], round(index, 4), target, index >= config.anomaly_threshold,
-        round(time.perf_counter() - start, 3),
-    )  # fmt: skip
+        [round(float(n), 3) for n in norms], round(index, 4), target, index >= config.anomaly_threshold
+    )
