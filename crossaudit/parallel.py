@@ -4,8 +4,9 @@ Why: a small model's optimisation step cannot keep two cores busy (one torch thr
 audit nearly as fast as two), so two independent jobs finish sooner side by side, one
 thread each, than one after the other with both threads. The audit runs its two
 directions' trigger searches this way (`inversion`), and the detection benchmark runs
-Neural Cleanse on a pair's two models the same way, so that the two detectors' times
-compare their work on the same cores, not how it was scheduled.
+Neural Cleanse on a pair's two models the same way, so that both detectors' wall times
+come from the same use of the cores. Jobs of unequal size leave a core idle once the
+smaller is done, which is why that benchmark reports CPU seconds too.
 """
 
 from __future__ import annotations
