@@ -293,7 +293,8 @@ def neural_cleanse_pair(
     45 s side by side). It is not Neural Cleanse's best schedule on every pair: a
     Fashion-MNIST ResNet's inversion runs 1.6x faster on two threads than on one, so in a
     ResNet/CNN pair a core idles once the CNN is done. The report gives CPU seconds too,
-    which do not depend on the schedule.
+    which do not depend on the schedule. The clock starts once the models are loaded,
+    where crossaudit's time includes loading them and the parity check (under a second).
     """
     audit = read_audit_data(str(data))
     models = [load_model(str(path)).module for path in paths]
