@@ -30,6 +30,8 @@ FLOOR = 0.2
 # Pairs of one architecture: a Fashion-MNIST CNN pair, and a pair of each dataset.
 _FMNIST_CNNS = ("fmnist", "cnn", "cnn")
 _BOTH = {arch: (("fmnist", arch, arch), ("digits", arch, arch)) for arch in ("cnn", "resnet", "mlp")}
+# A digits pair of each kind the zoo makes: unlike, alike, and a ResNet beside a CNN.
+_DIGITS_MIXED = (("digits", "cnn", "mlp"), ("digits", "cnn", "cnn"), ("digits", "resnet", "cnn"))
 # Per paradigm: (dataset, first architecture, second architecture), seeds assigned upwards
 # from the paradigm's seed blocks (all below 200, where the benchmark's test pairs start).
 CLEAN_PAIRS = {
@@ -57,19 +59,22 @@ CLEAN_PAIRS = {
         *_BOTH["cnn"] * 3,
         *(_FMNIST_CNNS,) * 10,
     ),
-    "semi": (("digits", "cnn", "mlp"), ("digits", "cnn", "cnn"), ("digits", "resnet", "cnn")),
-    "ssl": (("digits", "cnn", "mlp"), ("digits", "cnn", "cnn"), ("digits", "resnet", "cnn")),
-    "lm": (("pydoc", "gpt", "gpt"), ("pydoc", "gpt", "gpt"), ("pydoc", "gpt", "gpt")),
-    "captioner": (("digits", "cnn", "mlp"), ("digits", "cnn", "cnn"), ("digits", "resnet", "cnn")),
+    # The other paradigms' profiles take six pairs each: three had not met their clean
+    # tail (the next three raised five of their ten thresholds, by up to 0.21; stop 31).
+    "semi": _DIGITS_MIXED * 2,
+    "ssl": _DIGITS_MIXED * 2,
+    "lm": (("pydoc", "gpt", "gpt"),) * 6,
+    "captioner": _DIGITS_MIXED * 2,
 }
 # Seeds per paradigm, two per pair in calibration order. The supervised pairs outgrew their
-# first block (semi's seeds start at 120) and continue in the gaps between the others'.
+# first block (semi's seeds start at 120) and continue in the gaps between the others';
+# the other paradigms' second three pairs take seeds 80-97 and 186-191.
 SEED_BLOCKS = {
     "supervised": (range(100, 120), range(126, 140), range(146, 160), range(166, 180), range(60, 80)),
-    "semi": (range(120, 126),),
-    "ssl": (range(140, 146),),
-    "lm": (range(160, 166),),
-    "captioner": (range(180, 186),),
+    "semi": (range(120, 126), range(80, 86)),
+    "ssl": (range(140, 146), range(86, 92)),
+    "lm": (range(160, 166), range(92, 98)),
+    "captioner": (range(180, 192),),
 }
 # Trigger families scored per paradigm: a language model's trigger is a phrase.
 FAMILIES_OF = {"lm": (TEXT_FAMILY,)}
