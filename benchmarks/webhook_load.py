@@ -38,6 +38,7 @@ from crossaudit.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_H
 REPORT = Path("docs/webhook_load.md")
 SECRET = "load-test-secret-0123456789"
 MIX = {"genuine": 600, "redelivered": 150, "replayed": 100, "forged": 100, "stale": 50}
+REPEATS = ("redelivered", "replayed")  # deliveries of a version some genuine delivery registered
 
 
 class StubbedAuditReceiver(Receiver):
@@ -110,11 +111,22 @@ def run_burst(tracking_uri: str, root: Path, seed: int = 0) -> Burst:
         session = requests.Session()
         session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=16))
 
+        # A repeat goes out only once the delivery it repeats has been answered. Senders
+        # take deliveries in order, but one can stall while the next fifteen go out, and a
+        # re-delivery that overtook its original would be the one queued (the receiver is
+        # right either way; the counts below would not say which kind was answered how).
+        answered = {version: threading.Event() for version in range(1, MIX["genuine"] + 1)}
+
         def send(item: tuple[str, bytes, dict[str, str]]) -> tuple[str, str, float]:
             kind, body, headers = item
+            version = int(json.loads(body)["data"]["version"])
+            if kind in REPEATS:
+                answered[version].wait(timeout=60)
             start = time.perf_counter()
             response = session.post(f"{url}/webhook", data=body, headers=headers, timeout=30)
             elapsed = (time.perf_counter() - start) * 1000
+            if kind == "genuine":
+                answered[version].set()
             ok = response.status_code == 200
             return kind, response.json().get("status", "error") if ok else str(response.status_code), elapsed
 
