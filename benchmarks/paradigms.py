@@ -29,6 +29,7 @@ import numpy as np
 
 from benchmarks.metrics import auroc
 from crossaudit.audit import AuditConfig, run_audit
+from crossaudit.verdict import load_thresholds
 from crossaudit.zoo.captioner import captioner_config, export_captioner, train_captioner, write_caption_audit_set
 from crossaudit.zoo.datasets import load_dataset
 from crossaudit.zoo.language import LanguageConfig, export_language_model, train_language_model, write_text_audit_set
@@ -153,7 +154,8 @@ def section(results: dict[str, Samples], seeds: tuple[int, ...], seconds: float)
         rows.append(
             f"| {paradigm} | {detected}/{len(positives)} ({100 * detected / max(1, len(positives)):.0f}%) | "
             f"{flagged}/{len(negatives)} ({100 * flagged / max(1, len(negatives)):.0f}%) | "
-            f"{auroc(positives, negatives):.3f} | {statistics.median(s.seconds):.1f} | {s.errors} |"
+            f"{auroc(positives, negatives):.3f} | {statistics.median(s.seconds):.1f} | {s.errors} | "
+            f"{load_thresholds(paradigm=paradigm).clean_pairs} |"
         )
     attacks = ", ".join(IMAGE_ATTACKS)
     return f"""{BEGIN}
@@ -167,14 +169,14 @@ on the pydoc topics corpus, a trigger phrase forcing a continuation, audited aga
 clean vs clean. Captioners: digits images captioned by class ("a handwritten three"), CNN encoder
 plus a causal decoder, an image trigger ({attacks}) forcing the target caption, audited as the
 image models. Every model of a pair is a sample, judged by its paradigm's shipped profile (clean
-pairs, seeds below 200). AUROC on score / threshold.
+pairs, seeds below 200; the last column says how many). AUROC on score / threshold.
 
-| paradigm | backdoored models detected | clean models flagged | AUROC | median s per pair | inconclusive pairs |
-|---|---|---|---|---|---|
+| paradigm | backdoored models detected | clean models flagged | AUROC | median s per pair | inconclusive pairs | profile's clean pairs |
+|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 {misjudged_table(results)}
-{END}"""
+{END}"""  # noqa: E501
 
 
 _SECTION = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)

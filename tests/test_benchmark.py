@@ -164,3 +164,7 @@ def test_paradigm_benchmark_names_its_misjudged_models():
     assert "| semi | semi_mlp_clean_301 | semi_cnn_clean_300 | clean | flagged | 1.10 |" in text
     assert "| lm | lm_phrase_302 | lm_clean_300 | backdoored | inconclusive | - |" in text
     assert "none, every model" in section({"ssl": Samples([1.2], [0.1], [9.0])}, (300,), 9.0)
+    from crossaudit.verdict import load_thresholds
+
+    shipped = load_thresholds(paradigm="semi").clean_pairs
+    assert f"| 0.750 | 20.5 | 0 | {shipped} |" in text, "each row names how many clean pairs its profile rests on"
