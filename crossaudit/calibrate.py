@@ -36,9 +36,7 @@ _DIGITS_MIXED = (("digits", "cnn", "mlp"), ("digits", "cnn", "cnn"), ("digits", 
 # from the paradigm's seed blocks (all below 200, where the benchmark's test pairs start).
 CLEAN_PAIRS = {
     "supervised": (
-        ("digits", "cnn", "mlp"),
-        ("digits", "cnn", "cnn"),
-        ("digits", "resnet", "cnn"),
+        *_DIGITS_MIXED,
         ("fmnist", "cnn", "resnet"),
         ("fmnist", "cnn", "mlp"),
         ("digits", "resnet", "cnn"),

@@ -151,6 +151,7 @@ def test_finetune_scored_counts_only_the_success_that_survived_fine_tuning():
 
 def test_paradigm_benchmark_names_its_misjudged_models():
     from benchmarks.paradigms import Misjudged, Samples, section
+    from crossaudit.verdict import load_thresholds
 
     semi = Samples(positives=[0.8, 1.4], negatives=[0.3, 1.1], seconds=[20.0, 21.0])
     semi.misjudged += [
@@ -164,7 +165,5 @@ def test_paradigm_benchmark_names_its_misjudged_models():
     assert "| semi | semi_mlp_clean_301 | semi_cnn_clean_300 | clean | flagged | 1.10 |" in text
     assert "| lm | lm_phrase_302 | lm_clean_300 | backdoored | inconclusive | - |" in text
     assert "none, every model" in section({"ssl": Samples([1.2], [0.1], [9.0])}, (300,), 9.0)
-    from crossaudit.verdict import load_thresholds
-
     shipped = load_thresholds(paradigm="semi").clean_pairs
     assert f"| 0.750 | 20.5 | 0 | {shipped} |" in text, "each row names how many clean pairs its profile rests on"
