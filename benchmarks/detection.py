@@ -9,8 +9,9 @@ seeds below 200 only, no backdoored model), Neural Cleanse its published rule (a
 the same for a pair: crossaudit's two directions and Neural Cleanse's two models run
 side by side, one torch thread each (`neural_cleanse_pair`). Also measured, in the same run:
 - adversarially vulnerable clean models (MLPs, with their FGSM error shown): must pass;
-- ablations (no witness, no CKA term, and the sensitivity stage's fine-tuning scored as
-  it was before), same thresholds, on the plan's first architecture pairs;
+- ablations on the plan's first architecture pairs: no witness and no CKA term, same
+  thresholds; the sensitivity stage's fine-tuning scored as it was before, judged by the
+  thresholds its calibration rule gives on the calibration's own clean findings;
 - scaling of audit time with the number of classes (10/20/40 from real digits placed in
   the quadrants of a larger canvas) and with the model size.
 
@@ -34,6 +35,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -43,14 +45,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.metrics import auroc, bootstrap_auroc, tpr_at_fpr
+from benchmarks.metrics import auroc, bootstrap_auroc, rate_interval, tpr_at_fpr
 from benchmarks.paradigms import existing_section, write_section
 from crossaudit import __version__
 from crossaudit.audit import AuditConfig, AuditResult, run_audit
 from crossaudit.baselines.neural_cleanse import NeuralCleanseConfig, NeuralCleanseResult, neural_cleanse
-from crossaudit.calibrate import SEED_BLOCKS
+from crossaudit.calibrate import SEED_BLOCKS, CalibrationRun, profile
 from crossaudit.data import read_audit_data, write_parquet
-from crossaudit.inversion import InversionConfig
+from crossaudit.inversion import DEFAULT_FAMILIES, InversionConfig
 from crossaudit.models import load_model
 from crossaudit.parallel import side_by_side
 from crossaudit.verdict import Finding, ModelReport, Thresholds, judge, load_thresholds
@@ -68,6 +70,9 @@ ABLATIONS = {
 # the score differs, so it rescores the full audit's findings (`finetune_scored`) rather
 # than audit again, and its time is the full audit's.
 FINETUNE_SCORED = "fine-tuning scored"
+# What `crossaudit calibrate --paradigm supervised --findings` wrote with the shipped
+# thresholds: the clean pairs' findings that a changed score is calibrated on.
+CALIBRATION_FINDINGS = Path(__file__).resolve().parents[1] / "docs" / "calibration_findings_supervised.json"
 TARGETS = (3, 7, 1, 5)
 
 
@@ -244,7 +249,7 @@ def crossaudit_samples(
         similarity = result.alignment.similarity if result.alignment is not None else None
         judged[detector_name(name)] = (result.report.models, result.report.error, timing, similarity)
         if name == "full" and FINETUNE_SCORED in ablations:
-            models = finetune_scored(result, thresholds)
+            models = finetune_scored(result, finetune_scored_thresholds(dataset))
             judged[detector_name(FINETUNE_SCORED)] = (models, result.report.error, timing, similarity)
     names = (suspect.stem, witness.stem)
     samples = {}
@@ -268,25 +273,58 @@ def detector_name(ablation: str) -> str:
     return "crossaudit" if ablation == "full" else f"crossaudit ({ablation})"
 
 
-def finetune_scored(result: AuditResult, thresholds: Thresholds) -> list[ModelReport]:
-    """The full audit's models judged again, each finding's success (its own and its
-    peer's) counted only as far as it survived the sensitivity stage's fine-tuning."""
-    report = result.report
-    if report.error is not None or result.alignment is None:
-        return report.models
+def survived(findings: list[list[Finding]]) -> list[list[Finding]]:
+    """A pair's two models' findings, each one's success (its own and its peer's for the
+    same family and target) counted only as far as it survived the sensitivity stage's
+    fine-tuning."""
 
     def surviving(finding: Finding) -> float:
         return min(finding.asr, finding.asr_after_finetune) * finding.witness_kept
 
     rescored = []
-    for index, model in enumerate(report.models):
-        peers = {(f.family, f.target): f for f in report.models[1 - index].findings}
-        findings = [
+    for index, own in enumerate(findings):
+        peers = {(f.family, f.target): f for f in findings[1 - index]}
+        rescored.append([
             dataclasses.replace(f, effective_asr=surviving(f), peer_effective_asr=surviving(peers[f.family, f.target]))
-            for f in model.findings
-        ]
-        rescored.append(judge(model.uri, findings, thresholds, result.alignment.similarity))
+            for f in own
+        ])  # fmt: skip
     return rescored
+
+
+def calibration_runs(
+    dataset: str, rescore: Callable[[list[list[Finding]]], list[list[Finding]]], path: Path = CALIBRATION_FINDINGS
+) -> list[CalibrationRun]:
+    """The dataset's clean calibration pairs, each scored per family as
+    `calibrate.pair_scores` does, on its findings after `rescore`."""
+    runs = []
+    for record in json.loads(path.read_text()):
+        if not record["pair"].startswith(f"{dataset}:"):
+            continue
+        scores = dict.fromkeys(DEFAULT_FAMILIES, 0.0)
+        for findings in rescore([[Finding(**f) for f in model["findings"]] for model in record["models"]]):
+            for finding in findings:
+                scores[finding.family] = max(scores[finding.family], finding.score)
+        runs.append(CalibrationRun(record["pair"], scores, record["similarity"]))
+    return runs
+
+
+def finetune_scored_thresholds(dataset: str) -> Thresholds:
+    """The dataset's profile as the calibration's rule sets it for the fine-tuning score:
+    the same clean pairs' findings rescored (no pair audited again, none backdoored), so
+    the ablation is judged like for like rather than by thresholds made for another score."""
+    return profile(dataset, "supervised", calibration_runs(dataset, survived))
+
+
+def finetune_scored(result: AuditResult, thresholds: Thresholds) -> list[ModelReport]:
+    """The full audit's models judged again with their findings `survived`."""
+    report = result.report
+    if report.error is not None or result.alignment is None:
+        return report.models
+    findings = survived([model.findings for model in report.models])
+    return [
+        judge(model.uri, own, thresholds, result.alignment.similarity)
+        for model, own in zip(report.models, findings, strict=True)
+    ]
 
 
 def neural_cleanse_pair(
@@ -418,14 +456,13 @@ def _scores(samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
 def _row(name: str, samples: list[Sample], negatives: list[Sample], rounds: int) -> str:
     positives = [s for s in samples if s.positive]
     pos_scores, neg_scores = np.array([s.score for s in positives]), np.array([s.score for s in negatives])
-    detection = np.mean([s.flagged for s in positives]) if positives else float("nan")
     flagged = [s for s in positives if s.flagged]
     target = float(np.mean([s.target_right for s in flagged])) if flagged else float("nan")
     area = auroc(pos_scores, neg_scores)
     low, high = bootstrap_auroc(pos_scores, neg_scores, rounds)
     inconclusive = sum(s.inconclusive for s in positives)
     return (
-        f"| {name} | {len(positives)} | {_pct(detection)} | {area:.3f} [{low:.3f}, {high:.3f}] | "
+        f"| {name} | {len(positives)} | {_rate(len(flagged), len(positives))} | {area:.3f} [{low:.3f}, {high:.3f}] | "
         f"{_pct(tpr_at_fpr(pos_scores, neg_scores, 0.01))} | {_pct(tpr_at_fpr(pos_scores, neg_scores, 0.05))} | "
         f"{_pct(target)} | {inconclusive} |"
     )
@@ -433,6 +470,15 @@ def _row(name: str, samples: list[Sample], negatives: list[Sample], rounds: int)
 
 def _pct(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{100 * value:.1f}%"
+
+
+def _rate(hits: int, total: int) -> str:
+    """A rate with its exact 95% interval: on tens of models the interval, not the rate,
+    says what the run can show (no false positive of 52 still allows 6.8%)."""
+    if total == 0:
+        return "n/a"
+    low, high = rate_interval(hits, total)
+    return f"{_pct(hits / total)} [{_pct(low)}, {_pct(high)}]"
 
 
 def detector_table(results: Results, detector: str, rounds: int, arch_pairs: set[str] | None = None) -> str:
@@ -443,15 +489,15 @@ def detector_table(results: Results, detector: str, rounds: int, arch_pairs: set
     attacks = sorted({s.attack for s in samples if s.positive})
     rows = [_row(a, [s for s in samples if s.attack == a], negatives, rounds) for a in attacks]
     rows.append(_row("**all attacks**", samples, negatives, rounds))
-    fpr = np.mean([s.flagged for s in negatives]) if negatives else float("nan")
     scope = f" on {', '.join(sorted(arch_pairs))} pairs" if arch_pairs else ""
     vulnerable = [s for s in negatives if "vulnerable" in s.attack]
     return "\n".join([
-        f"**{detector}**{scope}: false-positive rate on clean models {_pct(fpr)} "
+        f"**{detector}**{scope}: false-positive rate on clean models "
+        f"{_rate(sum(s.flagged for s in negatives), len(negatives))} "
         f"({sum(s.flagged for s in negatives)} of {len(negatives)}; vulnerable pair: "
         f"{sum(s.flagged for s in vulnerable)} of {len(vulnerable)} flagged)",
         "",
-        "| attack | backdoored models | detected | AUROC [95% CI] | TPR @ 1% FPR | TPR @ 5% FPR | right target | inconclusive |",  # noqa: E501
+        "| attack | backdoored models | detected [95% CI] | AUROC [95% CI] | TPR @ 1% FPR | TPR @ 5% FPR | right target | inconclusive |",  # noqa: E501
         "|---|---|---|---|---|---|---|---|",
         *rows,
     ])  # fmt: skip
@@ -518,29 +564,35 @@ def misjudged_table(results: Results) -> str:
 
 
 def targets_line(results: Results) -> str:
+    """Each target of issue 4, met or not, with what the run measured.
+
+    Rates carry their exact interval, which says whether the run could show the target at
+    all; the speed target is met only on both clocks, because the wall-clock ratio depends
+    on how each detector's two halves share the cores and the CPU ratio does not."""
     ours = [s for s in results.samples if s.detector == "crossaudit"]
     nc = [s for s in results.samples if s.detector == "Neural Cleanse"]
 
-    def rates(samples: list[Sample]) -> tuple[float, float, float, float]:
+    def counts(samples: list[Sample]) -> tuple[int, int, int, int]:
         positives = [s for s in samples if s.positive]
         negatives = [s for s in samples if not s.positive]
-        flagged = [s for s in positives if s.flagged]
-        pos, neg = _scores(samples)
-        return (
-            float(np.mean([s.flagged for s in positives])), float(np.mean([s.flagged for s in negatives])),
-            auroc(pos, neg), float(np.mean([s.target_right for s in flagged])) if flagged else float("nan"),
-        )  # fmt: skip
+        return sum(s.flagged for s in positives), len(positives), sum(s.flagged for s in negatives), len(negatives)
 
-    detection, fpr, area, target = rates(ours)
-    nc_detection = rates(nc)[0]
-    speed = results.speedup()
+    detected, backdoored, false_positives, clean = counts(ours)
+    nc_detected, nc_backdoored = counts(nc)[:2]
+    detection, nc_detection = detected / backdoored, nc_detected / nc_backdoored
+    flagged = [s for s in ours if s.positive and s.flagged]
+    target = float(np.mean([s.target_right for s in flagged])) if flagged else float("nan")
+    area = auroc(*_scores(ours))
+    wall, cpu = results.speedup("wall"), results.speedup("cpu")
     checks = [
-        ("detection >= 99%", detection >= 0.99, _pct(detection)),
-        ("FPR <= 1%", fpr <= 0.01, _pct(fpr)),
+        ("detection >= 99%", detection >= 0.99, f"{_rate(detected, backdoored)}, {detected} of {backdoored}"),
+        ("FPR <= 1%", false_positives / clean <= 0.01,
+         f"{_rate(false_positives, clean)}, {false_positives} of {clean}"),
         ("AUROC >= 0.99", area >= 0.99, f"{area:.3f}"),
         ("right target >= 95%", target >= 0.95, _pct(target)),
-        ("5x faster than Neural Cleanse at equal or better detection", speed >= 5 and detection >= nc_detection,
-         f"{speed:.2f}x, detection {_pct(detection)} vs {_pct(nc_detection)}"),
+        ("5x faster than Neural Cleanse at equal or better detection",
+         min(wall, cpu) >= 5 and detection >= nc_detection,
+         f"{wall:.2f}x wall clock, {cpu:.2f}x CPU, detection {_pct(detection)} vs {_pct(nc_detection)}"),
     ]  # fmt: skip
     return "\n".join(f"- {name}: **{'met' if ok else 'NOT met'}** ({value})" for name, ok, value in checks)
 
@@ -611,7 +663,8 @@ vulnerable clean MLP/CNN pair per dataset (FGSM error at eps 0.03: {vulnerabilit
 Thresholds: the shipped per-dataset profiles from `crossaudit calibrate` (clean pairs, seeds {_calibration_seeds()},
 no backdoored model); nothing here is fitted to these pairs. Neural Cleanse: anomaly index >= 2
 ({plan.neural_cleanse.steps} steps per class). Scores for AUROC: crossaudit's score / threshold, Neural
-Cleanse's anomaly index. Bootstrap: {plan.bootstrap} rounds.
+Cleanse's anomaly index. Bootstrap: {plan.bootstrap} rounds. Intervals on detection and
+false-positive rates: exact (Clopper-Pearson) 95%.
 
 ## Targets (issue 4)
 
@@ -636,7 +689,12 @@ model is judged in every pair it is part of, so a witness can appear more than o
 
 {misjudged_table(results)}
 
-## Ablations (same thresholds; on the {", ".join(f"{a}/{b}" for a, b in plan.arch_pairs[: plan.ablation_arch_pairs])} pairs)
+## Ablations (on the {", ".join(f"{a}/{b}" for a, b in plan.arch_pairs[: plan.ablation_arch_pairs])} pairs)
+
+No witness and no CKA term are audited again and judged by the shipped thresholds.
+Fine-tuning scored rescores the full audit's findings and is judged by the thresholds
+the calibration's rule sets for that score on the calibration's own clean findings
+(`docs/{CALIBRATION_FINDINGS.name}`): {_finetune_thresholds_line(plan)}.
 
 {chr(10).join(detector_table(results, detector_name(d), plan.bootstrap, ablated) + chr(10) for d in plan.ablations)}
 
@@ -663,6 +721,24 @@ Neural Cleanse / crossaudit time ratio (means): {results.speedup():.2f}x wall cl
 """)  # noqa: E501
     if paradigms:
         write_section(paradigms, out)
+
+
+def _finetune_thresholds_line(plan: Plan) -> str:
+    """The fine-tuning-scored thresholds beside the shipped ones, per dataset of the plan."""
+
+    def families(per_family: dict[str, float]) -> str:
+        return ", ".join(f"{family} {value:.2f}" for family, value in per_family.items())
+
+    lines = []
+    for dataset in plan.datasets:
+        ours, shipped = finetune_scored_thresholds(dataset), load_thresholds(dataset)
+        line = f"{dataset} {families(ours.per_family)} (shipped {families(shipped.per_family)})"
+        if ours.similar_per_family is not None and shipped.similar_per_family is not None:
+            line += (
+                f", alike pairs {families(ours.similar_per_family)} (shipped {families(shipped.similar_per_family)})"
+            )
+        lines.append(line)
+    return "; ".join(lines)
 
 
 def write_findings(results: Results, out: Path) -> None:

@@ -1,8 +1,10 @@
-"""Detection metrics over per-model scores: AUROC with a bootstrap interval, TPR at a fixed FPR."""
+"""Detection metrics over per-model scores: AUROC with a bootstrap interval, TPR at a fixed FPR,
+and exact intervals for detection and false-positive rates."""
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import binomtest
 
 
 def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
@@ -36,3 +38,16 @@ def tpr_at_fpr(positives: np.ndarray, negatives: np.ndarray, fpr: float) -> floa
     allowed = int(np.floor(fpr * len(negatives)))
     threshold = np.sort(negatives)[::-1][allowed]
     return float(np.mean(positives > threshold))
+
+
+def rate_interval(hits: int, total: int) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) 95% interval of a rate seen as `hits` of `total`.
+
+    Why exact: the benchmark's rates sit at or near 0% and 100% on tens of models, where
+    the normal approximation gives intervals that leave [0, 1] or shrink to a point; the
+    exact interval says honestly that 0 false positives of 52 cannot show a rate under 1%.
+    """
+    if total == 0:
+        return float("nan"), float("nan")
+    interval = binomtest(hits, total).proportion_ci(0.95, method="exact")
+    return float(interval.low), float(interval.high)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from benchmarks.metrics import auroc, bootstrap_auroc, tpr_at_fpr
+from benchmarks.metrics import auroc, bootstrap_auroc, rate_interval, tpr_at_fpr
 from crossaudit.baselines.neural_cleanse import NeuralCleanseConfig, anomaly_index, neural_cleanse
 from crossaudit.data import read_audit_data
 from crossaudit.models import load_model
@@ -27,6 +27,15 @@ def test_tpr_at_fpr_puts_the_threshold_above_the_allowed_negatives():
     positives = np.array([97.5, 98.5, 150.0])
     assert tpr_at_fpr(positives, negatives, 0.01) == pytest.approx(2 / 3)  # threshold 98: one negative above it
     assert tpr_at_fpr(positives, np.array([1.0, 5.0]), 0.01) == 1.0  # with few negatives: above the highest
+
+
+def test_rate_interval_is_exact_and_stays_in_the_unit_interval():
+    # 0 of 52: the one-sided bound of the "rule of three" family, 1 - 0.025 ** (1 / 52).
+    assert rate_interval(0, 52) == (0.0, pytest.approx(1 - 0.025 ** (1 / 52)))
+    assert rate_interval(6, 6) == (pytest.approx(0.025 ** (1 / 6)), 1.0)
+    low, high = rate_interval(3, 52)
+    assert low < 3 / 52 < high and high > 0.01  # three false positives of 52 cannot show FPR <= 1%
+    assert all(np.isnan(rate_interval(0, 0)))
 
 
 def test_anomaly_index_flags_only_the_lower_tail():
@@ -64,8 +73,8 @@ def test_quick_benchmark_writes_a_report_with_every_section(tmp_path):
     sections = (
         "## Targets (issue 4)", "**crossaudit**", "**Neural Cleanse**", "**crossaudit by architecture pair**",
         "| cnn/cnn | ", "**crossaudit by dataset**", "| badnets | ", "**crossaudit's misjudged models**",
-        "crossaudit (no witness)", "crossaudit (fine-tuning scored)", "x wall clock", "x CPU.", "## Scaling",
-        "| mlp | ",
+        "crossaudit (no witness)", "crossaudit (fine-tuning scored)", "x wall clock", "x CPU.", "x CPU, detection",
+        "detected [95% CI]", "## Scaling", "| mlp | ",
     )  # fmt: skip
     assert [s for s in sections if s not in report] == []
     assert (tmp_path / "benchmarks-quick_scaling.png").stat().st_size > 10_000
@@ -147,6 +156,26 @@ def test_finetune_scored_counts_only_the_success_that_survived_fine_tuning():
     assert suspect.findings[0].peer_effective_asr == pytest.approx(0.9)
     assert suspect.score == pytest.approx(suspect.findings[0].score, abs=1e-4) and suspect.score < fragile.score
     assert peer.findings[0].peer_effective_asr == pytest.approx(0.1)
+
+
+def test_finetune_scored_thresholds_follow_the_calibrations_rule_on_its_clean_findings():
+    """Rebuilt from the shipped calibration findings with today's score, the calibration's
+    rule gives the shipped thresholds exactly; so the fine-tuning-scored ablation's, built
+    the same way from the rescored findings, are those a calibration for that score sets."""
+    from benchmarks.detection import calibration_runs, finetune_scored_thresholds, survived
+    from crossaudit.calibrate import profile
+    from crossaudit.verdict import load_thresholds
+
+    for dataset in ("digits", "fmnist"):
+        runs = calibration_runs(dataset, lambda findings: findings)
+        rebuilt, shipped = profile(dataset, "supervised", runs), load_thresholds(dataset)
+        assert (rebuilt.per_family, rebuilt.similar_per_family) == (shipped.per_family, shipped.similar_per_family)
+        assert rebuilt.clean_pairs == shipped.clean_pairs
+        ablated = finetune_scored_thresholds(dataset)
+        assert ablated.clean_pairs == shipped.clean_pairs
+        assert ablated.per_family != shipped.per_family  # the rescoring moved the clean maxima
+        rescored = calibration_runs(dataset, survived)
+        assert ablated == profile(dataset, "supervised", rescored)
 
 
 def test_paradigm_benchmark_names_its_misjudged_models():
