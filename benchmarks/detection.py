@@ -50,7 +50,7 @@ from benchmarks.paradigms import existing_section, write_section
 from crossaudit import __version__
 from crossaudit.audit import AuditConfig, AuditResult, run_audit
 from crossaudit.baselines.neural_cleanse import NeuralCleanseConfig, NeuralCleanseResult, neural_cleanse
-from crossaudit.calibrate import SEED_BLOCKS, CalibrationRun, profile
+from crossaudit.calibrate import SEED_BLOCKS, CalibrationRun, family_maxima, profile
 from crossaudit.data import read_audit_data, write_parquet
 from crossaudit.inversion import DEFAULT_FAMILIES, InversionConfig
 from crossaudit.models import load_model
@@ -295,15 +295,13 @@ def calibration_runs(
     dataset: str, rescore: Callable[[list[list[Finding]]], list[list[Finding]]], path: Path = CALIBRATION_FINDINGS
 ) -> list[CalibrationRun]:
     """The dataset's clean calibration pairs, each scored per family as
-    `calibrate.pair_scores` does, on its findings after `rescore`."""
+    `calibrate.pair_scores` scores them (`family_maxima`), on its findings after `rescore`."""
     runs = []
     for record in json.loads(path.read_text()):
         if not record["pair"].startswith(f"{dataset}:"):
             continue
-        scores = dict.fromkeys(DEFAULT_FAMILIES, 0.0)
-        for findings in rescore([[Finding(**f) for f in model["findings"]] for model in record["models"]]):
-            for finding in findings:
-                scores[finding.family] = max(scores[finding.family], finding.score)
+        pair = rescore([[Finding(**f) for f in model["findings"]] for model in record["models"]])
+        scores = family_maxima((finding for findings in pair for finding in findings), DEFAULT_FAMILIES)
         runs.append(CalibrationRun(record["pair"], scores, record["similarity"]))
     return runs
 
@@ -491,10 +489,10 @@ def detector_table(results: Results, detector: str, rounds: int, arch_pairs: set
     rows.append(_row("**all attacks**", samples, negatives, rounds))
     scope = f" on {', '.join(sorted(arch_pairs))} pairs" if arch_pairs else ""
     vulnerable = [s for s in negatives if "vulnerable" in s.attack]
+    false_positives = sum(s.flagged for s in negatives)
     return "\n".join([
-        f"**{detector}**{scope}: false-positive rate on clean models "
-        f"{_rate(sum(s.flagged for s in negatives), len(negatives))} "
-        f"({sum(s.flagged for s in negatives)} of {len(negatives)}; vulnerable pair: "
+        f"**{detector}**{scope}: false-positive rate on clean models {_rate(false_positives, len(negatives))} "
+        f"({false_positives} of {len(negatives)}; vulnerable pair: "
         f"{sum(s.flagged for s in vulnerable)} of {len(vulnerable)} flagged)",
         "",
         "| attack | backdoored models | detected [95% CI] | AUROC [95% CI] | TPR @ 1% FPR | TPR @ 5% FPR | right target | inconclusive |",  # noqa: E501

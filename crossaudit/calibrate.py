@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from crossaudit.audit import AuditConfig, run_audit
 from crossaudit.inversion import DEFAULT_FAMILIES
 from crossaudit.text_audit import FAMILY as TEXT_FAMILY
-from crossaudit.verdict import DEFAULT_PROFILE, MIN_SIMILAR_PAIRS, SIMILAR, Thresholds
+from crossaudit.verdict import DEFAULT_PROFILE, MIN_SIMILAR_PAIRS, SIMILAR, Finding, Thresholds
 from crossaudit.zoo.captioner import captioner_config, export_captioner, train_captioner, write_caption_audit_set
 from crossaudit.zoo.datasets import load_dataset
 from crossaudit.zoo.language import LanguageConfig, export_language_model, train_language_model, write_text_audit_set
@@ -155,17 +156,23 @@ def pair_scores(first: str, second: str, data: str, paradigm: str) -> tuple[dict
     result = run_audit(first, second, data, config=AuditConfig(paradigm=paradigm), thresholds=provisional)
     if result.report.error or result.alignment is None:
         raise RuntimeError(f"calibration audit of {first} and {second} failed: {result.report.error}")
-    scores = dict.fromkeys(families, 0.0)
-    for model in result.report.models:
-        for finding in model.findings:
-            scores[finding.family] = max(scores[finding.family], finding.score)
-        if paradigm == "lm":
-            scores[TEXT_FAMILY] = max(scores[TEXT_FAMILY], model.score or 0.0)
+    scores = family_maxima((finding for model in result.report.models for finding in model.findings), families)
+    if paradigm == "lm":
+        scores[TEXT_FAMILY] = max([scores[TEXT_FAMILY]] + [model.score or 0.0 for model in result.report.models])
     findings = [
         {"model": Path(model.uri).name, "findings": [asdict(finding) for finding in model.findings]}
         for model in result.report.models
     ]
     return scores, round(result.alignment.similarity, 4), findings
+
+
+def family_maxima(findings: Iterable[Finding], families: tuple[str, ...]) -> dict[str, float]:
+    """Per trigger family, the highest score among a clean pair's findings (0 where it has
+    none): what the calibration's rule takes the maximum of over pairs (`profile`)."""
+    scores = dict.fromkeys(families, 0.0)
+    for finding in findings:
+        scores[finding.family] = max(scores[finding.family], finding.score)
+    return scores
 
 
 def profiles(paradigm: str, runs: list[CalibrationRun]) -> list[Thresholds]:
