@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import platform
 import statistics
 import tempfile
@@ -45,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.metrics import auroc, bootstrap_auroc, rate_interval, tpr_at_fpr
+from benchmarks.metrics import auroc, bootstrap_auroc, percent, rate_text, tpr_at_fpr
 from benchmarks.paradigms import existing_section, write_section
 from crossaudit import __version__
 from crossaudit.audit import AuditConfig, AuditResult, run_audit
@@ -121,7 +120,7 @@ QUICK = Plan(
     (), ("mlp",), NeuralCleanseConfig(steps=60), bootstrap=200,
 )  # fmt: skip
 PLANS = {plan.name: plan for plan in (QUICK, STANDARD, FULL)}
-DEFAULT_PLAN = STANDARD.name  # what `make bench` runs: about 70 min, where the full plan takes about four hours
+DEFAULT_PLAN = STANDARD.name  # what `make bench` runs: about 80 min, where the full plan takes about four hours
 
 
 @dataclass
@@ -459,24 +458,12 @@ def _row(name: str, samples: list[Sample], negatives: list[Sample], rounds: int)
     area = auroc(pos_scores, neg_scores)
     low, high = bootstrap_auroc(pos_scores, neg_scores, rounds)
     inconclusive = sum(s.inconclusive for s in positives)
+    detected = rate_text(len(flagged), len(positives))
     return (
-        f"| {name} | {len(positives)} | {_rate(len(flagged), len(positives))} | {area:.3f} [{low:.3f}, {high:.3f}] | "
-        f"{_pct(tpr_at_fpr(pos_scores, neg_scores, 0.01))} | {_pct(tpr_at_fpr(pos_scores, neg_scores, 0.05))} | "
-        f"{_pct(target)} | {inconclusive} |"
+        f"| {name} | {len(positives)} | {detected} | {area:.3f} [{low:.3f}, {high:.3f}] | "
+        f"{percent(tpr_at_fpr(pos_scores, neg_scores, 0.01))} | {percent(tpr_at_fpr(pos_scores, neg_scores, 0.05))} | "
+        f"{percent(target)} | {inconclusive} |"
     )
-
-
-def _pct(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{100 * value:.1f}%"
-
-
-def _rate(hits: int, total: int) -> str:
-    """A rate with its exact 95% interval: on tens of models the interval, not the rate,
-    says what the run can show (no false positive of 52 still allows 6.8%)."""
-    if total == 0:
-        return "n/a"
-    low, high = rate_interval(hits, total)
-    return f"{_pct(hits / total)} [{_pct(low)}, {_pct(high)}]"
 
 
 def detector_table(results: Results, detector: str, rounds: int, arch_pairs: set[str] | None = None) -> str:
@@ -491,7 +478,7 @@ def detector_table(results: Results, detector: str, rounds: int, arch_pairs: set
     vulnerable = [s for s in negatives if "vulnerable" in s.attack]
     false_positives = sum(s.flagged for s in negatives)
     return "\n".join([
-        f"**{detector}**{scope}: false-positive rate on clean models {_rate(false_positives, len(negatives))} "
+        f"**{detector}**{scope}: false-positive rate on clean models {rate_text(false_positives, len(negatives))} "
         f"({false_positives} of {len(negatives)}; vulnerable pair: "
         f"{sum(s.flagged for s in vulnerable)} of {len(vulnerable)} flagged)",
         "",
@@ -583,14 +570,14 @@ def targets_line(results: Results) -> str:
     area = auroc(*_scores(ours))
     wall, cpu = results.speedup("wall"), results.speedup("cpu")
     checks = [
-        ("detection >= 99%", detection >= 0.99, f"{_rate(detected, backdoored)}, {detected} of {backdoored}"),
+        ("detection >= 99%", detection >= 0.99, f"{rate_text(detected, backdoored)}, {detected} of {backdoored}"),
         ("FPR <= 1%", false_positives / clean <= 0.01,
-         f"{_rate(false_positives, clean)}, {false_positives} of {clean}"),
+         f"{rate_text(false_positives, clean)}, {false_positives} of {clean}"),
         ("AUROC >= 0.99", area >= 0.99, f"{area:.3f}"),
-        ("right target >= 95%", target >= 0.95, _pct(target)),
+        ("right target >= 95%", target >= 0.95, percent(target)),
         ("5x faster than Neural Cleanse at equal or better detection",
          min(wall, cpu) >= 5 and detection >= nc_detection,
-         f"{wall:.2f}x wall clock, {cpu:.2f}x CPU, detection {_pct(detection)} vs {_pct(nc_detection)}"),
+         f"{wall:.2f}x wall clock, {cpu:.2f}x CPU, detection {percent(detection)} vs {percent(nc_detection)}"),
     ]  # fmt: skip
     return "\n".join(f"- {name}: **{'met' if ok else 'NOT met'}** ({value})" for name, ok, value in checks)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.metrics import auroc
+from benchmarks.metrics import auroc, rate_text
 from crossaudit.audit import AuditConfig, run_audit
 from crossaudit.verdict import load_thresholds
 from crossaudit.zoo.captioner import captioner_config, export_captioner, train_captioner, write_caption_audit_set
@@ -152,8 +152,8 @@ def section(results: dict[str, Samples], seeds: tuple[int, ...], seconds: float)
         positives, negatives = np.array(s.positives), np.array(s.negatives)
         detected, flagged = int(np.sum(positives >= 1.0)), int(np.sum(negatives >= 1.0))
         rows.append(
-            f"| {paradigm} | {detected}/{len(positives)} ({100 * detected / max(1, len(positives)):.0f}%) | "
-            f"{flagged}/{len(negatives)} ({100 * flagged / max(1, len(negatives)):.0f}%) | "
+            f"| {paradigm} | {detected}/{len(positives)}, {rate_text(detected, len(positives))} | "
+            f"{flagged}/{len(negatives)}, {rate_text(flagged, len(negatives))} | "
             f"{auroc(positives, negatives):.3f} | {statistics.median(s.seconds):.1f} | {s.errors} | "
             f"{load_thresholds(paradigm=paradigm).clean_pairs} |"
         )
@@ -169,9 +169,10 @@ on the pydoc topics corpus, a trigger phrase forcing a continuation, audited aga
 clean vs clean. Captioners: digits images captioned by class ("a handwritten three"), CNN encoder
 plus a causal decoder, an image trigger ({attacks}) forcing the target caption, audited as the
 image models. Every model of a pair is a sample, judged by its paradigm's shipped profile (clean
-pairs, seeds below 200; the last column says how many). AUROC on score / threshold.
+pairs, seeds below 200; the last column says how many). AUROC on score / threshold. Rates carry
+their exact (Clopper-Pearson) 95% interval: on eight models, 8 of 8 still allows a rate of 63%.
 
-| paradigm | backdoored models detected | clean models flagged | AUROC | median s per pair | inconclusive pairs | profile's clean pairs |
+| paradigm | backdoored models detected [95% CI] | clean models flagged [95% CI] | AUROC | median s per pair | inconclusive pairs | profile's clean pairs |
 |---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from benchmarks.metrics import auroc, bootstrap_auroc, rate_interval, tpr_at_fpr
+from benchmarks.metrics import auroc, bootstrap_auroc, rate_interval, rate_text, tpr_at_fpr
 from crossaudit.baselines.neural_cleanse import NeuralCleanseConfig, anomaly_index, neural_cleanse
 from crossaudit.data import read_audit_data
 from crossaudit.models import load_model
@@ -36,6 +36,8 @@ def test_rate_interval_is_exact_and_stays_in_the_unit_interval():
     low, high = rate_interval(3, 52)
     assert low < 3 / 52 < high and high > 0.01  # three false positives of 52 cannot show FPR <= 1%
     assert all(np.isnan(rate_interval(0, 0)))
+    assert rate_text(0, 52) == "0.0% [0.0%, 6.8%]"  # what a report prints: no false positive still allows 6.8%
+    assert rate_text(0, 0) == "n/a"
 
 
 def test_anomaly_index_flags_only_the_lower_tail():
@@ -191,6 +193,7 @@ def test_paradigm_benchmark_names_its_misjudged_models():
     assert "| semi | semi_cnn_badnets_302 | semi_mlp_clean_301 | backdoored | passed | 0.80 |" in text
     assert "| semi | semi_mlp_clean_301 | semi_cnn_clean_300 | clean | flagged | 1.10 |" in text
     assert "| lm | lm_phrase_302 | lm_clean_300 | backdoored | inconclusive | - |" in text
+    assert "| semi | 1/2, 50.0% [1.3%, 98.7%] | 1/2, 50.0% [1.3%, 98.7%] |" in text, "rates carry their interval"
     assert "none, every model" in section({"ssl": Samples([1.2], [0.1], [9.0])}, (300,), 9.0)
     shipped = load_thresholds(paradigm="semi").clean_pairs
     assert f"| 0.750 | 20.5 | 0 | {shipped} |" in text, "each row names how many clean pairs its profile rests on"
