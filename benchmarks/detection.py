@@ -352,12 +352,14 @@ def neural_cleanse_samples(
     """Neural Cleanse's judgement of a pair's models, as `crossaudit_samples` gives
     crossaudit's: the suspect carries `attack` ("clean" for none), the witness is clean."""
     results, timing = neural_cleanse_pair((suspect, witness), data, config)
+    names = (suspect.stem, witness.stem)
     samples = []
     for index, result in enumerate(results):
         positive = index == 0 and attack != "clean"
         samples.append(Sample(
             "Neural Cleanse", attack if index == 0 else "clean", dataset, positive, result.anomaly_index,
             result.flagged, positive and result.flagged and result.suspected_target == target,
+            model=names[index], peer=names[1 - index],
         ))  # fmt: skip
     return samples, timing
 
@@ -466,6 +468,30 @@ def _row(name: str, samples: list[Sample], negatives: list[Sample], rounds: int)
     )
 
 
+def distinct_models_flagged(negatives: list[Sample]) -> tuple[int, int]:
+    """Clean models flagged in at least one of their audits, and how many clean models there were.
+
+    Why: a cell's witness is judged in each of the cell's seven audits, so the clean
+    judgements are not independent trials: crossaudit judges the witness anew against each
+    suspect, Neural Cleanse (a single-model detector, seeded) repeats one judgement. The
+    exact interval over judgements assumes independence; over distinct models it does not.
+    """
+    flagged: dict[str, bool] = {}
+    for sample in negatives:
+        flagged[sample.model] = flagged.get(sample.model, False) or sample.flagged
+    return sum(flagged.values()), len(flagged)
+
+
+def _false_positives(negatives: list[Sample]) -> str:
+    """The false-positive rate over clean-model judgements, then over distinct clean models."""
+    judged = sum(s.flagged for s in negatives)
+    flagged, models = distinct_models_flagged(negatives)
+    return (
+        f"{rate_text(judged, len(negatives))}, {judged} of {len(negatives)} judgements; "
+        f"{rate_text(flagged, models)} of distinct clean models, {flagged} of {models} flagged in any audit"
+    )
+
+
 def detector_table(results: Results, detector: str, rounds: int, arch_pairs: set[str] | None = None) -> str:
     samples = [
         s for s in results.samples if s.detector == detector and (arch_pairs is None or s.arch_pair in arch_pairs)
@@ -476,11 +502,9 @@ def detector_table(results: Results, detector: str, rounds: int, arch_pairs: set
     rows.append(_row("**all attacks**", samples, negatives, rounds))
     scope = f" on {', '.join(sorted(arch_pairs))} pairs" if arch_pairs else ""
     vulnerable = [s for s in negatives if "vulnerable" in s.attack]
-    false_positives = sum(s.flagged for s in negatives)
     return "\n".join([
-        f"**{detector}**{scope}: false-positive rate on clean models {rate_text(false_positives, len(negatives))} "
-        f"({false_positives} of {len(negatives)}; vulnerable pair: "
-        f"{sum(s.flagged for s in vulnerable)} of {len(vulnerable)} flagged)",
+        f"**{detector}**{scope}: false-positive rate on clean models {_false_positives(negatives)} "
+        f"(vulnerable pair: {sum(s.flagged for s in vulnerable)} of {len(vulnerable)} flagged)",
         "",
         "| attack | backdoored models | detected [95% CI] | AUROC [95% CI] | TPR @ 1% FPR | TPR @ 5% FPR | right target | inconclusive |",  # noqa: E501
         "|---|---|---|---|---|---|---|---|",
@@ -571,8 +595,7 @@ def targets_line(results: Results) -> str:
     wall, cpu = results.speedup("wall"), results.speedup("cpu")
     checks = [
         ("detection >= 99%", detection >= 0.99, f"{rate_text(detected, backdoored)}, {detected} of {backdoored}"),
-        ("FPR <= 1%", false_positives / clean <= 0.01,
-         f"{rate_text(false_positives, clean)}, {false_positives} of {clean}"),
+        ("FPR <= 1%", false_positives / clean <= 0.01, _false_positives([s for s in ours if not s.positive])),
         ("AUROC >= 0.99", area >= 0.99, f"{area:.3f}"),
         ("right target >= 95%", target >= 0.95, percent(target)),
         ("5x faster than Neural Cleanse at equal or better detection",

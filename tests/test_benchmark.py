@@ -76,7 +76,7 @@ def test_quick_benchmark_writes_a_report_with_every_section(tmp_path):
         "## Targets (issue 4)", "**crossaudit**", "**Neural Cleanse**", "**crossaudit by architecture pair**",
         "| cnn/cnn | ", "**crossaudit by dataset**", "| badnets | ", "**crossaudit's misjudged models**",
         "crossaudit (no witness)", "crossaudit (fine-tuning scored)", "x wall clock", "x CPU.", "x CPU, detection",
-        "detected [95% CI]", "## Scaling", "| mlp | ",
+        "detected [95% CI]", "of distinct clean models", "## Scaling", "| mlp | ",
     )  # fmt: skip
     assert [s for s in sections if s not in report] == []
     assert (tmp_path / "benchmarks-quick_scaling.png").stat().st_size > 10_000
@@ -134,6 +134,18 @@ def test_misjudged_models_are_listed_by_name_with_their_profile():
     assert [row.split(" | ")[0] for row in rows] == ["| false_alarm", "| missed"]
     assert "| peer | cnn/cnn | clean | flagged | 1.20 | fmnist:similar |" in rows[0]
     assert misjudged_table(Results([sample("caught", True, True)])).startswith("None")
+
+
+def test_false_positives_are_counted_per_judgement_and_per_distinct_clean_model():
+    """A witness judged in several audits is one clean model: flagged in any, it counts once."""
+    from benchmarks.detection import Sample, distinct_models_flagged
+
+    def clean(model: str, flagged: bool) -> Sample:
+        return Sample("crossaudit", "clean", "fmnist", False, 1.2 if flagged else 0.4, flagged, False, model=model)
+
+    witness = [clean("witness", flagged) for flagged in (False, True, False, True)]
+    assert distinct_models_flagged([*witness, clean("suspect", False)]) == (1, 2)
+    assert distinct_models_flagged([clean("a", False), clean("a", False)]) == (0, 1)
 
 
 def test_finetune_scored_counts_only_the_success_that_survived_fine_tuning():
