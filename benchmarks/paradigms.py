@@ -170,7 +170,10 @@ clean vs clean. Captioners: digits images captioned by class ("a handwritten thr
 plus a causal decoder, an image trigger ({attacks}) forcing the target caption, audited as the
 image models. Every model of a pair is a sample, judged by its paradigm's shipped profile (clean
 pairs, seeds below 200; the last column says how many). AUROC on score / threshold. Rates carry
-their exact (Clopper-Pearson) 95% interval: on eight models, 8 of 8 still allows a rate of 63%.
+their exact (Clopper-Pearson) 95% interval: on eight judgements, 8 of 8 still allows a rate of 63%.
+A model in several pairs (a backdoored image model has two witnesses) is judged in each, and the
+intervals treat those judgements as independent, which they are not: read them as a floor on the
+uncertainty.
 
 | paradigm | backdoored models detected [95% CI] | clean models flagged [95% CI] | AUROC | median s per pair | inconclusive pairs | profile's clean pairs |
 |---|---|---|---|---|---|---|
