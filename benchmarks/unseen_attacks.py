@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.metrics import rate_text
 from crossaudit import __version__
 from crossaudit.audit import run_audit
 from crossaudit.calibrate import FLOOR, MARGIN, calibrate_pairs
@@ -180,9 +181,10 @@ class Tally:
     def line(self) -> str:
         return (
             f"{self.backdoors_flagged} of {self.backdoors} backdoored models flagged "
-            f"({self.backdoors_right} naming the planted target); "
-            f"{self.clean_flagged} of {self.clean} judgements of clean models flagged (a clean model is "
-            "judged once per audit it is in)"
+            f"({rate_text(self.backdoors_flagged, self.backdoors)}; {self.backdoors_right} naming the planted "
+            f"target); {self.clean_flagged} of {self.clean} judgements of clean models flagged "
+            f"({rate_text(self.clean_flagged, self.clean)}; a clean model is judged once per audit it is in, "
+            "so these judgements are not independent)"
         )
 
 
