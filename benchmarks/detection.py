@@ -17,11 +17,11 @@ measured, in the same run:
 - scaling of audit time with the number of classes (10/20/40 from real digits placed in
   the quadrants of a 16x16 canvas) and with the model size.
 
-`python -m benchmarks.detection` (`--plan standard`, run by `make bench`, 70-95 minutes on 2
-cores) writes docs/benchmarks.md and docs/benchmarks_scaling.png. It gives each architecture
+`python -m benchmarks.detection` (`--plan standard`, run by `make bench`, about 55 minutes on
+2 cores) writes docs/benchmarks.md and docs/benchmarks_scaling.png. It gives each architecture
 pair its own seed and target, so every attack on every dataset is measured on three seeds
 and three targets at the cost of one seed. `--plan full` runs every seed on every
-architecture pair (three times the pairs, about four hours, an estimate); `--quick` runs a
+architecture pair (three times the pairs, about three hours, an estimate); `--quick` runs a
 smoke version of the same code path in a few minutes (the tests run it).
 Each run also writes every judged model's findings next to the report (`write_findings`).
 """
@@ -121,7 +121,7 @@ QUICK = Plan(
     (), ("mlp",), NeuralCleanseConfig(steps=60), bootstrap=200,
 )  # fmt: skip
 PLANS = {plan.name: plan for plan in (QUICK, STANDARD, FULL)}
-DEFAULT_PLAN = STANDARD.name  # what `make bench` runs: about 80 min, where the full plan takes about four hours
+DEFAULT_PLAN = STANDARD.name  # what `make bench` runs: about 55 min, where the full plan takes about three hours
 
 
 @dataclass
@@ -780,7 +780,7 @@ def write_findings(results: Results, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--plan", choices=sorted(PLANS), default=DEFAULT_PLAN, help="zoo size (full: about 4 h)")
+    parser.add_argument("--plan", choices=sorted(PLANS), default=DEFAULT_PLAN, help="zoo size (full: about 3 h)")
     parser.add_argument("--quick", action="store_true", help="the smoke plan (same as --plan quick)")
     parser.add_argument("--out", type=Path, default=None, help="report path (default docs/benchmarks[-quick].md)")
     args = parser.parse_args(argv)
