@@ -1,12 +1,12 @@
-"""Two independent torch jobs side by side, each on its share of torch's threads.
+"""Independent torch jobs side by side, each on its share of torch's threads.
 
 Why: a small model's optimisation step cannot keep two cores busy (one torch thread ran an
 audit nearly as fast as two), so two independent jobs finish sooner side by side, one
 thread each, than one after the other with both threads. The audit runs its two
-directions' trigger searches this way (`inversion`), and the detection benchmark runs
-Neural Cleanse on a pair's two models the same way, so that both detectors' wall times
-come from the same use of the cores. Jobs of unequal size leave a core idle once the
-smaller is done, which is why that benchmark reports CPU seconds too.
+directions' trigger searches this way (`inversion`), and Neural Cleanse its classes
+(`baselines.neural_cleanse`), so that the detection benchmark's wall times for both
+detectors come from the same use of the cores. Jobs of unequal size leave a core idle
+once the smaller is done, which is why that benchmark reports CPU seconds too.
 """
 
 from __future__ import annotations
