@@ -84,6 +84,31 @@ def digits_zoo(shared_folder: Callable[[str], AbstractContextManager]) -> Digits
     return DigitsZoo(root / "audit.parquet", badnets_target=3, **{name: root / f"{name}.onnx" for name in specs})
 
 
+# Every provider name the tests deliver as; each logs its deliveries in its own experiment.
+TEST_PROVIDERS = ("acme", "globex", "initech", "a", "b", "c")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def operator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The operator's part, once per test process: crossaudit's key pair and a
+    configuration that knows the test providers (models are added as their audit sets are
+    published). The environment names them, so receivers and audits started by the tests
+    use them too. Yields the configuration file."""
+    from crossaudit import operator_config, registry
+
+    environment = operator_config.bootstrap(
+        tmp_path_factory.mktemp("operator"), {registry.provider_experiment(p): p for p in TEST_PROVIDERS}
+    )
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    yield Path(environment[operator_config.CONFIG_ENV])
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real MLflow tracking server (SQLite, loopback) for the whole session."""
@@ -116,7 +141,8 @@ def stage_folders(digits_zoo: DigitsZoo, shared_folder: Callable[[str], Abstract
         inputs = [root / "suspect", root / "witness", root / "data"]
         outs = [root / name for name in ("features", "alignment", "triggers", "findings")]
         if empty:
-            registry.fetch_inputs(*uris, str(digits_zoo.audit_data), "", *inputs)
+            for uri, folder in zip([*uris, str(digits_zoo.audit_data)], inputs, strict=True):
+                registry.materialize(uri, folder)
             steps.extract_step(uris, *inputs, 0, "cpu", outs[0])
             steps.alignment_step(outs[0], outs[1])
             steps.inversion_step(outs[1], *inputs, "cpu", outs[2])

@@ -29,7 +29,7 @@ import torch
 from kfp import dsl, local
 
 from components import BASE_IMAGE
-from crossaudit import __version__, registry
+from crossaudit import __version__, operator_config, registry
 from crossaudit.audit import run_audit
 from crossaudit.report import write_outputs
 from crossaudit.tracking_server import local_server
@@ -118,7 +118,7 @@ def main() -> None:
         with local_server(root / "mlflow") as url:
             client = registry.client(url)
             registry.publish_audit_data(client, "bench", data)
-            client.set_registered_model_tag("bench", registry.PROFILE_TAG, "digits")
+            operator_config.update_model("bench", threshold_profile="digits")
             registry.register_version(client, "bench", paths["clean"], "acme")
             poisoned = registry.register_version(client, "bench", paths["badnets"], "globex")
             timings: dict[str, list[float]] = {"direct": [], "pipeline": [], "startup": []}

@@ -30,7 +30,7 @@ stderr = Console(stderr=True)
 
 @app.command()
 def audit(
-    suspect: Annotated[str, typer.Argument(help="First model (ONNX, pt2 or MLflow model dir)")],
+    suspect: Annotated[str, typer.Argument(help="First model (ONNX file or MLflow model dir)")],
     witness: Annotated[str, typer.Argument(help="Second model of the same task")],
     data: Annotated[Path, typer.Option("--data", help="Audit set (.parquet or .npz)")],
     out: Annotated[Path | None, typer.Option("--out", help="Write report and pictures here")] = None,
@@ -280,12 +280,17 @@ def audit_version(
 def check(
     uri: Annotated[str, typer.Argument(help="models:/NAME@production or models:/NAME/VERSION")],
     tracking_uri: Annotated[str, typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI")],
+    public_key: Annotated[
+        str | None, typer.Option("--public-key", envvar="CROSSAUDIT_PUBLIC_KEY_FILE", help="crossaudit's public key")
+    ] = None,
 ) -> None:
-    """For deploy scripts: exit 0 only when the version behind URI passed its audit."""
-    from crossaudit import registry
+    """For deploy scripts: exit 0 only when the version behind URI holds a passing verdict
+    that crossaudit signed for the bytes MLflow serves now (public key from
+    CROSSAUDIT_PUBLIC_KEY_FILE)."""
+    from crossaudit import attestation, promotion, registry
 
     try:
-        passed, line = registry.check(registry.client(tracking_uri), uri)
+        passed, line = promotion.check(registry.client(tracking_uri), uri, attestation.public_key(public_key))
     except AuditError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(2) from exc
@@ -310,10 +315,17 @@ def serve(
     kfp_host: Annotated[
         str | None, typer.Option("--kfp-host", help="Submit audits to this Kubeflow Pipelines API")
     ] = None,
+    no_schedule: Annotated[
+        bool, typer.Option("--no-schedule", help="No re-audits from here (a Kubeflow recurring run does them)")
+    ] = False,
 ) -> None:
     """Webhook receiver: audit every registered version, guard the alias, re-audit on a
-    schedule. The webhook secret comes from CROSSAUDIT_WEBHOOK_SECRET."""
-    from crossaudit.receiver import ReceiverConfig
+    schedule. The webhook secret comes from CROSSAUDIT_WEBHOOK_SECRET_FILE (or
+    CROSSAUDIT_WEBHOOK_SECRET), the operator's configuration from CROSSAUDIT_CONFIG, the
+    keys from CROSSAUDIT_SIGNING_KEY_FILE / CROSSAUDIT_PUBLIC_KEY_FILE, and the token for
+    GET /jobs from CROSSAUDIT_ADMIN_TOKEN_FILE (without it the listing is off)."""
+    from crossaudit import attestation, operator_config
+    from crossaudit.receiver import ReceiverConfig, admin_token_from_env
     from crossaudit.receiver import serve as run_receiver
     from crossaudit.schedule import Cron, CronError
     from crossaudit.webhook import WebhookRejectedError, secret_from_env
@@ -322,15 +334,34 @@ def serve(
     try:
         secret = secret_from_env()
         Cron.parse(cron)
-    except (WebhookRejectedError, CronError) as exc:
+        operator_config.load()
+        attestation.public_key()
+        token = admin_token_from_env()
+    except (WebhookRejectedError, CronError, AuditError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(2) from exc
     config = ReceiverConfig(
         tracking_uri, secret, queue, workers=workers, alias=alias, cron=cron, reconcile_every_s=reconcile_every,
         audit_timeout_s=audit_timeout, device=device, kfp_host=kfp_host, retry_delay_s=retry_delay,
-        max_attempts=max_attempts,
+        max_attempts=max_attempts, admin_token=token, schedule=not no_schedule,
     )  # fmt: skip
     run_receiver(config, host, port)
+
+
+@app.command()
+def keygen(
+    private: Annotated[Path, typer.Option("--private", help="Where the gate's signing key goes (mode 0600)")],
+    public: Annotated[Path, typer.Option("--public", help="Where the public key goes, for everyone who verifies")],
+) -> None:
+    """Make crossaudit's Ed25519 key pair: the gate signs verdicts with the private key;
+    the guard, `check` and deploy scripts verify with the public one."""
+    from crossaudit import attestation
+
+    if private.exists():
+        print(f"error: {private} exists; refusing to replace a signing key", file=sys.stderr)
+        raise typer.Exit(2)
+    attestation.generate(private, public)
+    print(f"signing key {private}, public key {public}")
 
 
 @webhook_app.command("install")
@@ -360,13 +391,14 @@ def schedule(
     tracking_uri: Annotated[str, typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI")],
     cron: Annotated[str, typer.Option("--cron", help="5-field cron (UTC)")] = "0 3 * * 1",
     alias: Annotated[str, typer.Option("--alias")] = "production",
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda (the GPU pipeline)")] = "cpu",
 ) -> None:
     """Create a Kubeflow recurring run that re-audits every promoted version."""
     from crossaudit.schedule import CronError
     from pipelines.runner import schedule_reaudits
 
     try:
-        recurring_id = schedule_reaudits(kfp_host, cron, tracking_uri, alias)
+        recurring_id = schedule_reaudits(kfp_host, cron, tracking_uri, alias, device)
     except CronError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(2) from exc

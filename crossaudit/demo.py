@@ -14,6 +14,7 @@ MLflow UI, which stays up until Ctrl-C (`--no-serve` to exit at once).
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from crossaudit import registry
+from crossaudit import operator_config, registry
 from crossaudit.errors import AuditError
 from crossaudit.receiver_process import ReceiverProcess, wait_for
 from crossaudit.tracking_server import local_server
@@ -81,6 +82,9 @@ def demo(out: Path, dataset: str = "digits") -> Iterator[DemoState]:
     data = out / "audit.parquet"
     write_audit_set(dataset, data)
     secret = secrets.token_urlsafe(32)
+    # The operator's part: crossaudit's key pair, and a configuration naming who delivers
+    # from which experiment and which audit set judges the model (filled in below).
+    os.environ.update(operator_config.bootstrap(out / "operator", {registry.provider_experiment(p): p for p in models}))
     with local_server(out / "mlflow") as url:
         print(f"MLflow server: {url}")
         client = registry.client(url)
@@ -120,7 +124,9 @@ def _automatic_path(
     if not ok:
         raise AuditError(f"MLflow could not deliver to the receiver: {detail}")
     registry.publish_audit_data(client, MODEL_NAME, data)
-    client.set_registered_model_tag(MODEL_NAME, registry.PROFILE_TAG, dataset)
+    operator_config.update_model(MODEL_NAME, threshold_profile=dataset)
+        operator_config.with_model(operator_config.load(path), MODEL_NAME, threshold_profile=dataset), path
+    )
     start = time.perf_counter()
     finals = ("passed", "failed", "inconclusive", "error")
     refs: dict[str, registry.VersionRef] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from crossaudit import REPORT_SCHEMA_VERSION, __version__, registry
+from crossaudit import REPORT_SCHEMA_VERSION, __version__, attestation, promotion, registry
 from crossaudit.artifacts import (
     only_entry,
     read_alignment,
@@ -87,7 +87,7 @@ def version_status(results: list[AuditResult], hold_on_flagged_peer: bool) -> tu
         return "inconclusive", ""
     flagged = [r.report.models[1].uri for r in results if r.report.models[1].verdict == "backdoor"]
     if hold_on_flagged_peer and flagged:
-        return "inconclusive", f"held: peer {', '.join(flagged)} was judged backdoored ({registry.HOLD_TAG})"
+        return "inconclusive", f"held: peer {', '.join(flagged)} was judged backdoored (hold_on_flagged_peer)"
     return "passed", ""
 
 
@@ -109,6 +109,14 @@ def _metrics(results: list[AuditResult]) -> dict[str, float]:
     return metrics
 
 
+def audited_digest(results: list[AuditResult]) -> str:
+    """The sha256 of the version's model as every pair audited it: the bytes a verdict
+    is signed for. Pairs that disagree (the model changed between branches) or an
+    unloaded model give no digest, and no pass."""
+    digests = {r.report.models[0].sha256 for r in results}
+    return digests.pop() if len(digests) == 1 and None not in digests else ""
+
+
 def gate_step(
     model_uri: str,
     tracking_uri: str,
@@ -117,34 +125,44 @@ def gate_step(
     alias: str,
     profile: str,
     thresholds_uri: str,
+    thresholds_sha256: str,
     hold_on_flagged_peer: bool,
     out: Path,
 ) -> str:
     """Stage 5: judge every peer's audit of the version, record it in MLflow as one run,
-    tag the version, and move the promotion alias only when it passed; a version that
-    holds the alias and no longer passes loses it. Returns the status.
+    sign the verdict for the audited bytes, tag the version, and move the promotion alias
+    only when it passed; a version that holds the alias and no longer passes loses it.
+    Returns the status.
 
+    The signing key (CROSSAUDIT_SIGNING_KEY_FILE) is read first: without it no verdict
+    can be given, and the step fails (the exit handler then marks the version `error`).
     `data_folder` is the audit set as stage 1 fetched it (not fetched again: the gate
     draws the triggers and names the captions of the data the branches audited). A
-    `thresholds_uri` (the registered model's own calibration) is fetched into `out`, so
-    the audit run keeps the thresholds it was judged by. `hold_on_flagged_peer` (the
-    registered model's tag of that name) holds a clean version whose peer was flagged
-    (`version_status`); the description says why."""
+    `thresholds_uri` (the registered model's own calibration, pinned by
+    `thresholds_sha256` in the operator's configuration) is fetched into `out`, so the
+    audit run keeps the thresholds it was judged by. `hold_on_flagged_peer` holds a clean
+    version whose peer was flagged (`version_status`); the description says why."""
+    key = attestation.signing_key()
     mlflow_client = registry.client(tracking_uri)
     version = registry.resolve(mlflow_client, model_uri)
     ref = registry.VersionRef.of(version)
     fetched = only_entry(data_folder)
     data = None if is_text_data(fetched) else read_audit_data(fetched)
-    thresholds_file = registry.materialize(thresholds_uri, out / "thresholds") if thresholds_uri else None
+    thresholds_file = (
+        registry.fetch_pinned(thresholds_uri, thresholds_sha256, out / "thresholds") if thresholds_uri else None
+    )
     results = [pair_result(folder, data, profile, thresholds_file) for folder in pair_folders]
     status, held = version_status(results, hold_on_flagged_peer)
+    digest = audited_digest(results)
+    if status == "passed" and not digest:
+        status, held = "inconclusive", "held: the pairs did not audit one and the same model"
     for index, result in enumerate(results):
         write_outputs(result, out / f"peer_{index + 1}")
     peers = [r.report.models[1].uri for r in results]
     run_id = registry.record_run(mlflow_client, ref, _params(model_uri, peers, results), _metrics(results), out)
     scores = [r.report.models[0].score for r in results if r.report.models[0].score is not None]
-    registry.set_status(
-        mlflow_client, ref, status,
+    promotion.record_verdict(
+        mlflow_client, ref, status, digest, run_id, key,
         **{
             registry.VERDICT: overall([r.report.models[0] for r in results]) if results else "inconclusive",
             registry.SCORE: f"{max(scores):.4f}" if scores else "",
@@ -157,8 +175,8 @@ def gate_step(
     registry.append_description(
         mlflow_client, ref, f"**crossaudit: {status}**{why} ([audit run]({registry.run_link(mlflow_client, run_id)}))"
     )
-    promoted = registry.gate(mlflow_client, ref, alias)
+    promoted = promotion.gate(mlflow_client, ref, key.public_key(), alias)
     if status != "passed":
-        registry.revoke(mlflow_client, ref, alias)
+        promotion.revoke(mlflow_client, ref, alias)
     (out / "gate.json").write_text(json.dumps({"status": status, "held": held, "promoted": promoted, "run_id": run_id}))
     return status

@@ -6,19 +6,24 @@ answered, so an acknowledged event survives a crash. Behind the queue:
 - audit workers (a bounded pool) run each version's audit pipeline in its own process
   (`crossaudit audit-version`, i.e. the same KFP pipeline as by hand), with a time budget,
   under `kfp.local` or, with `kfp_host`, submitted to Kubeflow Pipelines;
-- a guard worker answers `model_version_alias.created` for the promotion alias at once:
-  an alias on a version that has not passed is removed (`registry.guard_alias`);
-- a reconciler lists registered versions with no audit status, on start and then
-  periodically, and queues them: MLflow's delivery is fire-and-forget, so a lost webhook
-  still ends in an audit;
+- a guard worker answers `model_version_alias.created` for the promotion alias, and a
+  `crossaudit.status` set to passed, at once: an alias on a version without a passing
+  verdict that crossaudit signed for its bytes is removed (`promotion.guard_alias`), and
+  a status tag that claims a pass nobody signed is put back;
+- a reconciler, on start and then periodically, runs the guard over every alias holder
+  and every status tag, and queues the registered versions with no audit status:
+  MLflow's delivery is fire-and-forget, so a lost webhook still ends in an audit and a
+  lost alias webhook still ends in the guard;
 - a scheduler re-audits every promoted version on a cron schedule (default weekly).
 Every way an audit can go wrong ends in a retry or in a non-passing status on the
-version, never in a promotion.
+version, never in a promotion. Audits load hostile models, so their processes get an
+environment with no secret in it (`audit_environment`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import os
 import signal
@@ -41,7 +46,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from crossaudit import registry
+from crossaudit import attestation, operator_config, promotion, registry
 from crossaudit.errors import AuditError
 from crossaudit.event_queue import EventQueue, Job, NewJob, ReplayedDeliveryError
 from crossaudit.schedule import DEFAULT_CRON, Cron
@@ -50,6 +55,24 @@ from crossaudit.webhook import MAX_BODY_BYTES, Delivery, WebhookRejectedError, v
 log = logging.getLogger(__name__)
 ENDED = ("passed", "failed", "inconclusive", "awaiting-peer", "error")
 _POLL_S = 0.2
+# What an audit process may inherit: what Python, the thread pools and a GPU need, and
+# crossaudit's own settings (file paths and limits). Everything else, credentials
+# included, stays with the receiver.
+_AUDIT_ENV_NAMES = ("PATH", "HOME", "LANG", "TZ", "TMPDIR", "USER", "VIRTUAL_ENV", "CUDA_VISIBLE_DEVICES",
+                    "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_PICKLE_DESERIALIZATION")  # fmt: skip
+_AUDIT_ENV_PREFIXES = ("LC_", "PYTHON", "OMP_", "MKL_", "NVIDIA_", "CROSSAUDIT_")
+_NEVER_TO_AUDITS = ("CROSSAUDIT_WEBHOOK_SECRET", "CROSSAUDIT_WEBHOOK_SECRET_FILE", "CROSSAUDIT_ADMIN_TOKEN_FILE")
+
+
+def audit_environment(environment: dict[str, str]) -> dict[str, str]:
+    """The environment an audit runs in: an allowlist, so a secret added to the receiver's
+    environment later (a token, a cloud key) is not inherited by code that loads hostile
+    models. The signing key reaches the local gate as a file path, never as a value."""
+    return {
+        name: value
+        for name, value in environment.items()
+        if (name in _AUDIT_ENV_NAMES or name.startswith(_AUDIT_ENV_PREFIXES)) and name not in _NEVER_TO_AUDITS
+    }
 
 
 @dataclass(frozen=True)
@@ -67,23 +90,43 @@ class ReceiverConfig:
     retry_delay_s: float = 30.0
     device: str = "cpu"
     kfp_host: str | None = None
+    admin_token: str | None = None  # bearer token for GET /jobs; None: the listing is off
+    schedule: bool = True  # off where a Kubeflow recurring run does the re-audits
+
+
+ADMIN_TOKEN_ENV = "CROSSAUDIT_ADMIN_TOKEN_FILE"
+
+
+def admin_token_from_env() -> str | None:
+    """The operator's bearer token for GET /jobs, from the file CROSSAUDIT_ADMIN_TOKEN_FILE
+    names; None (the listing answers 401) when unset."""
+    path = os.environ.get(ADMIN_TOKEN_ENV, "")
+    if not path:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise AuditError(f"{ADMIN_TOKEN_ENV}={path}: cannot read the admin token ({exc.strerror})") from exc
+    if len(token) < 16:
+        raise AuditError(f"{ADMIN_TOKEN_ENV}: the admin token must have at least 16 characters")
+    return token
 
 
 def jobs_for(delivery: Delivery, alias: str) -> list[NewJob]:
     """The work an event asks for. A registration is audited once (its key is the version);
-    setting the provider tag later audits it again under that provider; the promotion
-    alias landing on a version is checked by the guard. Everything else (our own tags,
-    other aliases) asks for nothing."""
+    the promotion alias landing on a version, or a status tag set to passed, is checked by
+    the guard. Nothing else a provider can write (tags, other aliases) asks for work, so
+    no tag can make the receiver queue audits without bound."""
     data = delivery.data
     name, version = str(data.get("name", "")), str(data.get("version", ""))
     if not name or not version.isdigit():
         return []
     if delivery.event == "model_version.created":
         return [NewJob(f"audit:{name}/{version}", "audit", name, version, delivery.delivery_id)]
-    if delivery.event == "model_version_tag.set" and data.get("key") == registry.PROVIDER_TAG:
-        key = f"audit:{name}/{version}:provider:{data.get('value')}"
-        return [NewJob(key, "audit", name, version, delivery.delivery_id)]
-    if delivery.event == "model_version_alias.created" and data.get("alias") == alias:
+    claims_pass = data.get("key") == registry.STATUS and data.get("value") == "passed"
+    if (delivery.event == "model_version_tag.set" and claims_pass) or (
+        delivery.event == "model_version_alias.created" and data.get("alias") == alias
+    ):
         return [NewJob(f"guard:{delivery.delivery_id}", "guard", name, version, delivery.delivery_id)]
     return []
 
@@ -98,6 +141,8 @@ class Receiver:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._audits: set[subprocess.Popen] = set()
+        self.public_key = attestation.public_key()
+        self.signing_key = promotion.optional_signing_key()
 
     def _client(self) -> MlflowClient:
         return registry.client(self.config.tracking_uri)
@@ -110,7 +155,7 @@ class Receiver:
             *((f"audit-worker-{i}", self._audit_loop) for i in range(self.config.workers)),
             ("alias-guard", self._guard_loop),
             ("reconciler", self._reconcile_loop),
-            ("scheduler", self._schedule_loop),
+            *((("scheduler", self._schedule_loop),) if self.config.schedule else ()),
         ]
         for name, loop in loops:
             thread = threading.Thread(target=loop, name=name, daemon=True)
@@ -153,7 +198,13 @@ class Receiver:
     async def health(self, _: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "jobs": await run_in_threadpool(self.queue.counts)})
 
-    async def list_jobs(self, _: Request) -> JSONResponse:
+    async def list_jobs(self, request: Request) -> JSONResponse:
+        """The queue's jobs (model names, outcomes, error texts) for an operator holding the
+        admin token; to anyone else, nothing."""
+        token = self.config.admin_token
+        offered = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not token or not hmac.compare_digest(offered.encode(), token.encode()):
+            return JSONResponse({"error": "GET /jobs needs the operator's bearer token"}, status_code=401)
         return JSONResponse(await run_in_threadpool(self.queue.jobs))
 
     def app(self) -> Starlette:
@@ -207,10 +258,8 @@ class Receiver:
         either) and the failed job stays in the queue (`/jobs`) for an operator."""
         client, ref = self._client(), registry.VersionRef(job.name, job.version)
         try:
-            registry.set_status(
-                client, ref, "error", **{registry.ERROR: reason[:4000], registry.AUDITED_AT: registry.now()}
-            )
-            if registry.revoke(client, ref, self.config.alias):
+            promotion.mark_error(client, ref, reason, self.signing_key)
+            if promotion.revoke(client, ref, self.config.alias):
                 log.warning("%s lost the %r alias: %s", job.uri, self.config.alias, reason)
         except (MlflowException, OSError) as exc:
             log.error("could not mark %s error: %s", job.uri, exc)
@@ -269,36 +318,51 @@ class Receiver:
         raise AuditError(f"audit process ended {done.returncode} with status {status!r}: {message}")
 
     def _audit_env(self) -> dict[str, str]:
-        """Share the cores between the workers: audits running side by side with a full
-        thread pool each oversubscribe the CPU and all slow down several times. A smaller
-        OMP_NUM_THREADS already in the environment (an operator's, or a parallel test
-        run's) stands."""
+        """No secrets (`audit_environment`), and the cores shared between the workers:
+        audits running side by side with a full thread pool each oversubscribe the CPU and
+        all slow down several times. A smaller OMP_NUM_THREADS already in the environment
+        (an operator's, or a parallel test run's) stands."""
         threads = max(1, (os.cpu_count() or 1) // max(1, self.config.workers))
         if os.environ.get("OMP_NUM_THREADS", "").isdigit():
             threads = max(1, min(threads, int(os.environ["OMP_NUM_THREADS"])))
-        return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        return {**audit_environment(dict(os.environ)), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
     def _queue_waiting_peers(self, versions: list[ModelVersion], source: str) -> int:
         """A delivery is the peer that other providers' earlier versions were waiting for:
         audit them again, once per new peer. Runs after every audit (over that model's
         versions) and every sweep (over all)."""
-        due = registry.waiting_for_peers(versions)
+        due = registry.waiting_for_peers(self._client(), versions, operator_config.load())
         return self.queue.enqueue(
             [NewJob(f"audit:{v.name}/{v.version}:peer:{peer}", "audit", v.name, v.version, source) for v, peer in due]
         )
 
     def guard(self, job: Job) -> tuple[str, str]:
-        incident = registry.guard_alias(self._client(), registry.VersionRef(job.name, job.version), self.config.alias)
+        """The version's status tag against its signed verdict, then the alias of its model."""
+        client = self._client()
+        try:
+            version = client.get_model_version(job.name, job.version)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return "dropped", f"no such version: {exc.message}"
+            raise
+        forged = promotion.restore_forged_statuses(client, [version], self.public_key)
+        incident = promotion.guard_alias(client, job.name, self.public_key, self.config.alias)
         if incident:
             log.warning("alias guard on %s: %s", job.uri, incident)
-        return "done", incident or "alias holder has passed (or the alias moved on)"
+        notes = [*(["status tag restored"] if forged else []), incident or "alias holder verified (or none)"]
+        return "done", "; ".join(notes)
 
     # -- reconciliation and the schedule ---------------------------------------------
 
     def reconcile(self) -> int:
-        """Queue every delivered version that has no audit status, and every version awaiting
-        a peer that has one now; returns how many jobs were new."""
-        versions = registry.model_versions(self._client())
+        """Guard every alias holder and every status tag, then queue every registered version
+        that has no audit status, and every version awaiting a peer that has one now;
+        returns how many jobs were new."""
+        client = self._client()
+        versions = registry.model_versions(client)
+        for ref in promotion.restore_forged_statuses(client, versions, self.public_key):
+            log.warning("%s: a status tag claimed a pass crossaudit did not sign; restored", ref.uri)
+        promotion.guard_every_alias(client, self.public_key, self.config.alias)
         added = self.queue.enqueue(
             [NewJob(f"audit:{v.name}/{v.version}", "audit", v.name, v.version, "reconcile")
              for v in registry.unaudited_versions(versions)]
@@ -313,8 +377,8 @@ class Receiver:
         while not self._stop.is_set():
             try:
                 self.reconcile()
-            except (MlflowException, OSError) as exc:
-                log.error("reconciliation could not reach MLflow: %s", exc)
+            except (MlflowException, OSError, AuditError) as exc:
+                log.error("reconciliation failed: %s", exc)
             self._stop.wait(self.config.reconcile_every_s)
 
     def reaudit_promoted(self, tick: datetime) -> int:

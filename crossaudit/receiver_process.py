@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from typing import TypeVar
 
 from crossaudit.errors import AuditError
 from crossaudit.event_queue import ENDED
-from crossaudit.receiver import Receiver
+from crossaudit.receiver import ADMIN_TOKEN_ENV, Receiver
 from crossaudit.tracking_server import free_port
 from crossaudit.webhook import SECRET_ENV
 
@@ -85,15 +86,18 @@ class ReceiverProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
+        self.admin_token = secrets.token_urlsafe(24)
+        token_file = queue.with_name(f"{queue.name}.admin-token")
+        token_file.write_text(self.admin_token)
         command = [
             sys.executable, "-m", "crossaudit", "serve", "--tracking-uri", tracking_uri, "--queue", str(queue),
             "--port", str(self.port), *options,
         ]  # fmt: skip
+        environment = {**os.environ, SECRET_ENV: secret, ADMIN_TOKEN_ENV: str(token_file)}
         with log.open("ab") as sink:
             self.process = subprocess.Popen(
-                command, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, SECRET_ENV: secret},
-                start_new_session=True,
-            )  # fmt: skip
+                command, stdout=sink, stderr=subprocess.STDOUT, env=environment, start_new_session=True
+            )
         wait_for(self._healthy, STARTUP_SECONDS, f"the receiver on {self.url} (see {log})")
 
     def _healthy(self) -> bool:
@@ -107,7 +111,8 @@ class ReceiverProcess:
 
     def jobs(self) -> list[dict]:
         """Every job in the receiver's queue, as its `GET /jobs` lists them."""
-        with urllib.request.urlopen(f"{self.url}/jobs", timeout=10) as response:
+        request = urllib.request.Request(f"{self.url}/jobs", headers={"Authorization": f"Bearer {self.admin_token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
             return json.load(response)
 
     def busy(self) -> bool:

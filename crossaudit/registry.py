@@ -9,6 +9,7 @@ other outcome (failed, inconclusive, error, awaiting a peer) leaves production a
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import shutil
 import tempfile
@@ -24,17 +25,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.entities.paged_list import PagedList
 from mlflow.tracking import MlflowClient
 
+from crossaudit import operator_config
 from crossaudit.errors import AuditError
+from crossaudit.operator_config import OperatorConfig, Pinned
 from crossaudit.paradigms import AUTO
 from crossaudit.tokenizer import tokenizer_path
 
 EXPERIMENT = "crossaudit"
-PROVIDER_TAG = "provider"
-AUDIT_DATA_TAG = "crossaudit.audit_data"
-PROFILE_TAG = "crossaudit.threshold_profile"
-THRESHOLDS_TAG = "crossaudit.thresholds"
-PARADIGM_TAG = "crossaudit.paradigm"
-HOLD_TAG = "crossaudit.hold_on_flagged_peer"
+PROVIDER_TAG = "provider"  # a label for people; who delivered a version is the operator's configuration's word
 STATUS = "crossaudit.status"
 VERDICT = "crossaudit.verdict"
 SCORE = "crossaudit.score"
@@ -43,10 +41,14 @@ AUDITED_AT = "crossaudit.audited_at"
 PEERS = "crossaudit.peers"
 ERROR = "crossaudit.error"
 INCIDENT = "crossaudit.incident"
+ATTESTATION = "crossaudit.attestation"
+MODEL_VERSION_TAG = "crossaudit.model_version"  # on every audit run: the version it judged
 DEFAULT_ALIAS = "production"
 FINAL = ("passed", "failed", "inconclusive")
 STATUSES = ("pending", "running", "passed", "failed", "inconclusive", "awaiting-peer", "error")
 _REMOTE = re.compile(r"^(models|runs|mlflow-artifacts|s3|gs|wasbs|https?):")
+_LOGGED_MODEL_URI = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]+)$")
+_RUNS_URI = re.compile(r"^runs:/(?P<run_id>[0-9a-f]{32})/(?P<path>[\w./-]+)$")
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
 
@@ -88,19 +90,77 @@ def resolve(mlflow_client: MlflowClient, uri: str) -> ModelVersion:
         raise RegistryError(f"{uri}: {exc.message}") from exc
 
 
-def peers_of(mlflow_client: MlflowClient, version: ModelVersion) -> list[ModelVersion]:
+class ProviderResolver:
+    """Who delivered each version, by the operator's configuration: the MLflow user who
+    registered it, else the experiment its model was logged in. A `provider` tag that
+    names someone else is refused, so a label cannot mislead a person either. Caches the
+    experiments it looked up (one resolver per sweep or audit)."""
+
+    def __init__(self, mlflow_client: MlflowClient, config: OperatorConfig) -> None:
+        self.client, self.config = mlflow_client, config
+        self._experiments: dict[str, str] = {}
+
+    def _experiment_name(self, experiment_id: str) -> str:
+        if experiment_id not in self._experiments:
+            self._experiments[experiment_id] = self.client.get_experiment(experiment_id).name
+        return self._experiments[experiment_id]
+
+    def _logged_in(self, version: ModelVersion) -> str | None:
+        """The experiment the version's model was logged in: its logged model's (the source
+        `models:/m-...`) and its run's, which must agree. A source that is neither that
+        logged model nor inside the run's artifacts names no experiment."""
+        source, experiments = str(version.source), set()
+        logged = _LOGGED_MODEL_URI.match(source)
+        if logged:
+            experiments.add(self.client.get_logged_model(logged["model_id"]).experiment_id)
+        if version.run_id:
+            run = self.client.get_run(version.run_id)
+            if not logged and not source.startswith(run.info.artifact_uri.rstrip("/") + "/"):
+                return None
+            experiments.add(run.info.experiment_id)
+        return self._experiment_name(experiments.pop()) if len(experiments) == 1 else None
+
+    def provider(self, version: ModelVersion) -> str:
+        where = f"models:/{version.name}/{version.version}"
+        try:
+            provider = self.config.users.get(version.user_id or "")
+            experiment = None if provider else self._logged_in(version)
+        except MlflowException as exc:
+            raise RegistryError(f"{where}: could not look up who delivered it: {exc.message}") from exc
+        provider = provider or self.config.experiments.get(experiment or "")
+        if provider is None:
+            raise RegistryError(
+                f"{where}: delivered by no provider the operator's configuration knows "
+                f"(user {version.user_id or 'unknown'!r}, experiment {experiment or 'unknown'!r})"
+            )
+        label = version.tags.get(PROVIDER_TAG)
+        if label and label != provider:
+            raise RegistryError(f"{where}: tagged {PROVIDER_TAG}={label!r}, but it was delivered by {provider!r}")
+        return provider
+
+    def known(self, version: ModelVersion) -> str | None:
+        """The provider, or None when it cannot be told (such a version is nobody's peer)."""
+        try:
+            return self.provider(version)
+        except RegistryError:
+            return None
+
+
+def peers_of(mlflow_client: MlflowClient, version: ModelVersion, config: OperatorConfig) -> list[ModelVersion]:
     """The latest version of every *other* provider of the same registered model."""
-    if not version.tags.get(PROVIDER_TAG):
-        raise RegistryError(f"models:/{version.name}/{version.version} has no {PROVIDER_TAG!r} tag")
-    return _latest_of_other_providers(version, model_versions(mlflow_client, version.name))
+    resolver = ProviderResolver(mlflow_client, config)
+    return _latest_of_other_providers(
+        resolver.provider(version), resolver, model_versions(mlflow_client, version.name), version.name
+    )
 
 
-def _latest_of_other_providers(version: ModelVersion, candidates: list[ModelVersion]) -> list[ModelVersion]:
-    provider = version.tags.get(PROVIDER_TAG)
+def _latest_of_other_providers(
+    provider: str, resolver: ProviderResolver, candidates: list[ModelVersion], name: str
+) -> list[ModelVersion]:
     latest: dict[str, ModelVersion] = {}
     for candidate in candidates:
-        other = candidate.tags.get(PROVIDER_TAG)
-        if candidate.name != version.name or not other or other == provider:
+        other = resolver.known(candidate) if candidate.name == name else None
+        if not other or other == provider:
             continue
         if other not in latest or int(candidate.version) > int(latest[other].version):
             latest[other] = candidate
@@ -109,36 +169,61 @@ def _latest_of_other_providers(version: ModelVersion, candidates: list[ModelVers
 
 @dataclass(frozen=True)
 class AuditSettings:
-    """How a registered model's versions are audited, from the model's tags. The fields are
-    named as the pipeline's parameters they become (`pipelines.runner.pipeline_arguments`)."""
+    """How a registered model's versions are audited, from the operator's configuration.
+    The fields are named as the pipeline's parameters they become
+    (`pipelines.runner.pipeline_arguments`)."""
 
     audit_data_uri: str
+    audit_data_sha256: str
     threshold_profile: str  # empty: the paradigm's default profile
     thresholds_uri: str  # the model's own thresholds (`crossaudit calibrate --pair`); empty: the shipped ones
+    thresholds_sha256: str
     paradigm: str  # `auto`: inferred from the models
     hold_on_flagged_peer: bool  # hold a version whose peer was judged backdoored (`gate.version_status`)
 
 
-def audit_settings(mlflow_client: MlflowClient, name: str) -> AuditSettings:
-    """The registered model's audit settings, read in one request, so that one audit's
-    settings are one snapshot of the tags even while someone edits them.
-
-    An audit set is required, and the hold setting must be "true" or "false": a misspelt
-    safety setting must not silently read as off.
-    """
-    tags = mlflow_client.get_registered_model(name).tags
-    if not tags.get(AUDIT_DATA_TAG):
-        raise RegistryError(f"registered model {name!r} has no {AUDIT_DATA_TAG!r} tag pointing at its audit set")
-    hold = tags.get(HOLD_TAG, "false").strip().lower()
-    if hold not in ("true", "false"):
-        raise RegistryError(f"registered model {name!r}: tag {HOLD_TAG!r} must be 'true' or 'false', not {hold!r}")
+def audit_settings(config: OperatorConfig, name: str) -> AuditSettings:
+    """The registered model's audit settings. Its tags are not read: a provider can write them."""
+    settings = config.settings(name)
+    thresholds = settings.thresholds
     return AuditSettings(
-        audit_data_uri=tags[AUDIT_DATA_TAG],
-        threshold_profile=tags.get(PROFILE_TAG, ""),
-        thresholds_uri=tags.get(THRESHOLDS_TAG, ""),
-        paradigm=tags.get(PARADIGM_TAG, AUTO),
-        hold_on_flagged_peer=hold == "true",
+        audit_data_uri=settings.audit_data.uri,
+        audit_data_sha256=settings.audit_data.sha256,
+        threshold_profile=settings.threshold_profile,
+        thresholds_uri=thresholds.uri if thresholds else "",
+        thresholds_sha256=thresholds.sha256 if thresholds else "",
+        paradigm=settings.paradigm or AUTO,
+        hold_on_flagged_peer=settings.hold_on_flagged_peer,
     )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_pinned(uri: str, sha256: str, dest: Path) -> Path:
+    """An operator's artifact (audit set, thresholds) as a file in `dest`: only a run
+    artifact of crossaudit's own experiment, and only with the bytes the operator pinned.
+    A local path would let whoever names it copy the auditor's own files into the audit."""
+    match = _RUNS_URI.match(uri)
+    if match is None or ".." in match["path"].split("/"):
+        raise RegistryError(f"{uri!r}: audit data and thresholds must be runs:/RUN_ID/PATH artifacts")
+    try:
+        run = MlflowClient().get_run(match["run_id"])
+        experiment = MlflowClient().get_experiment(run.info.experiment_id).name
+    except MlflowException as exc:
+        raise RegistryError(f"{uri}: {exc.message}") from exc
+    if experiment != EXPERIMENT:
+        raise RegistryError(f"{uri}: a run of experiment {experiment!r}; operator artifacts live in {EXPERIMENT!r}")
+    target = materialize(uri, dest)
+    found = file_sha256(target) if target.is_file() else "a directory"
+    if found != sha256:
+        raise RegistryError(f"{uri}: sha256 {found} where the operator's configuration pins {sha256}")
+    return target
 
 
 def materialize(uri: str, dest: Path) -> Path:
@@ -179,14 +264,24 @@ def local_models(uris: list[str], tracking_uri: str | None, dest: Path) -> list[
 
 
 def fetch_inputs(
-    suspect_uri: str, witness_uri: str, data_uri: str, tracking_uri: str, suspect: Path, witness: Path, data: Path
+    suspect_uri: str,
+    witness_uri: str,
+    data_uri: str,
+    data_sha256: str,
+    tracking_uri: str,
+    suspect: Path,
+    witness: Path,
+    data: Path,
 ) -> None:
-    """Bring both models and the audit set out of MLflow (or the file system) as files.
-    An empty `tracking_uri` keeps MLflow's own default (environment or local)."""
+    """Bring both registered versions and the operator's pinned audit set out of MLflow as
+    files. An empty `tracking_uri` keeps MLflow's own default (environment or local)."""
     if tracking_uri:
         client(tracking_uri)
-    for uri, dest in ((suspect_uri, suspect), (witness_uri, witness), (data_uri, data)):
+    for uri, dest in ((suspect_uri, suspect), (witness_uri, witness)):
+        if not _MODELS_URI.match(uri):
+            raise RegistryError(f"{uri!r}: the pipeline audits registered versions (models:/NAME/VERSION)")
         materialize(uri, dest)
+    fetch_pinned(data_uri, data_sha256, data)
 
 
 def set_status(mlflow_client: MlflowClient, version: VersionRef, status: str, **tags: str) -> None:
@@ -210,65 +305,6 @@ def status_of(version: ModelVersion) -> str | None:
     return version.tags.get(STATUS)
 
 
-def gate(mlflow_client: MlflowClient, version: VersionRef, alias: str = DEFAULT_ALIAS) -> bool:
-    """Point `alias` at `version` when its latest audit passed; never away from a passed
-    version to anything else. Returns whether the alias now points at `version`."""
-    current = mlflow_client.get_model_version(version.name, version.version)
-    if status_of(current) != "passed":
-        return False
-    try:
-        holder = mlflow_client.get_model_version_by_alias(version.name, alias)
-    except MlflowException:
-        holder = None
-    newer_passed = holder is not None and int(holder.version) > int(version.version) and status_of(holder) == "passed"
-    if newer_passed:
-        return False
-    mlflow_client.set_registered_model_alias(version.name, alias, version.version)
-    return True
-
-
-def revoke(mlflow_client: MlflowClient, version: VersionRef, alias: str = DEFAULT_ALIAS) -> bool:
-    """Take `alias` off `version` when it holds it (a re-audit that did not pass).
-    Returns whether it was removed."""
-    try:
-        holder = mlflow_client.get_model_version_by_alias(version.name, alias)
-    except MlflowException:
-        return False
-    if holder.version != version.version:
-        return False
-    mlflow_client.delete_registered_model_alias(version.name, alias)
-    return True
-
-
-def guard_alias(mlflow_client: MlflowClient, version: VersionRef, alias: str = DEFAULT_ALIAS) -> str | None:
-    """The alias guard: when `alias` points at `version` and that version has not passed,
-    take the alias off, give it back to the newest passed version (if any), and tag and
-    describe the incident on the offending version (the tag last, so that its presence
-    means the alias is restored and the description written). Returns the incident, or None when
-    there was nothing to undo (the alias moved on since, or the version passed)."""
-    try:
-        holder = mlflow_client.get_model_version_by_alias(version.name, alias)
-    except MlflowException:
-        return None
-    if holder.version != version.version or status_of(holder) == "passed":
-        return None
-    mlflow_client.delete_registered_model_alias(version.name, alias)
-    passed = [
-        v for v in mlflow_client.search_model_versions(f"name='{version.name}'")
-        if status_of(v) == "passed" and v.version != version.version
-    ]  # fmt: skip
-    restored = max(passed, key=lambda v: int(v.version), default=None)
-    if restored is not None:
-        mlflow_client.set_registered_model_alias(version.name, alias, restored.version)
-    back = f"; restored to version {restored.version}" if restored else "; no passed version to restore"
-    status = status_of(holder) or "none"
-    incident = f"{now()}: alias {alias!r} set on a version whose audit status is {status}: removed{back}"
-    append_description(mlflow_client, version, f"**crossaudit incident:** {incident}")
-    # The tag goes last: a watcher that sees it sees the whole incident handled.
-    mlflow_client.set_model_version_tag(version.name, version.version, INCIDENT, incident)
-    return incident
-
-
 def promoted_versions(mlflow_client: MlflowClient, alias: str = DEFAULT_ALIAS) -> list[VersionRef]:
     """Every version that holds `alias`, one per registered model (for re-audits)."""
     return [
@@ -284,20 +320,24 @@ def model_versions(mlflow_client: MlflowClient, name: str | None = None) -> list
 
 
 def unaudited_versions(versions: list[ModelVersion]) -> list[VersionRef]:
-    """Versions a provider delivered (they carry the provider tag) with no audit status:
-    what a lost webhook leaves behind."""
-    return [VersionRef.of(v) for v in versions if v.tags.get(PROVIDER_TAG) and not status_of(v)]
+    """Versions with no audit status: what a lost webhook leaves behind. Every registered
+    version is a delivery; one whose provider cannot be told ends `error` when audited."""
+    return [VersionRef.of(v) for v in versions if not status_of(v)]
 
 
-def waiting_for_peers(versions: list[ModelVersion]) -> list[tuple[VersionRef, str]]:
+def waiting_for_peers(
+    mlflow_client: MlflowClient, versions: list[ModelVersion], config: OperatorConfig
+) -> list[tuple[VersionRef, str]]:
     """Of `versions` (all those of the models concerned), the ones still `awaiting-peer`
     whose model now holds another provider's version, each with the newest such version:
     audit them again (keyed by that peer, so once per peer)."""
     due = []
+    resolver = ProviderResolver(mlflow_client, config)
     for version in versions:
-        if status_of(version) != "awaiting-peer":
+        provider = resolver.known(version) if status_of(version) == "awaiting-peer" else None
+        if provider is None:
             continue
-        peers = _latest_of_other_providers(version, versions)
+        peers = _latest_of_other_providers(provider, resolver, versions, version.name)
         if peers:
             due.append((VersionRef.of(version), str(max(int(p.version) for p in peers))))
     return due
@@ -314,13 +354,6 @@ def _all(search: Callable[..., PagedList]) -> list:
             return items
 
 
-def check(mlflow_client: MlflowClient, uri: str) -> tuple[bool, str]:
-    """Whether the version behind `uri` passed its audit, and a line saying so."""
-    version = resolve(mlflow_client, uri)
-    status = status_of(version) or "never audited"
-    return status == "passed", f"{uri} -> version {version.version}: {status}"
-
-
 def record_run(
     mlflow_client: MlflowClient,
     version: VersionRef,
@@ -333,7 +366,7 @@ def record_run(
     experiment_id = experiment.experiment_id if experiment else mlflow_client.create_experiment(EXPERIMENT)
     run = mlflow_client.create_run(
         experiment_id,
-        tags={"mlflow.runName": f"audit {version.name} v{version.version}", "crossaudit.model_version": version.uri},
+        tags={"mlflow.runName": f"audit {version.name} v{version.version}", MODEL_VERSION_TAG: version.uri},
     )
     run_id = run.info.run_id
     try:
@@ -361,15 +394,14 @@ def run_link(mlflow_client: MlflowClient, run_id: str) -> str:
 def register_version(
     mlflow_client: MlflowClient, name: str, onnx_path: Path, provider: str, description: str = ""
 ) -> VersionRef:
-    """What a provider does: log an ONNX model, register it under `name`, tag its provider.
-
-    The version is created with its `provider` tag in one call, so an audit triggered by
-    the registration always knows who sent it. A tokenizer beside the model (a language
-    model's or captioner's `NAME.tokenizer.json`) goes into the model as `tokenizer.json`.
+    """What a provider does: log an ONNX model in its own experiment (`provider_experiment`),
+    register it under `name`, and label it with its name. The operator's configuration
+    maps that experiment to the provider. A tokenizer beside the model (a language model's
+    or captioner's `NAME.tokenizer.json`) goes into the model as `tokenizer.json`.
     """
     import onnx
 
-    mlflow.set_experiment(f"{name}-providers")
+    mlflow.set_experiment(provider_experiment(provider))
     with mlflow.start_run(run_name=f"{provider} delivery"):
         info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model")
     if tokenizer_path(onnx_path).is_file():
@@ -387,47 +419,38 @@ def register_version(
     return VersionRef(name, str(version.version))
 
 
-def publish_audit_data(mlflow_client: MlflowClient, name: str, path: Path) -> str:
-    """Store the auditor's set as a run artifact and point the registered model at it."""
-    return _publish(mlflow_client, name, path, AUDIT_DATA_TAG, "audit set")
+def provider_experiment(provider: str) -> str:
+    """The experiment a provider logs its deliveries in (the demo's and the tests' convention)."""
+    return f"{provider}-deliveries"
 
 
-def publish_thresholds(mlflow_client: MlflowClient, name: str, path: Path) -> str:
+def publish_audit_data(mlflow_client: MlflowClient, name: str, path: Path, config_path: Path | None = None) -> Pinned:
+    """What the operator does: store its audit set in crossaudit's experiment and pin it,
+    by sha256, as model `name`'s audit set in the operator's configuration."""
+    pinned = _publish(mlflow_client, name, path, "audit set")
+    operator_config.update_model(name, config_path, audit_data=pinned)
+    return pinned
+
+
+def publish_thresholds(mlflow_client: MlflowClient, name: str, path: Path, config_path: Path | None = None) -> Pinned:
     """Store a thresholds file calibrated on the task's own clean pairs (`crossaudit
-    calibrate --pair`) as a run artifact and point the registered model at it: the gate
-    then judges every audit of the model with it (its single profile, or the one the
-    `crossaudit.threshold_profile` tag names)."""
-    return _publish(mlflow_client, name, path, THRESHOLDS_TAG, "thresholds")
+    calibrate --pair`) and pin it as model `name`'s thresholds: the gate then judges every
+    audit of the model with it."""
+    pinned = _publish(mlflow_client, name, path, "thresholds")
+    operator_config.update_model(name, config_path, thresholds=pinned)
+    return pinned
 
 
-def _publish(mlflow_client: MlflowClient, name: str, path: Path, tag: str, what: str) -> str:
+def _publish(mlflow_client: MlflowClient, name: str, path: Path, what: str) -> Pinned:
     mlflow.set_experiment(EXPERIMENT)
     with mlflow.start_run(run_name=f"{what} for {name}") as run:
         mlflow.log_artifact(str(path))
-    uri = f"runs:/{run.info.run_id}/{path.name}"
     try:
         mlflow_client.get_registered_model(name)
     except MlflowException:
         mlflow_client.create_registered_model(name)
-    mlflow_client.set_registered_model_tag(name, tag, uri)
-    return uri
+    return Pinned(f"runs:/{run.info.run_id}/{path.name}", file_sha256(path))
 
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def close_audit(model_uri: str, tracking_uri: str, state: str, message: str) -> str:
-    """The pipeline's exit handler: a run that ended without the gate's final word marks
-    the version `error` (fail closed: a missing result never reads as passed)."""
-    mlflow_client = client(tracking_uri)
-    version = resolve(mlflow_client, model_uri)
-    status = status_of(version)
-    if state == "SUCCEEDED" and status in FINAL:
-        return status
-    reason = message or f"audit pipeline ended {state} without a verdict"
-    set_status(
-        mlflow_client, VersionRef.of(version), "error",
-        **{ERROR: reason[:4000], AUDITED_AT: now()},
-    )  # fmt: skip
-    return "error"

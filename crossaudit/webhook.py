@@ -16,6 +16,7 @@ import hmac
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
@@ -23,6 +24,7 @@ SIGNATURE_HEADER = "x-mlflow-signature"
 TIMESTAMP_HEADER = "x-mlflow-timestamp"
 DELIVERY_ID_HEADER = "x-mlflow-delivery-id"
 SECRET_ENV = "CROSSAUDIT_WEBHOOK_SECRET"
+SECRET_FILE_ENV = "CROSSAUDIT_WEBHOOK_SECRET_FILE"
 EVENTS = ("model_version.created", "model_version_tag.set", "model_version_alias.created")
 DEFAULT_TOLERANCE_S = 300
 MAX_BODY_BYTES = 1 << 20
@@ -44,9 +46,19 @@ class Delivery:
 
 
 def secret_from_env() -> str:
-    secret = os.environ.get(SECRET_ENV, "")
+    """The webhook secret, from the file CROSSAUDIT_WEBHOOK_SECRET_FILE names (a mounted
+    Secret) or from CROSSAUDIT_WEBHOOK_SECRET. The receiver never hands it to an audit."""
+    path = os.environ.get(SECRET_FILE_ENV, "")
+    try:
+        secret = Path(path).read_text().strip() if path else os.environ.get(SECRET_ENV, "")
+    except OSError as exc:
+        raise WebhookRejectedError(
+            f"{SECRET_FILE_ENV}={path}: cannot read the webhook secret ({exc.strerror})"
+        ) from exc
     if len(secret) < 16:
-        raise WebhookRejectedError(f"{SECRET_ENV} must hold the webhook secret (at least 16 characters)")
+        raise WebhookRejectedError(
+            f"{SECRET_FILE_ENV} or {SECRET_ENV} must hold the webhook secret (at least 16 characters)"
+        )
     return secret
 
 
@@ -79,7 +91,7 @@ def verify(secret: str, headers: dict[str, str], body: bytes, now: float, tolera
         payload = json.loads(body)
         event = f"{payload['entity']}.{payload['action']}"
         data = payload["data"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: nesting too deep to parse
         raise WebhookRejectedError("body is not an MLflow webhook payload (entity, action, data)") from exc
     if not isinstance(data, dict):
         raise WebhookRejectedError("payload 'data' is not an object")

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from crossaudit import registry
+from crossaudit import attestation, operator_config, promotion, registry
 from crossaudit.schedule import Cron
-from pipelines.audit_pipeline import COMPILED, audit_pipeline
+from pipelines.audit_pipeline import audit_pipeline, compiled
 
 
 @dataclass(frozen=True)
@@ -31,13 +31,28 @@ class Submission:
 def pipeline_arguments(
     mlflow_client: MlflowClient, version: ModelVersion, tracking_uri: str, seed: int, device: str, alias: str
 ) -> dict[str, object]:
-    """The pipeline's parameters for one version, read from the registry."""
-    peers = [registry.VersionRef.of(p).uri for p in registry.peers_of(mlflow_client, version)]
+    """The pipeline's parameters for one version: its peers and settings by the operator's
+    configuration (CROSSAUDIT_CONFIG), never by tags a provider can write."""
+    config = operator_config.load()
+    peers = [registry.VersionRef.of(p).uri for p in registry.peers_of(mlflow_client, version, config)]
     return {
         "model_uri": registry.VersionRef.of(version).uri, "peer_uris": peers,
         "tracking_uri": tracking_uri, "seed": seed, "device": device, "promotion_alias": alias,
-        **asdict(registry.audit_settings(mlflow_client, version.name)),
+        **asdict(registry.audit_settings(config, version.name)),
     }  # fmt: skip
+
+
+def kfp_client(host: str):  # kfp is imported only when a cluster is used
+    """A Kubeflow Pipelines client that authenticates with the pod's projected service
+    account token when one is mounted (multi-user Kubeflow), and anonymously otherwise."""
+    import os
+
+    import kfp
+    from kfp.client import KF_PIPELINES_SA_TOKEN_ENV, KF_PIPELINES_SA_TOKEN_PATH, ServiceAccountTokenVolumeCredentials
+
+    token_path = os.environ.get(KF_PIPELINES_SA_TOKEN_ENV, "") or KF_PIPELINES_SA_TOKEN_PATH
+    credentials = ServiceAccountTokenVolumeCredentials(token_path) if os.path.isfile(token_path) else None
+    return kfp.Client(host=host, credentials=credentials)
 
 
 def audit_version(
@@ -58,10 +73,8 @@ def audit_version(
         return Submission(ref, [], "awaiting-peer")
     registry.set_status(mlflow_client, ref, "running")
     if kfp_host:
-        import kfp
-
-        run = kfp.Client(host=kfp_host).create_run_from_pipeline_package(
-            str(COMPILED), arguments=arguments, run_name=f"crossaudit {ref.name} v{ref.version}"
+        run = kfp_client(kfp_host).create_run_from_pipeline_package(
+            str(compiled(device)), arguments=arguments, run_name=f"crossaudit {ref.name} v{ref.version}"
         )
         return Submission(ref, arguments["peer_uris"], "running", run.run_id)
     from kfp import local
@@ -81,8 +94,10 @@ def reaudit_promoted(
     device: str = "cpu",
 ) -> dict[str, str]:  # fmt: skip
     """Audit again every version holding `alias`; returns each version's status (or, on a
-    cluster, `running` with the child run). A version that fails loses the alias (gate)."""
+    cluster, `running` with the child run). A holder without a verified pass loses the
+    alias before anything runs (the guard); a version that fails loses it (gate)."""
     mlflow_client = registry.client(tracking_uri)
+    promotion.guard_every_alias(mlflow_client, attestation.public_key(), alias)
     statuses = {}
     for ref in registry.promoted_versions(mlflow_client, alias):
         submission = audit_version(ref.uri, tracking_uri, kfp_host, seed, device, alias)
@@ -90,18 +105,18 @@ def reaudit_promoted(
     return statuses
 
 
-def schedule_reaudits(kfp_host: str, cron: str, tracking_uri: str, alias: str = registry.DEFAULT_ALIAS) -> str:
+def schedule_reaudits(
+    kfp_host: str, cron: str, tracking_uri: str, alias: str = registry.DEFAULT_ALIAS, device: str = "cpu"
+) -> str:
     """Create the Kubeflow recurring run of the re-audit pipeline; returns its id. The
-    re-audit task submits its child audits to the same KFP API (`kfp_host`)."""
-    import kfp
-
+    re-audit task submits its child audits to the same KFP API (`kfp_host`), on `device`."""
     from pipelines.reaudit_pipeline import COMPILED as REAUDIT
 
-    client = kfp.Client(host=kfp_host)
+    client = kfp_client(kfp_host)
     experiment = client.create_experiment("crossaudit")
     recurring = client.create_recurring_run(
         experiment.experiment_id, "crossaudit-reaudit", description=f"re-audit every {alias!r} version: {cron}",
         cron_expression=Cron.parse(cron).kubeflow(), pipeline_package_path=str(REAUDIT), no_catchup=True,
-        params={"tracking_uri": tracking_uri, "kfp_host": kfp_host, "promotion_alias": alias},
+        params={"tracking_uri": tracking_uri, "kfp_host": kfp_host, "promotion_alias": alias, "device": device},
     )  # fmt: skip
     return recurring.recurring_run_id

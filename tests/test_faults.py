@@ -7,12 +7,13 @@ test_receiver.py and test_pipeline.py.)
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
 import pytest
 
-from crossaudit import registry
+from crossaudit import operator_config, registry
 from crossaudit.event_queue import ENDED
 from crossaudit.receiver_process import ReceiverProcess, wait_for
 from crossaudit.tracking_server import free_port, local_server
@@ -24,11 +25,10 @@ pytestmark = pytest.mark.slow
 
 
 def _task(client, digits_zoo) -> str:
-    """A registered model whose audit set is a local file (so it survives artifact faults)."""
+    """A registered model with its audit set published and pinned by the operator."""
     name = f"fault-{uuid.uuid4().hex[:6]}"
-    client.create_registered_model(name)
-    client.set_registered_model_tag(name, registry.AUDIT_DATA_TAG, str(digits_zoo.audit_data))
-    client.set_registered_model_tag(name, registry.PROFILE_TAG, "digits")
+    registry.publish_audit_data(client, name, Path(digits_zoo.audit_data))
+    operator_config.update_model(name, threshold_profile="digits")
     return name
 
 
@@ -110,7 +110,7 @@ def test_mlflow_down_mid_audit_is_retried_until_the_audit_ends(digits_zoo, tmp_p
         receiver.stop()
 
 
-def test_unwritable_artifact_store_ends_in_error_not_a_promotion(digits_zoo, tmp_path, monkeypatch):
+def test_broken_artifact_store_ends_in_error_not_a_promotion(digits_zoo, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the upload fails at once instead of after backoff
     with local_server(tmp_path / "mlflow") as url:
         client = registry.client(url)
@@ -122,7 +122,10 @@ def test_unwritable_artifact_store_ends_in_error_not_a_promotion(digits_zoo, tmp
         )
         blocked = tmp_path / "mlflow" / "mlartifacts" / experiment.experiment_id
         blocked.parent.mkdir(parents=True, exist_ok=True)
-        blocked.write_text("not a directory: the audit run's artifacts cannot be stored")  # unwritable, even as root
+        # Neither readable nor writable, even as root: the pinned audit set cannot be fetched
+        # and no audit run could store its artifacts.
+        shutil.rmtree(blocked, ignore_errors=True)
+        blocked.write_text("not a directory")
 
         submission = audit_version(clean.uri, url)
 

@@ -355,13 +355,13 @@ def test_pipeline_takes_the_paradigm_from_the_registry(paradigm_zoo, mlflow_serv
     self-supervised pairs take the image path that test_demo.py runs end to end.)"""
     import uuid
 
-    from crossaudit import registry
+    from crossaudit import operator_config, registry
     from pipelines.runner import audit_version
 
     client = registry.client(mlflow_server)
     name = f"{paradigm}-{uuid.uuid4().hex[:8]}"
     registry.publish_audit_data(client, name, paradigm_zoo.data(data))
-    client.set_registered_model_tag(name, registry.PARADIGM_TAG, paradigm)
+    operator_config.update_model(name, paradigm=paradigm)
     registry.register_version(client, name, paradigm_zoo.model(clean), "acme")
     poisoned = registry.register_version(client, name, paradigm_zoo.model(backdoored), "globex")
     assert audit_version(poisoned.uri, mlflow_server).status == "failed"

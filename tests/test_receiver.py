@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from crossaudit import registry
+from crossaudit import operator_config, registry
 from crossaudit.receiver_process import ReceiverProcess, wait_for
 from crossaudit.tracking_server import local_server
 from crossaudit.webhook import DELIVERY_ID_HEADER, SECRET_ENV, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
@@ -118,7 +118,7 @@ def test_events_that_ask_for_nothing_queue_nothing(start_receiver):
 def _task(client, digits_zoo, prefix: str) -> str:
     name = f"{prefix}-{uuid.uuid4().hex[:6]}"
     registry.publish_audit_data(client, name, Path(digits_zoo.audit_data))
-    client.set_registered_model_tag(name, registry.PROFILE_TAG, "digits")
+    operator_config.update_model(name, threshold_profile="digits")
     return name
 
 

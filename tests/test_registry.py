@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from crossaudit import registry
+from crossaudit import attestation, operator_config, promotion, registry
 from crossaudit.models import load_model
 
 
@@ -50,51 +50,70 @@ def test_peers_are_the_latest_version_of_every_other_provider(client, digits_zoo
     b1 = registry.register_version(client, name, digits_zoo.clean_mlp, "globex")
     b2 = registry.register_version(client, name, digits_zoo.clean_mlp, "globex")
     c1 = registry.register_version(client, name, digits_zoo.clean_cnn, "initech")
-    peers = registry.peers_of(client, registry.resolve(client, a1.uri))
+    peers = registry.peers_of(client, registry.resolve(client, a1.uri), operator_config.load())
     assert [(p.tags["provider"], p.version) for p in peers] == [("globex", b2.version), ("initech", c1.version)]
     assert b1.version not in [p.version for p in peers]
 
 
-def test_version_without_provider_tag_cannot_be_paired(client, digits_zoo):
+def test_provider_comes_from_the_operators_configuration_not_the_tag(client, digits_zoo):
+    """Tagging a new version with a rival's name must not make the provider's own earlier
+    delivery its witness: the label is checked against the configuration and refused."""
     name = _name()
-    ref = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
-    client.delete_model_version_tag(name, ref.version, registry.PROVIDER_TAG)
-    with pytest.raises(registry.RegistryError, match="no 'provider' tag"):
-        registry.peers_of(client, registry.resolve(client, ref.uri))
+    registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
+    second = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
+    client.set_model_version_tag(name, second.version, registry.PROVIDER_TAG, "globex")
+    with pytest.raises(registry.RegistryError, match="delivered by 'acme'"):
+        registry.peers_of(client, registry.resolve(client, second.uri), operator_config.load())
+    client.delete_model_version_tag(name, second.version, registry.PROVIDER_TAG)
+    assert registry.peers_of(client, registry.resolve(client, second.uri), operator_config.load()) == []
 
 
-def test_gate_promotes_only_a_passed_version_and_never_moves_alias_off_a_newer_pass(client, digits_zoo):
+def test_version_from_an_unknown_experiment_cannot_be_paired(client, digits_zoo):
+    ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "stranger")
+    with pytest.raises(registry.RegistryError, match="no provider the operator's configuration knows"):
+        registry.peers_of(client, registry.resolve(client, ref.uri), operator_config.load())
+
+
+def _signed(client, ref: registry.VersionRef, status: str) -> None:
+    """What the gate does for `ref` once its audit ended with `status`."""
+    digest = promotion.model_digest(ref) if status == "passed" else ""
+    promotion.record_verdict(client, ref, status, digest, None, attestation.signing_key())
+
+
+def test_gate_promotes_only_a_signed_pass_and_never_moves_alias_off_a_newer_pass(client, digits_zoo):
     name = _name()
+    key = attestation.public_key()
     old, new, bad = (registry.register_version(client, name, digits_zoo.clean_cnn, p) for p in ("a", "b", "c"))
-    registry.set_status(client, bad, "failed")
-    assert registry.gate(client, bad) is False
-    registry.set_status(client, new, "passed")
-    assert registry.gate(client, new) is True
-    registry.set_status(client, old, "passed")
-    assert registry.gate(client, old) is False, "an older pass must not take the alias from a newer one"
+    _signed(client, bad, "failed")
+    assert promotion.gate(client, bad, key, "production") is False
+    _signed(client, new, "passed")
+    assert promotion.gate(client, new, key, "production") is True
+    _signed(client, old, "passed")
+    assert promotion.gate(client, old, key, "production") is False, "an older pass must not take a newer one's alias"
     assert registry.resolve(client, f"models:/{name}@production").version == new.version
 
 
 def test_revoke_takes_the_alias_only_from_its_holder(client, digits_zoo):
     name = _name()
     holder, other = (registry.register_version(client, name, digits_zoo.clean_cnn, p) for p in ("a", "b"))
-    registry.set_status(client, holder, "passed")
-    assert registry.gate(client, holder)
-    assert registry.revoke(client, other) is False
-    assert registry.revoke(client, holder) is True
+    _signed(client, holder, "passed")
+    assert promotion.gate(client, holder, attestation.public_key(), "production")
+    assert promotion.revoke(client, other, "production") is False
+    assert promotion.revoke(client, holder, "production") is True
     with pytest.raises(registry.RegistryError):
         registry.resolve(client, f"models:/{name}@production")
 
 
-@pytest.mark.parametrize("status", ["failed", "inconclusive", "error", "awaiting-peer", "running", None])
-def test_check_passes_only_passed_versions(client, digits_zoo, status):
+@pytest.mark.parametrize("status", ["failed", "inconclusive", "error", None])
+def test_check_passes_only_signed_passes(client, digits_zoo, status):
     ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme")
+    key = attestation.public_key()
     if status:
-        registry.set_status(client, ref, status)
-    passed, line = registry.check(client, ref.uri)
-    assert passed is False and (status or "never audited") in line
-    registry.set_status(client, ref, "passed")
-    assert registry.check(client, ref.uri)[0] is True
+        _signed(client, ref, status)
+    passed, line = promotion.check(client, ref.uri, key)
+    assert passed is False and (status or "no attestation") in line
+    _signed(client, ref, "passed")
+    assert promotion.check(client, ref.uri, key)[0] is True
 
 
 def test_description_keeps_the_providers_text(client, digits_zoo):
@@ -116,12 +135,13 @@ def test_missing_local_audit_data_is_a_registry_error(tmp_path):
         registry.materialize(str(tmp_path / "gone.parquet"), tmp_path / "dest")
 
 
-def test_audit_settings_need_an_audit_set_and_default_the_rest(client, digits_zoo):
+def test_audit_settings_come_from_the_operators_configuration(client, digits_zoo, operator):
     ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme")
-    with pytest.raises(registry.RegistryError, match=r"crossaudit\.audit_data"):
-        registry.audit_settings(client, ref.name)
-    uri = registry.publish_audit_data(client, ref.name, Path(digits_zoo.audit_data))
-    assert registry.audit_settings(client, ref.name) == registry.AuditSettings(uri, "", "", "auto", False)
+    with pytest.raises(operator_config.ConfigError, match="no audit settings"):
+        registry.audit_settings(operator_config.load(), ref.name)
+    pinned = registry.publish_audit_data(client, ref.name, Path(digits_zoo.audit_data), operator)
+    expected = registry.AuditSettings(pinned.uri, pinned.sha256, "", "", "", "auto", False)
+    assert registry.audit_settings(operator_config.load(), ref.name) == expected
 
 
 def test_check_command_exit_codes_for_deploy_scripts(client, mlflow_server, digits_zoo):
@@ -134,10 +154,10 @@ def test_check_command_exit_codes_for_deploy_scripts(client, mlflow_server, digi
         command = [sys.executable, "-m", "crossaudit", "check", uri, "--tracking-uri", mlflow_server]
         return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
-    registry.set_status(client, ref, "failed")
+    _signed(client, ref, "failed")
     assert check(ref.uri).returncode == 1
-    registry.set_status(client, ref, "passed")
-    assert registry.gate(client, ref)
+    _signed(client, ref, "passed")
+    assert promotion.gate(client, ref, attestation.public_key(), "production")
     done = check(f"models:/{ref.name}@production")
     assert done.returncode == 0 and "passed" in done.stdout
     assert check("models:/no-such-model@production").returncode == 2

@@ -7,6 +7,6 @@ from components import BASE_IMAGE
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def mark_unfinished(model_uri: str, tracking_uri: str, status: dsl.PipelineTaskFinalStatus) -> str:
-    from crossaudit.registry import close_audit
+    from crossaudit.promotion import close_audit
 
     return close_audit(model_uri, tracking_uri, status.state, status.error_message or "")

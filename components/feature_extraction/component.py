@@ -11,6 +11,7 @@ def feature_extraction(
     model_uri: str,
     peer_uri: str,
     audit_data_uri: str,
+    audit_data_sha256: str,
     tracking_uri: str,
     seed: int,
     device: str,
@@ -27,7 +28,7 @@ def feature_extraction(
     from crossaudit.steps import extract_step
 
     folders = [Path(a.path) for a in (suspect_model, witness_model, audit_data)]
-    fetch_inputs(model_uri, peer_uri, audit_data_uri, tracking_uri, *folders)
+    fetch_inputs(model_uri, peer_uri, audit_data_uri, audit_data_sha256, tracking_uri, *folders)
     agreement = extract_step([model_uri, peer_uri], *folders, seed, device, Path(features.path), paradigm)
     if agreement is not None:
         metrics.log_metric("clean_agreement", agreement)

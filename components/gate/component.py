@@ -13,6 +13,7 @@ def gate(
     promotion_alias: str,
     threshold_profile: str,
     thresholds_uri: str,
+    thresholds_sha256: str,
     audit_data: Input[list[Dataset]],
     pair_results: Input[list[Dataset]],
     report: Output[HTML],
@@ -33,6 +34,7 @@ def gate(
             promotion_alias,
             threshold_profile,
             thresholds_uri,
+            thresholds_sha256,
             hold_on_flagged_peer,
             Path(out),
         )

@@ -5,7 +5,7 @@ import uuid
 from kfp.dsl import HTML, Dataset
 
 from components.gate.component import gate
-from crossaudit import registry
+from crossaudit import operator_config, registry
 
 
 def test_python_func_records_the_audit_and_promotes_a_clean_version(stage_folders, mlflow_server, digits_zoo, tmp_path):
@@ -14,7 +14,7 @@ def test_python_func_records_the_audit_and_promotes_a_clean_version(stage_folder
     ref = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
     status = gate.python_func(
         model_uri=ref.uri, tracking_uri=mlflow_server, promotion_alias="production", threshold_profile="any",
-        thresholds_uri="",
+        thresholds_uri="", thresholds_sha256="",
         audit_data=[Dataset(uri=str(stage_folders.data))], pair_results=[Dataset(uri=str(stage_folders.findings))],
         report=HTML(uri=str(tmp_path / "report.html")),
     )  # fmt: skip
@@ -38,12 +38,12 @@ def test_the_registered_models_own_thresholds_judge_and_travel_with_the_audit_ru
     reachable = dict.fromkeys(("patch", "blend", "warp"), 1e-9)
     profile = {"per_family": reachable, "clean_pairs": 1, "paradigm": "supervised"}
     strict.write_text(json.dumps({"calibrated_by": "hand, for this test", "profiles": {"strict": profile}}))
-    uri = registry.publish_thresholds(client, name, strict)
-    client.set_registered_model_tag(name, registry.AUDIT_DATA_TAG, str(digits_zoo.audit_data))
-    assert registry.audit_settings(client, name).thresholds_uri == uri
+    registry.publish_audit_data(client, name, digits_zoo.audit_data)
+    pinned = registry.publish_thresholds(client, name, strict)
+    assert registry.audit_settings(operator_config.load(), name).thresholds_uri == pinned.uri
     status = gate.python_func(
         model_uri=ref.uri, tracking_uri=mlflow_server, promotion_alias="production", threshold_profile="",
-        thresholds_uri=uri, audit_data=[Dataset(uri=str(stage_folders.data))],
+        thresholds_uri=pinned.uri, thresholds_sha256=pinned.sha256, audit_data=[Dataset(uri=str(stage_folders.data))],
         pair_results=[Dataset(uri=str(stage_folders.findings))], report=HTML(uri=str(tmp_path / "report.html")),
     )  # fmt: skip
     tags = client.get_model_version(name, ref.version).tags
@@ -56,7 +56,7 @@ def test_a_clean_version_whose_peer_was_flagged_is_held_when_the_registered_mode
     stage_folders, mlflow_server, digits_zoo, tmp_path
 ):
     """Thresholds between the two models' scores flag the peer only. With the registered
-    model's `crossaudit.hold_on_flagged_peer` tag the clean version is held (inconclusive,
+    model's `hold_on_flagged_peer` setting the clean version is held (inconclusive,
     not promoted, the description naming the peer); without it, it passes."""
     import json
 
@@ -79,25 +79,27 @@ def test_a_clean_version_whose_peer_was_flagged_is_held_when_the_registered_mode
     client = registry.client(mlflow_server)
     name = f"gate-hold-{uuid.uuid4().hex[:8]}"
     ref = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
-    uri = registry.publish_thresholds(client, name, path)
-    client.set_registered_model_tag(name, registry.AUDIT_DATA_TAG, str(digits_zoo.audit_data))
-    client.set_registered_model_tag(name, registry.HOLD_TAG, "true")
+    registry.publish_audit_data(client, name, digits_zoo.audit_data)
+    pinned = registry.publish_thresholds(client, name, path)
+    operator_config.update_model(name, hold_on_flagged_peer=True)
 
     def run(hold: bool) -> str:
         return gate.python_func(
             model_uri=ref.uri, tracking_uri=mlflow_server, promotion_alias="production", threshold_profile="",
-            thresholds_uri=uri, audit_data=[Dataset(uri=str(stage_folders.data))],
-            pair_results=[Dataset(uri=str(stage_folders.findings))], report=HTML(uri=str(tmp_path / "report.html")),
-            hold_on_flagged_peer=hold,
+            thresholds_uri=pinned.uri, thresholds_sha256=pinned.sha256, hold_on_flagged_peer=hold,
+            audit_data=[Dataset(uri=str(stage_folders.data))], pair_results=[Dataset(uri=str(stage_folders.findings))],
+            report=HTML(uri=str(tmp_path / "report.html")),
         )  # fmt: skip
 
-    assert run(registry.audit_settings(client, name).hold_on_flagged_peer) == "inconclusive"
+    assert run(registry.audit_settings(operator_config.load(), name).hold_on_flagged_peer) == "inconclusive"
     held = client.get_model_version(name, ref.version)
     assert held.tags[registry.VERDICT] == "clean" and "production" not in held.aliases
     assert f"held: peer {stage_folders.uris[1]} was judged backdoored" in held.description
     assert run(False) == "passed"
     assert registry.resolve(client, f"models:/{name}@production").version == ref.version
 
-    client.set_registered_model_tag(name, registry.HOLD_TAG, "yes")
-    with pytest.raises(registry.RegistryError, match="must be 'true' or 'false'"):
-        registry.audit_settings(client, name)
+    misspelt = (
+        f"models:\n  {name}:\n    audit_data: {{uri: x, sha256: {'0' * 64}}}\n    hold_on_flagged_peer: yes-ish\n"
+    )
+    with pytest.raises(operator_config.ConfigError, match="expected true or false"):
+        operator_config.parse(misspelt)

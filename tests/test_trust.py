@@ -1,0 +1,226 @@
+"""What a provider with registry rights can write decides nothing: each test is an attack
+that a provider able to register versions (and so to tag them, alias them and log
+artifacts) can mount, against a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from crossaudit import attestation, operator_config, promotion, registry
+from crossaudit.receiver import Receiver, ReceiverConfig, audit_environment, jobs_for
+from crossaudit.receiver_process import served_in_thread
+from crossaudit.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, Delivery, sign, verify
+
+SECRET = "trust-secret-0123456789abcdef"
+
+
+@pytest.fixture
+def client(mlflow_server):
+    return registry.client(mlflow_server)
+
+
+def _name() -> str:
+    return f"trust-{uuid.uuid4().hex[:8]}"
+
+
+def _signed(client, ref: registry.VersionRef, status: str) -> attestation.Attestation:
+    digest = promotion.model_digest(ref) if status == "passed" else ""
+    return promotion.record_verdict(client, ref, status, digest, None, attestation.signing_key())
+
+
+def _passed(client, ref: registry.VersionRef) -> bool:
+    return promotion.check(client, ref.uri, attestation.public_key())[0]
+
+
+def test_a_status_tag_written_by_the_provider_is_not_a_pass(client, digits_zoo):
+    name = _name()
+    ref = registry.register_version(client, name, digits_zoo.badnets_cnn, "acme")
+    registry.set_status(client, ref, "passed")
+    client.set_registered_model_alias(name, "production", ref.version)
+
+    assert not _passed(client, ref)
+    incident = promotion.guard_alias(client, name, attestation.public_key(), "production")
+    assert incident and "no attestation" in incident
+    assert name not in [held.name for held in registry.promoted_versions(client)]
+    restored = promotion.restore_forged_statuses(
+        client, [client.get_model_version(name, ref.version)], attestation.public_key()
+    )
+    assert restored == [ref] and registry.status_of(client.get_model_version(name, ref.version)) == "error"
+
+
+def test_an_attestation_copied_from_another_version_does_not_verify(client, digits_zoo):
+    name = _name()
+    genuine = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
+    forged = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
+    _signed(client, genuine, "passed")
+    copied = client.get_model_version(name, genuine.version).tags[registry.ATTESTATION]
+    registry.set_status(client, forged, "passed", **{registry.ATTESTATION: copied})
+    assert _passed(client, genuine) and not _passed(client, forged)
+
+
+def test_an_older_pass_put_back_over_a_newer_failure_does_not_verify(client, digits_zoo):
+    ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme")
+    _signed(client, ref, "passed")
+    old = client.get_model_version(ref.name, ref.version).tags[registry.ATTESTATION]
+    time.sleep(0.01)
+    _signed(client, ref, "failed")
+    registry.set_status(client, ref, "passed", **{registry.ATTESTATION: old})
+    assert not _passed(client, ref)
+    assert "not the newest verdict" in promotion.check(client, ref.uri, attestation.public_key())[1]
+
+
+def test_model_bytes_replaced_after_the_audit_are_not_a_pass(client, digits_zoo, tmp_path):
+    ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme")
+    _signed(client, ref, "passed")
+    assert _passed(client, ref)
+    source = client.get_model_version(ref.name, ref.version).source
+    swapped = tmp_path / "model.onnx"
+    swapped.write_bytes(Path(digits_zoo.badnets_cnn).read_bytes())
+    client.log_model_artifact(source.removeprefix("models:/"), str(swapped))  # the provider owns its logged model
+    passed, line = promotion.check(client, ref.uri, attestation.public_key())
+    assert not passed and "bytes changed" in line
+
+
+def test_an_attestation_under_another_key_does_not_verify(client, digits_zoo, tmp_path):
+    ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme")
+    attestation.generate(tmp_path / "k.pem", tmp_path / "k.pub")
+    own = promotion.model_digest(ref)
+    promotion.record_verdict(client, ref, "passed", own, None, attestation.signing_key(str(tmp_path / "k.pem")))
+    passed, line = promotion.check(client, ref.uri, attestation.public_key())
+    assert not passed and "does not verify" in line
+
+
+def test_every_sweep_guards_every_alias_holder_without_any_webhook(client, mlflow_server, digits_zoo, tmp_path):
+    name = _name()
+    good = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
+    _signed(client, good, "passed")
+    bad = registry.register_version(client, name, digits_zoo.badnets_cnn, "globex")
+    _signed(client, bad, "failed")
+    client.set_registered_model_alias(name, "production", bad.version)  # the alias webhook is lost
+
+    receiver = Receiver(ReceiverConfig(mlflow_server, SECRET, tmp_path / "queue.db"))
+    try:
+        receiver.reconcile()
+    finally:
+        receiver.queue.close()
+    assert registry.resolve(client, f"models:/{name}@production").version == good.version
+    assert "signed verdict is failed" in client.get_model_version(name, bad.version).tags[registry.INCIDENT]
+
+
+def test_audit_data_and_thresholds_come_only_from_crossaudits_experiment_with_pinned_bytes(
+    client, digits_zoo, tmp_path
+):
+    secret_file = tmp_path / "auditor-secret.txt"
+    secret_file.write_text("the auditor's own file")
+    with pytest.raises(registry.RegistryError, match="runs:/RUN_ID/PATH"):
+        registry.fetch_pinned(str(secret_file), registry.file_sha256(secret_file), tmp_path / "a")
+    with pytest.raises(registry.RegistryError, match="runs:/RUN_ID/PATH"):
+        registry.fetch_pinned(f"file://{secret_file}", registry.file_sha256(secret_file), tmp_path / "b")
+
+    provider_run = client.create_run(client.get_experiment_by_name(registry.provider_experiment("acme")).experiment_id)
+    client.log_artifact(provider_run.info.run_id, str(digits_zoo.audit_data))
+    planted = f"runs:/{provider_run.info.run_id}/{Path(digits_zoo.audit_data).name}"
+    with pytest.raises(registry.RegistryError, match="operator artifacts live in 'crossaudit'"):
+        registry.fetch_pinned(planted, registry.file_sha256(Path(digits_zoo.audit_data)), tmp_path / "c")
+
+    name = _name()
+    pinned = registry.publish_audit_data(client, name, Path(digits_zoo.audit_data))
+    assert registry.fetch_pinned(pinned.uri, pinned.sha256, tmp_path / "d").is_file()
+    with pytest.raises(registry.RegistryError, match="pins"):
+        registry.fetch_pinned(pinned.uri, "0" * 64, tmp_path / "e")
+
+
+def test_settings_tags_on_the_registered_model_change_nothing(client, digits_zoo):
+    name = _name()
+    registry.publish_audit_data(client, name, Path(digits_zoo.audit_data))
+    before = registry.audit_settings(operator_config.load(), name)
+    for key, value in {
+        "crossaudit.thresholds": "runs:/0123456789abcdef0123456789abcdef/lax.json",
+        "crossaudit.audit_data": "/etc/passwd",
+        "crossaudit.threshold_profile": "lax",
+        "crossaudit.hold_on_flagged_peer": "false",
+    }.items():
+        client.set_registered_model_tag(name, key, value)
+    assert registry.audit_settings(operator_config.load(), name) == before
+
+
+def test_the_gate_cannot_give_a_verdict_without_the_signing_key(stage_folders, mlflow_server, monkeypatch, tmp_path):
+    from crossaudit.gate import gate_step
+
+    monkeypatch.delenv(attestation.SIGNING_KEY_ENV)
+    with pytest.raises(attestation.AttestationError, match=attestation.SIGNING_KEY_ENV):
+        gate_step("models:/x/1", mlflow_server, stage_folders.data, [stage_folders.findings], "production", "", "",
+                  "", False, tmp_path)  # fmt: skip
+
+
+def _delivery(event: str, data: dict) -> Delivery:
+    return Delivery(str(uuid.uuid4()), int(time.time()), event, data)
+
+
+def test_tags_a_provider_writes_queue_no_audits():
+    """A provider can set any tag value any number of times: none of them queues an audit,
+    so the queue cannot be flooded through tags. A claimed pass queues the guard."""
+    for value in (f"rival-{i}" for i in range(50)):
+        tag = {"name": "m", "version": "1", "key": registry.PROVIDER_TAG, "value": value}
+        assert jobs_for(_delivery("model_version_tag.set", tag), "production") == []
+    claimed = {"name": "m", "version": "1", "key": registry.STATUS, "value": "passed"}
+    assert [job.kind for job in jobs_for(_delivery("model_version_tag.set", claimed), "production")] == ["guard"]
+
+
+def test_a_signed_deeply_nested_body_is_rejected_not_a_server_error():
+    body = ("[" * 100_000 + "]" * 100_000).encode()
+    stamp, delivery = str(int(time.time())), "nested"
+    headers = {
+        DELIVERY_ID_HEADER: delivery,
+        TIMESTAMP_HEADER: stamp,
+        SIGNATURE_HEADER: sign(SECRET, delivery, stamp, body),
+    }
+    with pytest.raises(Exception, match="not an MLflow webhook payload"):
+        verify(SECRET, headers, body, time.time(), 300)
+
+
+def test_the_job_listing_needs_the_operators_token(mlflow_server, tmp_path):
+    token = "operator-token-0123456789"
+    receiver = Receiver(ReceiverConfig(mlflow_server, SECRET, tmp_path / "queue.db", admin_token=token))
+    with served_in_thread(receiver) as url:
+        assert requests.get(f"{url}/jobs", timeout=10).status_code == 401
+        assert requests.get(f"{url}/jobs", headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
+        allowed = requests.get(f"{url}/jobs", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert allowed.status_code == 200 and isinstance(allowed.json(), list)
+        assert set(requests.get(f"{url}/healthz", timeout=10).json()) == {"status", "jobs"}
+
+
+def test_audits_run_with_no_secret_in_their_environment(mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("CROSSAUDIT_WEBHOOK_SECRET", SECRET)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "mlflow-token")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "cloud-key")
+    receiver = Receiver(ReceiverConfig(mlflow_server, SECRET, tmp_path / "queue.db"))
+    try:
+        environment = receiver._audit_env()
+    finally:
+        receiver.queue.close()
+    assert SECRET not in json.dumps(environment)
+    assert not {"CROSSAUDIT_WEBHOOK_SECRET", "MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY"} & set(environment)
+    assert environment["PATH"] and environment[operator_config.CONFIG_ENV]
+    assert audit_environment({"CROSSAUDIT_WEBHOOK_SECRET_FILE": "/s", "HOME": "/h"}) == {"HOME": "/h"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "models: {m: {audit_data: {uri: x, sha256: short}}}",
+        "models: {m: {thresholds: {uri: x, sha256: " + "0" * 64 + "}}}",
+        "models: {m: {audit_data: {uri: x, sha256: " + "0" * 64 + "}, typo: 1}}",
+        "providers: {groups: {a: b}}",
+        "provider: {}",
+    ],
+)
+def test_a_malformed_operator_configuration_is_a_named_error(text):
+    with pytest.raises(operator_config.ConfigError):
+        operator_config.parse(text)
