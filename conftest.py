@@ -94,19 +94,10 @@ def operator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     configuration that knows the test providers (models are added as their audit sets are
     published). The environment names them, so receivers and audits started by the tests
     use them too. Yields the configuration file."""
-    from crossaudit import operator_config, registry
+    from crossaudit import operator_config
 
-    environment = operator_config.bootstrap(
-        tmp_path_factory.mktemp("operator"), {registry.provider_experiment(p): p for p in TEST_PROVIDERS}
-    )
-    saved = {name: os.environ.get(name) for name in environment}
-    os.environ.update(environment)
-    yield Path(environment[operator_config.CONFIG_ENV])
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with operator_config.local_operator(tmp_path_factory.mktemp("operator"), TEST_PROVIDERS) as config:
+        yield config
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ same machine load); the medians are compared. The target (issue 5): pipeline <= 
 direct + startup. Writes docs/pipeline_overhead.md.
 """
 
+import os
 import platform
 import statistics
 import tempfile
@@ -104,6 +105,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=RuntimeWarning)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        os.environ.update(operator_config.bootstrap(root / "operator", ("acme", "globex")))
         split = load_dataset("digits")
         data = root / "audit.parquet"
         write_audit_set("digits", data)

@@ -13,16 +13,15 @@ creation in MLflow (`creation_timestamp`):
 Writes docs/webhook_latency.md.
 """
 
-import json
+import os
 import platform
 import secrets
 import statistics
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from crossaudit import __version__, registry
+from crossaudit import __version__, operator_config, registry
 from crossaudit.receiver_process import ReceiverProcess, wait_for
 from crossaudit.tracking_server import local_server
 from crossaudit.webhook import install
@@ -35,14 +34,13 @@ NAME = "latency"
 
 
 def _job(receiver: ReceiverProcess, version: str) -> dict | None:
-    with urllib.request.urlopen(f"{receiver.url}/jobs", timeout=10) as response:
-        jobs = json.load(response)
-    return next((j for j in jobs if j["key"] == f"audit:{NAME}/{version}"), None)
+    return next((j for j in receiver.jobs() if j["key"] == f"audit:{NAME}/{version}"), None)
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        os.environ.update(operator_config.bootstrap(root / "operator", ("acme", "globex")))
         split = load_dataset("digits")
         write_audit_set("digits", root / "audit.parquet")
         models = {}

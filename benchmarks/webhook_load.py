@@ -14,6 +14,7 @@ runs the same burst and asserts that every genuine registration is audited exact
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import resource
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import requests
 
+from crossaudit import operator_config
 from crossaudit.event_queue import Job
 from crossaudit.receiver import Receiver, ReceiverConfig
 from crossaudit.receiver_process import served_in_thread, wait_for
@@ -150,7 +152,9 @@ def _percentile(values: list[float], q: float) -> float:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, local_server(Path(tmp) / "mlflow") as url:
-        burst = run_burst(url, Path(tmp))
+        root = Path(tmp)
+        os.environ.update(operator_config.bootstrap(root / "operator", ("acme", "globex")))
+        burst = run_burst(url, root)
     answers = "\n".join(f"| {k} | {v} |" for k, v in sorted(burst.answers.items()))
     twice = sum(1 for n in burst.audited.values() if n > 1)
     REPORT.write_text(f"""# Webhook burst against the receiver

@@ -41,6 +41,10 @@ class PairRecord:
     error: str | None = None
     paradigm: str = "auto"
     model_sha256: list[str | None] | None = None  # None until stage 1 has loaded the models
+    # Per model, the input sets its translation was proved on against ONNX Runtime so far
+    # (`ModelReport.parity_checks`): stage 1 adds the audit data and random inputs, stage 3
+    # the stamped candidate triggers, stage 4 the final triggers on held-out data.
+    parity_checks: list[dict[str, float]] | None = None
 
     def checked(self) -> dict[str, float | None]:
         """The models stage 1 proved against ONNX Runtime, by digest (`parity_check`)."""
@@ -48,6 +52,14 @@ class PairRecord:
             return {}
         pairs = zip(self.model_sha256, self.parity_max_abs_diff, strict=True)
         return {digest: diff for digest, diff in pairs if digest is not None}
+
+    def add_parity_checks(self, checks: list[dict[str, float]]) -> None:
+        """Merge a stage's proofs into what earlier stages proved (largest difference per set)."""
+        merged = self.parity_checks or [{} for _ in checks]
+        for known, found in zip(merged, checks, strict=True):
+            for input_set, diff in found.items():
+                known[input_set] = max(known.get(input_set, 0.0), diff)
+        self.parity_checks = merged
 
 
 def only_entry(folder: Path) -> Path:

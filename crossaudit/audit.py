@@ -24,7 +24,6 @@ from crossaudit.errors import (
     AuditError,
     DataValidationError,
     IncomparableModelsError,
-    ModelLoadError,
     TimeBudgetError,
 )
 from crossaudit.features import candidate_taps, extract_features
@@ -35,6 +34,7 @@ from crossaudit.models import LoadedModel, load_model, logits_of, parity_check
 from crossaudit.paradigms import AUTO, CAPTIONER, LM, image_paradigm
 from crossaudit.paradigms.captioning import CaptionScorer, caption_tokens
 from crossaudit.paradigms.embedding import prototype_head
+from crossaudit.runtime_parity import AUDIT, NOISE, GraphInputs, RuntimeGraph, deployed, noise_inputs, prove_on_triggers
 from crossaudit.sensitivity import (
     AttackEffect,
     SensitivityConfig,
@@ -52,6 +52,7 @@ from crossaudit.verdict import (
     load_thresholds,
     overall,
 )
+from crossaudit.witness import refuse_same_model
 
 log = logging.getLogger(__name__)
 # A captioner's parity check runs on this many images (each with its true caption).
@@ -105,6 +106,7 @@ def _split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
 
 def measure(
     directions: list[Models],
+    as_deployed: list[nn.Module],
     triggers: list[list[Trigger]],
     inversion_set: tuple[Tensor, Tensor],
     held_out: tuple[Tensor, Tensor],
@@ -112,15 +114,19 @@ def measure(
     seed: int,
 ) -> list[list[Finding]]:
     """Stage 4 and the findings: held-out effect before and after fine-tuning each suspect,
-    paired with the peer's trigger for the same family and target."""
+    paired with the peer's trigger for the same family and target.
+
+    `as_deployed[i]` is model i (the suspect of direction i) as the user runs it, under ONNX
+    Runtime (`runtime_parity.deployed`): the attack success a finding reports is what the
+    deployed model does, and every triggered held-out input is proved against the torch
+    translation the search used (a ParityError otherwise). Only the fine-tuned copy, which
+    exists in torch alone, runs in torch."""
     effects: list[dict[tuple[str, int], tuple[Trigger, AttackEffect]]] = []
-    for models, found in zip(directions, triggers, strict=True):
+    for index, (models, found) in enumerate(zip(directions, triggers, strict=True)):
         tuned = fine_tuned_copy(models.suspect, *inversion_set, config.sensitivity, seed)
+        suspect, witness = as_deployed[index], as_deployed[1 - index]
         effects.append(
-            {
-                (t.family_name, t.target): (t, attack_effect(t, models.suspect, tuned, models.witness, *held_out))
-                for t in found
-            }
+            {(t.family_name, t.target): (t, attack_effect(t, suspect, tuned, witness, *held_out)) for t in found}
         )
 
     def effective(effect: AttackEffect) -> float:
@@ -197,6 +203,8 @@ class Pair:
     device: str
     paradigm: str
     num_classes: int  # targets to search: every class both models score, audited or not
+    graphs: list[RuntimeGraph]  # each model under ONNX Runtime, proved against its translation
+    feeds: list[GraphInputs]  # how audit images become each graph's inputs
 
     def tensors(self, index: np.ndarray) -> tuple[Tensor, Tensor]:
         return (
@@ -211,6 +219,14 @@ class Pair:
             Models(self.modules[1], self.modules[0], alignment.witness_tap, alignment.suspect_tap),
         ]
 
+    def deployed(self) -> list[nn.Module]:
+        """Each scored model with ONNX Runtime in place of its translation (`runtime_parity`)."""
+        return [deployed(module, graph) for module, graph in zip(self.modules, self.graphs, strict=True)]
+
+    def parity_checks(self) -> list[dict[str, float]]:
+        """Per model, the input sets its translation was proved on and the largest difference."""
+        return [dict(graph.checks) for graph in self.graphs]
+
 
 def prepare_pair(
     uris: list[str],
@@ -220,21 +236,32 @@ def prepare_pair(
     config: AuditConfig,
     checked: Mapping[str, float | None] | None = None,
 ) -> Pair:
-    """Load both models, prove their torch view matches ONNX Runtime (unless `checked`
-    says an earlier stage proved these exact bytes: `parity_check`), give them the
-    paradigm's scores, and refuse pairs too different on clean data to cross-examine."""
-    data = read_audit_data(data_path, config.limits.max_audit_samples)
+    """Load both models, prove their torch view matches ONNX Runtime on the audit data and
+    on random inputs (unless `checked` says an earlier stage proved these exact bytes:
+    `parity_check`), give them the paradigm's scores, and refuse a pair that is one model
+    twice (`witness`) or too different on clean data to cross-examine."""
+    data = read_audit_data(data_path, config.limits.max_audit_samples, config.limits.max_audit_bytes)
     captioners = _captioner_audit(config.paradigm, data)
     modules, reports, labels, paradigms, widths = [], [], [], [], []
+    graphs, feeds, outputs = [], [], []
     for uri in uris:
         model = load_model(uri, config.limits.max_model_bytes)
         model.module.to(device).requires_grad_(False).eval()
         if captioners:
-            module, diff = _captioner_scorer(model, data, device, checked)
+            module, diff, feed = _captioner_scorer(model, data, device, checked)
             logits, paradigm = logits_of(module, data.x, device), CAPTIONER
         else:
             diff = parity_check(model, data.x, device, checked=checked)
             module, logits, paradigm = _scored(model.module, uri, data, config.paradigm, device)
+            feed = GraphInputs()
+        graph = RuntimeGraph(model, device)
+        if diff is not None:
+            graph.checks[AUDIT] = diff
+        noise = noise_inputs(feed.of(data.x[:1], data.y[:1]), feed.vocab, seed)
+        proven = checked is not None and model.sha256 in checked
+        outputs.append([logits, logits_of(model.module, noise, device) if proven else graph.prove(NOISE, noise)])
+        graphs.append(graph)
+        feeds.append(feed)
         modules.append(module)
         paradigms.append(paradigm)
         reports.append(
@@ -248,6 +275,7 @@ def prepare_pair(
         )
         labels.append(logits.argmax(1))
         widths.append(logits.shape[1])
+    refuse_same_model(uris, [r.sha256 or "" for r in reports], outputs)
     if paradigms[0] != paradigms[1]:
         raise IncomparableModelsError(
             f"the models are of different paradigms ({paradigms[0]} and {paradigms[1]}); pass --paradigm"
@@ -267,7 +295,10 @@ def prepare_pair(
             f"audit data too small: {len(held_idx)} held-out samples that both models classify correctly, "
             f"need {MIN_HELD_OUT} to measure a trigger's success (audit with hundreds of labelled samples)"
         )
-    return Pair(modules, reports, data, round(agreement, 4), inversion_idx, held_idx, device, paradigms[0], min(widths))
+    return Pair(
+        modules, reports, data, round(agreement, 4), inversion_idx, held_idx, device, paradigms[0], min(widths),
+        graphs, feeds,
+    )  # fmt: skip
 
 
 def _captioner_audit(requested: str, data: AuditData) -> bool:
@@ -281,11 +312,10 @@ def _captioner_audit(requested: str, data: AuditData) -> bool:
 
 def _captioner_scorer(
     model: LoadedModel, data: AuditData, device: str, checked: Mapping[str, float | None] | None
-) -> tuple[nn.Module, float | None]:
+) -> tuple[nn.Module, float | None, GraphInputs]:
     """A captioner (ONNX plus its tokenizer) as a scorer of the audit set's captions, its
-    translation checked against ONNX Runtime on images paired with their true captions."""
-    if model.onnx_bytes is None:
-        raise ModelLoadError(f"{model.uri}: a captioner must be ONNX (inputs image and tokens) with its tokenizer.json")
+    translation checked against ONNX Runtime on images paired with their true captions
+    (the inputs every later check feeds it too)."""
     tokenizer = load_tokenizer(tokenizer_path(Path(model.uri)))
     captions = list(data.captions or ())
     tokens, _ = caption_tokens(tokenizer, captions)
@@ -293,7 +323,7 @@ def _captioner_scorer(
     diff = parity_check(model, (data.x[sample], tokens[data.y[sample]]), device, output_ndim=3, checked=checked)
     scorer = CaptionScorer(model.module, tokenizer, captions).to(device)
     scorer.check_broadcast(torch.from_numpy(data.x[:8]).to(device))
-    return scorer, diff
+    return scorer, diff, GraphInputs(tokens, len(tokenizer.vocab))
 
 
 def _scored(
@@ -339,23 +369,27 @@ def pair_alignment(features: list[dict[str, np.ndarray]], config: AuditConfig) -
 
 
 def pair_triggers(pair: Pair, alignment: Alignment, config: AuditConfig, seed: int) -> list[list[Trigger]]:
-    """Stage 3: cross-examination in both directions."""
+    """Stage 3: cross-examination in both directions, then both models' translations
+    proved against ONNX Runtime on the audit images with every candidate stamped."""
     torch.manual_seed(seed)
     x, y = pair.tensors(pair.inversion_idx)
     inversion = config.inversion
     if pair.paradigm == CAPTIONER:
         inversion = replace(inversion, search_steps=max(inversion.search_steps, CAPTIONER_SEARCH_STEPS))
-    return cross_invert(pair.directions(alignment), x, y, pair.num_classes, inversion, seed)
+    triggers = cross_invert(pair.directions(alignment), x, y, pair.num_classes, inversion, seed)
+    prove_on_triggers(pair.graphs, pair.feeds, triggers, pair.data.x, pair.data.y, seed)
+    return triggers
 
 
 def pair_findings(
     pair: Pair, alignment: Alignment, triggers: list[list[Trigger]], config: AuditConfig, seed: int
 ) -> list[list[Finding]]:
-    """Stage 4: held-out effects before and after fine-tuning, paired with the peer's."""
+    """Stage 4: held-out effects before and after fine-tuning, paired with the peer's,
+    measured under ONNX Runtime (`measure`)."""
     torch.manual_seed(seed)
     return measure(
-        pair.directions(alignment), triggers, pair.tensors(pair.inversion_idx), pair.tensors(pair.held_idx),
-        config, seed,
+        pair.directions(alignment), pair.deployed(), triggers, pair.tensors(pair.inversion_idx),
+        pair.tensors(pair.held_idx), config, seed,
     )  # fmt: skip
 
 
@@ -373,6 +407,7 @@ def pair_verdicts(
         verdict = judge(report.uri, found, thresholds, alignment.similarity)
         verdict.clean_accuracy = report.clean_accuracy
         verdict.parity_max_abs_diff = report.parity_max_abs_diff
+        verdict.parity_checks = report.parity_checks
         verdict.sha256 = report.sha256
         if captions is not None and verdict.target is not None:
             verdict.target_text = captions[verdict.target]
@@ -406,6 +441,7 @@ def run_audit(
         __version__, seed, REPORT_SCHEMA_VERSION,
     )  # fmt: skip
     result = AuditResult(report)
+    pair: Pair | None = None
     try:
         torch.manual_seed(seed)
         with clock.stage("load"):
@@ -425,6 +461,8 @@ def run_audit(
             triggers = pair_triggers(pair, result.alignment, config, seed)
         with clock.stage("sensitivity_test"):
             findings = pair_findings(pair, result.alignment, triggers, config, seed)
+        for loaded, checks in zip(pair.reports, pair.parity_checks(), strict=True):
+            loaded.parity_checks = checks
         with clock.stage("verdict"):
             report.models = pair_verdicts(pair.reports, findings, thresholds, result.alignment, pair.data.captions)
         result.triggers = dict(enumerate(triggers))
@@ -434,5 +472,8 @@ def run_audit(
     except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as exc:
         report.error = f"{type(exc).__name__} during the audit: {exc}"
         log.exception("audit failed")
+    if pair is not None and report.error is not None:
+        for model_report, checks in zip(report.models, pair.parity_checks(), strict=True):
+            model_report.parity_checks = checks
     report.verdict = overall(report.models)
     return result

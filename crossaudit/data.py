@@ -6,6 +6,7 @@ is rarely the person who wrote the reader.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,12 @@ import pyarrow.parquet as pq
 from crossaudit.errors import DataValidationError
 
 DEFAULT_MAX_SAMPLES = 20_000
+# The most bytes an audit set may hold once decoded (and on disk): 3,000 ImageNet-sized images.
+DEFAULT_MAX_AUDIT_BYTES = 2 * 1024**3
 MAX_TEXT_CHARS = 10_000
+# Bytes per value of Parquet's physical types; variable-length ones count their offsets here
+# and their bytes through the column's uncompressed size.
+PARQUET_VALUE_BYTES = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8, "BYTE_ARRAY": 4}
 
 
 @dataclass(frozen=True)
@@ -78,19 +84,50 @@ def _caption_labels(table: pa.Table) -> tuple[np.ndarray, tuple[str, ...]]:
     return labels.astype(np.int64), tuple(str(c) for c in captions)
 
 
-def _read_table(path: Path) -> pa.Table:
-    """The whole Parquet file. Read through `ParquetFile`, not `pq.read_table`: that goes
-    through pyarrow.dataset, which imports pandas, 0.25 s in every fresh process (each
-    pipeline component, each CLI run) for nothing the audit uses."""
+def _check_file_size(path: Path, max_bytes: int) -> None:
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise DataValidationError(f"{path}: {size} bytes exceed the audit-set size limit of {max_bytes}")
+
+
+def _check_parquet_metadata(path: Path, metadata: pq.FileMetaData, max_samples: int, max_bytes: int) -> None:
+    """Rows and decoded size from the footer, before any data is read: a small file of
+    compressed or dictionary-encoded columns can decode to gigabytes."""
+    if metadata.num_rows > max_samples:
+        raise DataValidationError(
+            f"{path}: {metadata.num_rows} rows exceed the audit-set limit of {max_samples} samples"
+        )
+    decoded = 0
+    for group in (metadata.row_group(i) for i in range(metadata.num_row_groups)):
+        for column in (group.column(j) for j in range(group.num_columns)):
+            width = PARQUET_VALUE_BYTES.get(column.physical_type, 0)
+            decoded += max(column.total_uncompressed_size, 0) + column.num_values * width
+    if decoded > max_bytes:
+        raise DataValidationError(
+            f"{path}: its columns declare {decoded} bytes once decoded; expected at most {max_bytes}"
+        )
+
+
+def _read_table(
+    path: Path, max_samples: int = DEFAULT_MAX_SAMPLES, max_bytes: int = DEFAULT_MAX_AUDIT_BYTES
+) -> pa.Table:
+    """The whole Parquet file, once its size and footer are within the limits. Read through
+    `ParquetFile`, not `pq.read_table`: that goes through pyarrow.dataset, which imports
+    pandas, 0.25 s in every fresh process (each pipeline component, each CLI run) for
+    nothing the audit uses."""
+    _check_file_size(path, max_bytes)
     try:
         with pq.ParquetFile(path) as parquet:
+            _check_parquet_metadata(path, parquet.metadata, max_samples, max_bytes)
             return parquet.read()
     except (pa.ArrowException, OSError) as exc:
         raise DataValidationError(f"{path}: not a readable Parquet file ({exc})") from exc
 
 
-def _read_parquet(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...] | None]:
-    table = _read_table(path)
+def _read_parquet(
+    path: Path, max_samples: int, max_bytes: int
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...] | None]:
+    table = _read_table(path, max_samples, max_bytes)
     target = "caption" if "caption" in table.column_names and "label" not in table.column_names else "label"
     for column in ("image", target):
         if column not in table.column_names:
@@ -117,7 +154,40 @@ def _read_parquet(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...] |
     return x, np.array(label.to_pylist(), dtype=np.int64), None  # to_numpy would import pandas (see _read_table)
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _check_npz_members(path: Path, max_samples: int, max_bytes: int) -> None:
+    """The archive's declared sizes and the arrays' headers, before any array is read:
+    a deflated member of zeros can expand a thousandfold."""
+    _check_file_size(path, max_bytes)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            declared = sum(info.file_size for info in members)
+            if declared > max_bytes:
+                raise DataValidationError(
+                    f"{path}: its arrays declare {declared} bytes once decompressed; expected at most {max_bytes}"
+                )
+            for info in (m for m in members if m.filename in ("x.npy", "y.npy")):
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, _ = read_header(member)
+                if shape and shape[0] > max_samples:
+                    name = info.filename.removesuffix(".npy")
+                    raise DataValidationError(
+                        f"array {name!r}: {shape[0]} samples exceed the audit-set limit of {max_samples}"
+                    )
+    except DataValidationError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise DataValidationError(f"{path}: not a readable npz file without pickles ({exc})") from exc
+
+
+def _read_npz(path: Path, max_samples: int, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    _check_npz_members(path, max_samples, max_bytes)
     try:
         with np.load(path, allow_pickle=False) as archive:
             for column in ("x", "y"):
@@ -161,16 +231,19 @@ def validate(
     return AuditData(x, y, captions)
 
 
-def read_audit_data(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES) -> AuditData:
-    """The one reader of audit data, by file suffix."""
+def read_audit_data(
+    path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES, max_bytes: int = DEFAULT_MAX_AUDIT_BYTES
+) -> AuditData:
+    """The one reader of audit data, by file suffix. Rows and sizes are checked against
+    `max_samples` and `max_bytes` before the data is read."""
     path = Path(path)
     if not path.is_file():
         raise DataValidationError(f"{path}: no such audit data file")
     if path.suffix == ".parquet":
-        x, y, captions = _read_parquet(path)
+        x, y, captions = _read_parquet(path, max_samples, max_bytes)
         return validate(x, y, max_samples, ("image", "caption" if captions else "label"), captions)
     if path.suffix == ".npz":
-        return validate(*_read_npz(path), max_samples, names=("x", "y"))
+        return validate(*_read_npz(path, max_samples, max_bytes), max_samples, names=("x", "y"))
     raise DataValidationError(f"{path}: expected a .parquet or .npz audit set")
 
 
@@ -190,12 +263,14 @@ def is_text_data(path: str | Path) -> bool:
         return False
 
 
-def read_text_data(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES) -> list[str]:
+def read_text_data(
+    path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES, max_bytes: int = DEFAULT_MAX_AUDIT_BYTES
+) -> list[str]:
     """The auditor's clean text for a language-model audit: Parquet with a `text` column."""
     path = Path(path)
     if not path.is_file() or path.suffix != ".parquet":
         raise DataValidationError(f"{path}: a language-model audit set is a .parquet file with a 'text' column")
-    table = _read_table(path)
+    table = _read_table(path, max_samples, max_bytes)
     if "text" not in table.column_names:
         raise DataValidationError(f"column 'text' is missing (found {table.column_names})")
     texts = _strings(table, "text")

@@ -14,7 +14,6 @@ MLflow UI, which stays up until Ctrl-C (`--no-serve` to exit at once).
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import time
 from collections.abc import Iterator
@@ -84,8 +83,7 @@ def demo(out: Path, dataset: str = "digits") -> Iterator[DemoState]:
     secret = secrets.token_urlsafe(32)
     # The operator's part: crossaudit's key pair, and a configuration naming who delivers
     # from which experiment and which audit set judges the model (filled in below).
-    os.environ.update(operator_config.bootstrap(out / "operator", {registry.provider_experiment(p): p for p in models}))
-    with local_server(out / "mlflow") as url:
+    with operator_config.local_operator(out / "operator", models), local_server(out / "mlflow") as url:
         print(f"MLflow server: {url}")
         client = registry.client(url)
         receiver = ReceiverProcess(url, secret, out / "queue.db", out / "receiver.log")
@@ -125,8 +123,6 @@ def _automatic_path(
         raise AuditError(f"MLflow could not deliver to the receiver: {detail}")
     registry.publish_audit_data(client, MODEL_NAME, data)
     operator_config.update_model(MODEL_NAME, threshold_profile=dataset)
-        operator_config.with_model(operator_config.load(path), MODEL_NAME, threshold_profile=dataset), path
-    )
     start = time.perf_counter()
     finals = ("passed", "failed", "inconclusive", "error")
     refs: dict[str, registry.VersionRef] = {}

@@ -28,3 +28,7 @@ class IncomparableModelsError(AuditError):
 
 class TimeBudgetError(AuditError):
     """The audit ran past its time budget (CROSSAUDIT_TIME_BUDGET_S)."""
+
+
+class IdenticalModelsError(IncomparableModelsError):
+    """The witness is the suspect itself: the same bytes, or the same function."""

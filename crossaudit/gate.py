@@ -22,6 +22,7 @@ from crossaudit.artifacts import (
 )
 from crossaudit.audit import AuditResult, pair_verdicts
 from crossaudit.data import AuditData, is_text_data, read_audit_data
+from crossaudit.limits import Limits
 from crossaudit.paradigms import AUTO, LM
 from crossaudit.report import write_outputs
 from crossaudit.text_audit import text_verdicts
@@ -34,12 +35,15 @@ def pair_result(folder: Path, data: AuditData | None, profile: str, thresholds_f
     registered model has its own) and rebuild the full audit result."""
     record = read_pair(folder)
     reports = [
-        ModelReport(uri, "inconclusive", clean_accuracy=acc, parity_max_abs_diff=diff, sha256=digest)
-        for uri, acc, diff, digest in zip(
+        ModelReport(
+            uri, "inconclusive", clean_accuracy=acc, parity_max_abs_diff=diff, sha256=digest, parity_checks=checks
+        )
+        for uri, acc, diff, digest, checks in zip(
             record.uris,
             record.clean_accuracy,
             record.parity_max_abs_diff,
             record.model_sha256 or [None, None],
+            record.parity_checks or [None, None],
             strict=True,
         )
     ]
@@ -147,7 +151,8 @@ def gate_step(
     version = registry.resolve(mlflow_client, model_uri)
     ref = registry.VersionRef.of(version)
     fetched = only_entry(data_folder)
-    data = None if is_text_data(fetched) else read_audit_data(fetched)
+    limits = Limits.from_env()
+    data = None if is_text_data(fetched) else read_audit_data(fetched, limits.max_audit_samples, limits.max_audit_bytes)
     thresholds_file = (
         registry.fetch_pinned(thresholds_uri, thresholds_sha256, out / "thresholds") if thresholds_uri else None
     )

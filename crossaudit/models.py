@@ -2,18 +2,17 @@
 
 A model reaches the audit as a torch module with named *taps* (intermediate activations)
 because every stage after loading needs gradients and features. Provider files are
-hostile: ONNX is size-checked and run through the onnx checker, pt2 archives are refused
-when any member holds a pickle, MLflow model directories are read through their `MLmodel`
-YAML only (never through MLflow's loaders, which may unpickle). An ONNX model's torch
-translation must then reproduce ONNX Runtime on the audit data (`parity_check`).
+hostile: ONNX is size-checked (the file and every tensor, external data included) and run
+through the onnx checker; MLflow model directories are read through their `MLmodel` YAML
+only (never through MLflow's loaders, which may unpickle). PyTorch's own formats (pt2
+archives, pickled models) are refused: torch's loaders unpickle bytes the provider chose.
+An ONNX model's torch translation must then reproduce ONNX Runtime on the audit data
+(`parity_check`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import re
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,16 +25,15 @@ import yaml
 from torch import Tensor, nn
 
 from crossaudit.errors import AuditError, ModelLoadError, ParityError
-from crossaudit.onnx_torch import OnnxModule
+from crossaudit.onnx_torch import MAX_TENSOR_ELEMENTS, OnnxModule
 
 DEFAULT_MAX_MODEL_BYTES = 512 * 1024 * 1024
-MAX_TENSOR_ELEMENTS = 128 * 1024 * 1024
 PARITY_TOLERANCE = 1e-3
-_PICKLE_OPCODE_PROTO = b"\x80"
-# Raw tensor bytes (any first byte); their configs say whether they are pickles instead.
-_RAW_TENSOR = re.compile(r"/data/(weights|constants)/(weight|constant|tensor)_\d+$")
-_USE_PICKLE = re.compile(rb'"use_pickle"\s*:\s*true')
-_FX_TAP_TARGETS = ("relu", "gelu", "sigmoid", "tanh", "pool", "add", "elu", "hardswish")
+PYTORCH_REFUSED = (
+    "PyTorch archives (pt2) and pickled PyTorch models are not accepted: torch's loaders can unpickle bytes "
+    "the provider chose, which runs the provider's code. Export the model to ONNX instead, e.g. "
+    "torch.onnx.export(model, example, 'model.onnx', dynamo=True, dynamic_shapes=...)"
+)
 
 
 class TappedModule(Protocol):
@@ -51,13 +49,13 @@ class TappedModule(Protocol):
 @dataclass
 class LoadedModel:
     """A provider model as the audit sees it. `sha256` names the exact bytes audited: the
-    ONNX graph with any external data inlined, or the pt2 archive as delivered."""
+    ONNX graph with any external data inlined."""
 
     uri: str
     format: str
     module: nn.Module
     sha256: str
-    onnx_bytes: bytes | None = None
+    onnx_bytes: bytes
 
 
 def _check_size(path: Path, max_bytes: int) -> None:
@@ -93,12 +91,35 @@ def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
             )
 
 
-def _check_tensor_sizes(model: onnx.ModelProto) -> None:
+def _stored_bytes(tensor: onnx.TensorProto, base: Path) -> int:
+    """Bytes an external tensor brings in: its `length`, or the rest of its file, read from
+    the file's size before anything is read."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    try:
+        offset, length = int(entries.get("offset", 0)), entries.get("length")
+        available = (base / entries.get("location", "")).stat().st_size - offset
+        return max(0, int(length)) if length is not None else max(0, available)
+    except ValueError as exc:
+        raise ModelLoadError(f"tensor {tensor.name!r}: unreadable external data offset or length ({exc})") from exc
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, base: Path, max_bytes: int) -> None:
+    """Each tensor within MAX_TENSOR_ELEMENTS, and all of them together, inline and
+    external, within the model size limit: a small graph file may point at large files."""
+    total = 0
     for tensor in _tensors(model.graph):
         elements = int(np.prod([max(int(d), 0) for d in tensor.dims], dtype=np.float64))
         if elements > MAX_TENSOR_ELEMENTS:
             raise ModelLoadError(
                 f"tensor {tensor.name!r} declares {elements:.0f} elements (limit {MAX_TENSOR_ELEMENTS})"
+            )
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize if tensor.data_type else 1
+        stored = _stored_bytes(tensor, base) if tensor.data_location == onnx.TensorProto.EXTERNAL else 0
+        total += max(elements * itemsize, stored, len(tensor.raw_data))
+        if total > max_bytes:
+            raise ModelLoadError(
+                f"the model's tensors hold more than {total} bytes, inline and external data together; "
+                f"expected at most the model size limit of {max_bytes}"
             )
 
 
@@ -106,22 +127,33 @@ def _check_tensor_sizes(model: onnx.ModelProto) -> None:
 INPUT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
 
 
-def _check_graph_inputs(model: onnx.ModelProto, module: OnnxModule, uri: str) -> None:
-    """The contract's inputs are float32 images or int64 tokens with a dynamic batch.
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The inputs the audit feeds: graph inputs that are not weights."""
+    weights = {init.name for init in model.graph.initializer}
+    return [graph_input for graph_input in model.graph.input if graph_input.name not in weights]
 
-    A float64 graph or a fixed batch (torch.onnx.export without dynamic axes, which bakes
-    the batch size into reshapes too) cannot be fed: say so and how to export, rather
-    than fail later with ONNX Runtime's kernel or dimension errors.
-    """
-    for graph_input in model.graph.input:
-        if graph_input.name not in module.input_names:
-            continue
+
+def _check_input_types(model: onnx.ModelProto, uri: str) -> None:
+    """The contract's inputs are float32 images or int64 tokens. A float64 graph cannot be
+    fed: say so and how to export, before the translator refuses its float64 values."""
+    for graph_input in _graph_inputs(model):
         kind = graph_input.type.tensor_type.elem_type
         if kind not in INPUT_TYPES:
+            try:
+                name = str(onnx.helper.tensor_dtype_to_np_dtype(kind))
+            except (KeyError, ValueError):
+                name = f"ONNX element type {kind}"
             raise ModelLoadError(
-                f"{uri}: input {graph_input.name!r} takes {onnx.helper.tensor_dtype_to_np_dtype(kind)}; the model "
-                "contract takes float32 images (or int64 tokens): export the model in float32"
+                f"{uri}: input {graph_input.name!r} takes {name}; the model contract takes float32 images "
+                "(or int64 tokens): export the model in float32"
             )
+
+
+def _check_batch(model: onnx.ModelProto, uri: str) -> None:
+    """A fixed batch (torch.onnx.export without dynamic axes, which bakes the batch size into
+    reshapes too) cannot be fed: say how to export, rather than fail later with ONNX
+    Runtime's dimension errors."""
+    for graph_input in _graph_inputs(model):
         dims = graph_input.type.tensor_type.shape.dim
         if dims and dims[0].dim_value > 0:
             raise ModelLoadError(
@@ -139,90 +171,22 @@ def load_onnx(path: Path, uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) ->
     except Exception as exc:  # protobuf raises several unrelated types on garbage
         raise ModelLoadError(f"{uri}: not a readable ONNX file ({type(exc).__name__})") from exc
     _check_external_data(model, path.parent)
-    _check_tensor_sizes(model)
+    _check_tensor_sizes(model, path.parent, max_bytes)
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
         onnx.checker.check_model(model)
     except Exception as exc:
         raise ModelLoadError(f"{uri}: ONNX checker rejected the model: {exc}") from exc
+    _check_input_types(model, uri)
     try:
         module = OnnxModule(model)
     except AuditError:
         raise
     except Exception as exc:
         raise ModelLoadError(f"{uri}: could not translate the ONNX graph: {exc}") from exc
-    _check_graph_inputs(model, module, uri)
+    _check_batch(model, uri)
     serialized = model.SerializeToString()
     return LoadedModel(uri, "onnx", module.eval(), hashlib.sha256(serialized).hexdigest(), serialized)
-
-
-def _holds_pickle(payload: bytes) -> bool:
-    if payload.startswith(_PICKLE_OPCODE_PROTO):
-        return True
-    if payload.startswith(b"PK"):
-        with zipfile.ZipFile(io.BytesIO(payload)) as inner:
-            return any(name.endswith(".pkl") for name in inner.namelist())
-    return False
-
-
-class FxTapped(nn.Module):
-    """A torch.export graph with taps at activation, pooling and residual nodes."""
-
-    def __init__(self, graph_module: torch.fx.GraphModule) -> None:
-        super().__init__()
-        self.graph_module = graph_module
-        self.taps = [
-            node.name
-            for node in graph_module.graph.nodes
-            if node.op == "call_function" and any(key in str(node.target).lower() for key in _FX_TAP_TARGETS)
-        ]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.graph_module(x)
-
-    def forward_tapped(self, x: Tensor, taps: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
-        wanted, tapped = set(taps), {}
-
-        class Recorder(torch.fx.Interpreter):
-            def run_node(self, node: torch.fx.Node) -> object:
-                result = super().run_node(node)
-                if node.name in wanted:
-                    tapped[node.name] = result
-                return result
-
-        outputs = Recorder(self.graph_module).run(x, enable_io_processing=False)
-        return (outputs[0] if isinstance(outputs, (tuple, list)) else outputs), tapped
-
-
-def load_pt2(path: Path, uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> LoadedModel:
-    """torch.export archive, refused when any member other than sample inputs is a pickle.
-
-    torch's own loader unpickles weights flagged `use_pickle` with `weights_only=False`,
-    so we refuse any config that flags one and any other member that starts like a pickle
-    (raw tensor files are exempt: their config says they are raw, and torch reads them as
-    bytes). The sample inputs, always a pickle, are emptied before torch sees the archive;
-    torch treats an empty entry as "no sample inputs".
-    """
-    _check_size(path, max_bytes)
-    try:
-        delivered = path.read_bytes()  # read once: the digest names exactly the bytes loaded
-        with zipfile.ZipFile(io.BytesIO(delivered)) as archive:
-            members = {info.filename: archive.read(info) for info in archive.infolist()}
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise ModelLoadError(f"{uri}: not a readable pt2 archive ({exc})") from exc
-    rebuilt = io.BytesIO()
-    with zipfile.ZipFile(rebuilt, "w") as out:
-        for name, payload in members.items():
-            if "/sample_inputs/" in name:
-                payload = b""
-            elif _USE_PICKLE.search(payload) or (not _RAW_TENSOR.search(name) and _holds_pickle(payload)):
-                raise ModelLoadError(f"{uri}: pt2 member {name!r} holds a pickle; refused")
-            out.writestr(name, payload)
-    try:
-        program = torch.export.load(io.BytesIO(rebuilt.getvalue()))
-    except Exception as exc:
-        raise ModelLoadError(f"{uri}: torch.export could not load the archive: {exc}") from exc
-    return LoadedModel(uri, "pt2", FxTapped(program.module()), hashlib.sha256(delivered).hexdigest())
 
 
 def _load_mlflow_dir(path: Path, uri: str, max_bytes: int) -> LoadedModel:
@@ -235,14 +199,8 @@ def _load_mlflow_dir(path: Path, uri: str, max_bytes: int) -> LoadedModel:
     if "onnx" in flavors:
         return load_onnx(_inside(path, str(flavors["onnx"].get("data", "model.onnx"))), uri, max_bytes)
     if "pytorch" in flavors:
-        pt2 = _inside(path, str(flavors["pytorch"].get("model_data", "data"))) / "model.pt2"
-        if not pt2.is_file():
-            raise ModelLoadError(
-                f"{uri}: pytorch flavor without model.pt2 is pickle-serialized; refused "
-                "(log it with serialization_format='pt2' or as ONNX)"
-            )
-        return load_pt2(pt2, uri, max_bytes)
-    raise ModelLoadError(f"{uri}: MLmodel has no onnx or pytorch flavor (found {sorted(flavors)})")
+        raise ModelLoadError(f"{uri}: an MLflow pytorch flavor is refused. {PYTORCH_REFUSED}")
+    raise ModelLoadError(f"{uri}: MLmodel has no onnx flavor (found {sorted(flavors)})")
 
 
 def _inside(base: Path, relative: str) -> Path:
@@ -253,7 +211,7 @@ def _inside(base: Path, relative: str) -> Path:
 
 
 def load_model(uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> LoadedModel:
-    """The one model loader: ONNX file, pt2 archive or MLflow model directory."""
+    """The one model loader: ONNX file or MLflow model directory (onnx flavor)."""
     path = Path(uri)
     if not path.exists():
         raise ModelLoadError(f"{uri}: no such file or directory")
@@ -261,11 +219,11 @@ def load_model(uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> LoadedMode
         if not (path / "MLmodel").is_file():
             raise ModelLoadError(f"{uri}: directory without an MLmodel file")
         return _load_mlflow_dir(path, uri, max_bytes)
-    if path.suffix == ".pt2":
-        return load_pt2(path, uri, max_bytes)
+    if path.suffix in (".pt2", ".pt", ".pth", ".pkl", ".ckpt"):
+        raise ModelLoadError(f"{uri}: {PYTORCH_REFUSED}")
     if path.suffix == ".onnx":
         return load_onnx(path, uri, max_bytes)
-    raise ModelLoadError(f"{uri}: unknown model format (expected .onnx, .pt2 or an MLflow model dir)")
+    raise ModelLoadError(f"{uri}: unknown model format (expected .onnx or an MLflow model dir)")
 
 
 @torch.no_grad()
@@ -321,8 +279,10 @@ def parity_check(
 
     `x` is the model's input, or a tuple in graph-input order (a captioner's images and
     caption tokens). `output_ndim` is the contract's output rank: 2 for logits N x K
-    (images), 3 for a language model's or captioner's N x T x V. Returns None for pt2
-    models, which torch runs natively.
+    (images), 3 for a language model's or captioner's N x T x V.
+
+    The translation runs first: it bounds every tensor a runtime value sizes, so a graph
+    asking for a huge one is refused before ONNX Runtime is asked to allocate it.
 
     `checked` maps the digests of models an earlier stage of the same audit already
     proved on this audit data to their max difference: the same bytes translate to the
@@ -330,8 +290,6 @@ def parity_check(
     ONNX Runtime (about 0.5 s of every stage's start).
     """
     inputs = x if isinstance(x, tuple) else (x,)
-    if model.onnx_bytes is None:
-        return None
     if checked and model.sha256 in checked:
         return checked[model.sha256]
     import onnxruntime as ort
@@ -339,19 +297,27 @@ def parity_check(
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
+    failure: Exception | None = None
+    try:
+        ours = logits_of(model.module, inputs, device)
+    except AuditError:
+        raise
+    except Exception as exc:  # inputs the graph cannot take: ONNX Runtime's declared inputs say why
+        failure = exc
     try:
         session = ort.InferenceSession(model.onnx_bytes, providers=providers)
         names = [i.name for i in session.get_inputs()]
         if len(names) != len(inputs):
             raise ParityError(f"{model.uri}: the graph takes inputs {names}; this paradigm gives {len(inputs)}")
         _check_inputs(model.uri, session.get_inputs(), inputs)
+        if failure is not None:
+            raise failure
         reference = np.concatenate(
             [
                 session.run(None, {name: part[i : i + 256] for name, part in zip(names, inputs, strict=True)})[0]
                 for i in range(0, len(inputs[0]), 256)
             ]
         )
-        ours = logits_of(model.module, inputs, device)
     except AuditError:
         raise
     except Exception as exc:

@@ -10,6 +10,12 @@ export to, with either of torch's exporters (`tests/test_foreign_models.py`), pl
 element-wise, logic and reduction ops other exporters write; any other op, or an op mode we
 cannot reproduce exactly, raises `UnsupportedOpError` when the model is loaded (the
 parity check runs every node), never during an audit.
+
+A graph may behave differently under ONNX Runtime only where the translation differs from
+it, so what is translated is held to what was checked against ONNX Runtime: ops of the
+default ONNX domain only, each on the element types of `SUPPORTED_TYPES` (types from ONNX's
+strict inference), no integer arithmetic on values computed from the input, no NaN computed
+from the input, and every tensor a runtime value sizes bounded by MAX_TENSOR_ELEMENTS.
 Float initializers become `nn.Parameter`s so the sensitivity stage can fine-tune a copy.
 """
 
@@ -27,13 +33,31 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import Tensor, nn
 
-from crossaudit.errors import ModelLoadError, UnsupportedOpError
+from crossaudit.errors import ModelLoadError, ParityError, UnsupportedOpError
 
 Attrs = dict[str, object]
 OpFn = Callable[[Attrs, list[Tensor | None]], Tensor | tuple[Tensor, ...]]
 
 # An image or token model has one input; a captioner two (the image and the caption tokens).
 MAX_INPUTS = 2
+
+# The most elements any one tensor may hold, stored in the file or computed while running.
+MAX_TENSOR_ELEMENTS = 128 * 1024 * 1024
+
+
+def _bounded(op: str, shape: Sequence[int]) -> tuple[int, ...]:
+    """`shape`, checked before anything of that shape is allocated: an output whose size
+    a runtime value decides (a shape tensor, repeats, scales, a range's bounds) could
+    otherwise ask for more memory than the machine has."""
+    dims = tuple(int(d) for d in shape)
+    elements = math.prod(max(d, 0) for d in dims)
+    if elements > MAX_TENSOR_ELEMENTS:
+        raise ModelLoadError(
+            f"{op} would make a tensor of shape {list(dims)} ({elements} elements); "
+            f"expected at most {MAX_TENSOR_ELEMENTS} elements"
+        )
+    return dims
+
 
 # Node outputs worth comparing across models: activations, pooling and residual sums.
 TAP_OPS = frozenset(
@@ -139,16 +163,23 @@ def _pool(kind: str) -> OpFn:
         kernel = tuple(a["kernel_shape"])
         spatial = len(kernel)
         pads = _explicit_pads(f"{kind} pooling", a, spatial)
-        if pads[:spatial] != pads[spatial:]:
-            fill = -math.inf if kind == "max" else 0.0
-            inp, pads = F.pad(inp, _pads_nd(pads), value=fill), [0] * 2 * spatial
         stride = tuple(a.get("strides", [1] * spatial))
         ceil = bool(a.get("ceil_mode", 0))
+        include_pad = bool(a.get("count_include_pad", 0))
+        if pads[:spatial] != pads[spatial:]:
+            if kind == "avg" and not include_pad:
+                # Uneven pads made explicit would count as elements: average over the real ones only.
+                real = F.pad(torch.ones_like(inp[:1, :1]), _pads_nd(pads))
+                inp = F.pad(inp, _pads_nd(pads))
+                pooled, count = (POOLS["avg"][spatial](t, kernel, stride, 0, ceil, True) for t in (inp, real))
+                return pooled / count
+            fill = -math.inf if kind == "max" else 0.0
+            inp, pads = F.pad(inp, _pads_nd(pads), value=fill), [0] * 2 * spatial
         padding = tuple(pads[:spatial])
         if kind == "max":
             dilation = tuple(a.get("dilations", [1] * spatial))
             return POOLS[kind][spatial](inp, kernel, stride, padding, dilation, ceil)
-        return POOLS[kind][spatial](inp, kernel, stride, padding, ceil, bool(a.get("count_include_pad", 0)))
+        return POOLS[kind][spatial](inp, kernel, stride, padding, ceil, include_pad)
 
     return pool
 
@@ -183,6 +214,7 @@ def _pad(a: Attrs, x: list[Tensor | None]) -> Tensor:
     mode = _text(a.get("mode"), "constant")
     pads = [int(v) for v in x[1].tolist()] if len(x) > 1 else list(a["pads"])
     value = float(x[2].item()) if len(x) > 2 and x[2] is not None else 0.0
+    _bounded("Pad", [size + pads[axis] + pads[axis + x[0].dim()] for axis, size in enumerate(x[0].shape)])
     torch_pads = _pads_nd(pads)
     while len(torch_pads) > 2 and torch_pads[-2:] == [0, 0]:
         torch_pads = torch_pads[:-2]
@@ -192,9 +224,11 @@ def _pad(a: Attrs, x: list[Tensor | None]) -> Tensor:
 
 
 def _clip(a: Attrs, x: list[Tensor | None]) -> Tensor:
-    low = x[1] if len(x) > 1 and x[1] is not None else a.get("min")
-    high = x[2] if len(x) > 2 and x[2] is not None else a.get("max")
-    return torch.clamp(x[0], low, high)
+    """A missing bound is the type's extreme finite value, as ONNX says: infinities clip to it."""
+    finite = torch.finfo(x[0].dtype)
+    low = x[1] if len(x) > 1 and x[1] is not None else float(a.get("min", finite.min))
+    high = x[2] if len(x) > 2 and x[2] is not None else float(a.get("max", finite.max))
+    return torch.clamp(x[0], *(torch.as_tensor(v, dtype=x[0].dtype, device=x[0].device) for v in (low, high)))
 
 
 def _axes(a: Attrs, x: list[Tensor | None]) -> list[int]:
@@ -219,6 +253,7 @@ def _squeeze(a: Attrs, x: list[Tensor | None]) -> Tensor:
 
 def _gather(a: Attrs, x: list[Tensor | None]) -> Tensor:
     axis = int(a.get("axis", 0)) % x[0].dim()
+    _bounded("Gather", (*x[0].shape[:axis], *x[1].shape, *x[0].shape[axis + 1 :]))
     index = x[1].reshape(-1).long() % x[0].shape[axis]
     return torch.index_select(x[0], axis, index).reshape((*x[0].shape[:axis], *x[1].shape, *x[0].shape[axis + 1 :]))
 
@@ -271,7 +306,6 @@ def _cast(a: Attrs, x: list[Tensor | None]) -> Tensor:
     dtypes = {
         onnx.TensorProto.FLOAT: torch.float32,
         onnx.TensorProto.INT64: torch.int64,
-        onnx.TensorProto.INT32: torch.int32,
         onnx.TensorProto.BOOL: torch.bool,
     }
     if to not in dtypes:
@@ -293,12 +327,28 @@ def _instance_norm(a: Attrs, x: list[Tensor | None]) -> Tensor:
 
 def _expand(a: Attrs, x: list[Tensor | None]) -> Tensor:
     """ONNX Expand broadcasts both ways: a 1 in the target shape keeps the input's size."""
-    return x[0].expand(torch.broadcast_shapes(x[0].shape, tuple(int(v) for v in x[1].tolist())))
+    shape = torch.broadcast_shapes(x[0].shape, tuple(int(v) for v in x[1].tolist()))
+    return x[0].expand(_bounded("Expand", shape))
+
+
+def _tile(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    repeats = [int(v) for v in x[1].tolist()]
+    _bounded("Tile", [size * times for size, times in zip(x[0].shape, repeats, strict=True)])
+    return x[0].repeat(*repeats)
 
 
 def _constant_of_shape(a: Attrs, x: list[Tensor | None]) -> Tensor:
     value = torch.as_tensor(np.array(a.get("value", np.zeros(1, np.float32))).reshape(-1)[0])
-    return torch.full(tuple(int(v) for v in x[0].tolist()), value.item(), dtype=value.dtype, device=x[0].device)
+    shape = _bounded("ConstantOfShape", x[0].tolist())
+    return torch.full(shape, value.item(), dtype=value.dtype, device=x[0].device)
+
+
+def _div(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    """Integer division truncates towards zero, as ONNX Runtime's does; torch's `/` would
+    give a float quotient."""
+    if x[0].is_floating_point():
+        return x[0] / x[1]
+    return torch.div(x[0], x[1], rounding_mode="trunc")
 
 
 def _mod(a: Attrs, x: list[Tensor | None]) -> Tensor:
@@ -348,7 +398,15 @@ def _local_response_norm(a: Attrs, x: list[Tensor | None]) -> Tensor:
 
 
 def _range(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    """ONNX Range: max(ceil((limit - start) / delta), 0) elements, so bounds that run
+    against the step give an empty tensor (torch.arange raises)."""
     start, limit, delta = (t.item() for t in x[:3])
+    if delta == 0:
+        raise ModelLoadError("Range with a delta of 0: expected a nonzero step")
+    count = -(-(limit - start) // delta) if isinstance(delta, int) else math.ceil((limit - start) / delta)
+    _bounded("Range", [max(count, 0)])
+    if count <= 0:
+        return torch.empty(0, dtype=x[0].dtype, device=x[0].device)
     return torch.arange(start, limit, delta, dtype=x[0].dtype, device=x[0].device)
 
 
@@ -374,9 +432,50 @@ def _resize(a: Attrs, x: list[Tensor | None]) -> Tensor:
         )
     sizes = x[3] if len(x) > 3 and x[3] is not None and x[3].numel() else None
     if sizes is not None:
-        return F.interpolate(x[0], size=tuple(int(v) for v in sizes.tolist()[-2:]), **options)
+        size = _bounded("Resize", [*x[0].shape[:2], *(int(v) for v in sizes.tolist()[-2:])])[2:]
+        return F.interpolate(x[0], size=size, **options)
     scales = tuple(float(v) for v in x[2].tolist()[-2:])
+    _bounded("Resize", [*x[0].shape[:2], *(math.floor(n * s) for n, s in zip(x[0].shape[2:], scales, strict=True))])
     return F.interpolate(x[0], scale_factor=scales, **options)
+
+
+def _einsum(a: Attrs, x: list[Tensor | None]) -> Tensor:
+    """Einsum with an explicit output and no ellipsis, whose output size is known before
+    it is computed (an outer product of two long vectors would be quadratic)."""
+    equation = _text(a["equation"], "").replace(" ", "")
+    operands = [t for t in x if t is not None]
+    if "->" not in equation or "." in equation:
+        raise UnsupportedOpError(f"Einsum {equation!r} without an explicit output or with an ellipsis is not supported")
+    inputs, output = equation.split("->")
+    sizes = {
+        letter: size
+        for labels, t in zip(inputs.split(","), operands, strict=True)
+        for letter, size in zip(labels, t.shape, strict=True)
+    }
+    _bounded("Einsum", [sizes.get(letter, 1) for letter in output])
+    return torch.einsum(equation, *operands)
+
+
+# Ops whose inputs broadcast together: the output can be far larger than any input.
+BROADCASTING_OPS = frozenset(
+    {
+        "Add", "Sub", "Mul", "Div", "Pow", "Mod", "PRelu", "Where", "Equal", "Less", "LessOrEqual", "Greater",
+        "GreaterOrEqual", "And", "Or", "Max", "Min", "Sum", "Mean",
+    }
+)  # fmt: skip
+
+
+def _check_output_size(op: str, a: Attrs, args: list[Tensor | None]) -> None:
+    """Bound the outputs of broadcasting ops and matrix products before computing them."""
+    shapes = [tuple(t.shape) for t in args if t is not None]
+    if op in BROADCASTING_OPS:
+        _bounded(op, torch.broadcast_shapes(*shapes))
+    elif op == "MatMul" and len(shapes[0]) >= 2 and len(shapes[1]) >= 2:
+        left, right = shapes[:2]
+        _bounded(op, (*torch.broadcast_shapes(left[:-2], right[:-2]), left[-2], right[-1]))
+    elif op == "Gemm":
+        left, right = shapes[:2]
+        _bounded(op, (left[1] if a.get("transA", 0) else left[0], right[0] if a.get("transB", 0) else right[1]))
 
 
 OPS: dict[str, OpFn] = {
@@ -390,7 +489,7 @@ OPS: dict[str, OpFn] = {
     "Tanh": lambda a, x: torch.tanh(x[0]),
     "Elu": lambda a, x: F.elu(x[0], float(a.get("alpha", 1.0))),
     "Selu": lambda a, x: F.selu(x[0]),
-    "Gelu": lambda a, x: F.gelu(x[0]),
+    "Gelu": lambda a, x: F.gelu(x[0], approximate=_text(a.get("approximate"), "none")),
     "HardSwish": lambda a, x: F.hardswish(x[0]),
     "HardSigmoid": _hard_sigmoid,
     "PRelu": _prelu,
@@ -427,7 +526,7 @@ OPS: dict[str, OpFn] = {
     "Add": lambda a, x: x[0] + x[1],
     "Sub": lambda a, x: x[0] - x[1],
     "Mul": lambda a, x: x[0] * x[1],
-    "Div": lambda a, x: x[0] / x[1],
+    "Div": _div,
     "Concat": lambda a, x: torch.cat([t for t in x if t is not None], int(a["axis"])),
     "Pad": _pad,
     "Softmax": _softmax(log=False),
@@ -457,9 +556,9 @@ OPS: dict[str, OpFn] = {
     "Not": lambda a, x: torch.logical_not(x[0]),
     "And": lambda a, x: torch.logical_and(x[0], x[1]),
     "Or": lambda a, x: torch.logical_or(x[0], x[1]),
-    "Tile": lambda a, x: x[0].repeat(*(int(v) for v in x[1].tolist())),
+    "Tile": _tile,
     "Range": _range,
-    "Einsum": lambda a, x: torch.einsum(_text(a["equation"], ""), *x),
+    "Einsum": _einsum,
     "Mod": _mod,
     "Identity": lambda a, x: x[0],
     "Dropout": lambda a, x: x[0],
@@ -489,6 +588,155 @@ ELEMENTWISE_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow"})
 
 # Ops the module runs itself rather than through OPS: constants, and control flow.
 STRUCTURAL_OPS = frozenset({"Constant", "If"})
+
+FLOAT, INT64, BOOL = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL
+# Element types a value of a translated graph may have.
+VALUE_TYPES = frozenset({FLOAT, INT64, BOOL})
+DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
+
+# The (op, element type) pairs the translation supports. An op's element type is that of
+# its data input (input 0; Where's input 1). Every pair is checked against ONNX Runtime on
+# random and edge-case values by `tests/test_onnx_semantics.py`: a pair that is not, or an
+# op whose semantics differ for a type (integer division truncates, a float quotient does
+# not), would let a graph compute one thing under ONNX Runtime and another in the audit.
+# Integer and boolean pairs cover shape arithmetic, token models and masks.
+INTEGER_AND_FLOAT_OPS = (
+    "Add", "Sub", "Mul", "Div", "Max", "Min", "Neg", "Abs", "Equal", "Less", "LessOrEqual", "Greater",
+    "GreaterOrEqual", "Where", "Concat", "Gather", "Reshape", "Flatten", "Slice", "Split", "Squeeze", "Unsqueeze",
+    "Transpose", "Expand", "Tile", "Range",
+)  # fmt: skip
+SUPPORTED_TYPES: dict[str, frozenset[int]] = {
+    **{op: frozenset({FLOAT}) for op in OPS},
+    **{op: frozenset({FLOAT, INT64}) for op in INTEGER_AND_FLOAT_OPS},
+    "Mod": frozenset({FLOAT, INT64}),
+    "Not": frozenset({BOOL}),
+    "And": frozenset({BOOL}),
+    "Or": frozenset({BOOL}),
+    "Cast": frozenset({FLOAT, INT64, BOOL}),
+    "Identity": frozenset({FLOAT, INT64, BOOL}),
+    "Shape": frozenset({FLOAT, INT64, BOOL}),
+    "ConstantOfShape": frozenset({INT64}),
+    "If": frozenset({BOOL}),
+}
+TYPED_INPUT = {"Where": 1}
+# Inputs of a fixed element type (shapes, axes, indices, a condition, scales); every other
+# input has the op's element type.
+FIXED_INPUT_TYPES: dict[str, dict[int, int]] = {
+    **{op: {1: INT64} for op in ("Reshape", "Gather", "Squeeze", "Unsqueeze", "Tile", "Expand", "Split")},
+    **{op: {1: INT64} for op in OPS if op.startswith("Reduce")},
+    "Slice": dict.fromkeys(range(1, 5), INT64),
+    "Pad": {1: INT64, 3: INT64},
+    "Resize": {1: FLOAT, 2: FLOAT, 3: INT64},
+    "Where": {0: BOOL},
+}
+# Ops that only move, select or compare integers. Integers computed from a graph input may
+# feed only these: integer arithmetic on input data is where a translation and ONNX
+# Runtime can part (overflow, division by zero, rounding) on inputs the audit never sees.
+INTEGER_DATA_OPS = frozenset(
+    {
+        "Gather", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Slice", "Split",
+        "Identity", "Shape", "Expand", "Tile", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual",
+        "Where", "Cast", "Max", "Min",
+    }
+)  # fmt: skip
+
+
+def _type_name(kind: int | None) -> str:
+    return "unknown" if kind is None else onnx.TensorProto.DataType.Name(kind).lower()
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for attr in node.attribute for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)]
+
+
+def _check_domains(model: onnx.ModelProto) -> None:
+    """Only the default ONNX domain has a translation checked against ONNX Runtime: a
+    custom domain, an ONNX Runtime contrib op or a model-local function could compute
+    anything under ONNX Runtime."""
+    if model.functions:
+        names = ", ".join(f"{f.domain}.{f.name}" for f in model.functions)
+        raise UnsupportedOpError(f"model-local functions are not supported (found {names}); inline them on export")
+
+    def walk(graph: onnx.GraphProto) -> None:
+        if graph.sparse_initializer:
+            raise UnsupportedOpError(f"graph {graph.name!r} holds sparse initializers; expected dense ones")
+        for node in graph.node:
+            if node.domain not in DEFAULT_DOMAINS:
+                raise UnsupportedOpError(
+                    f"node {node.name or node.op_type!r} is {node.domain}.{node.op_type}; expected ops of the "
+                    "default ONNX domain only"
+                )
+            for subgraph in _subgraphs(node):
+                walk(subgraph)
+
+    walk(model.graph)
+
+
+def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """The element type of every value in the graph and its branches, from ONNX's strict
+    type inference (the types ONNX Runtime runs with)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as exc:  # onnx raises InferenceError, ValidationError and others
+        raise UnsupportedOpError(f"ONNX type inference rejected the graph: {exc}") from exc
+    types: dict[str, int] = {}
+
+    def collect(graph: onnx.GraphProto) -> None:
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+                types[value.name] = value.type.tensor_type.elem_type
+        types.update((init.name, init.data_type) for init in graph.initializer)
+        for node in graph.node:
+            for subgraph in _subgraphs(node):
+                collect(subgraph)
+
+    collect(inferred.graph)
+    return types
+
+
+def _check_types(nodes: list[Node], types: dict[str, int], from_input: set[str]) -> None:
+    """Refuse any node outside SUPPORTED_TYPES, and integer arithmetic on values computed
+    from the graph's inputs (`INTEGER_DATA_OPS`). `from_input` holds the values computed
+    from the inputs' contents (a `Shape` reads only their shape) and grows as nodes are read."""
+    for op, inputs, outputs, attrs in nodes:
+        present = [(position, name) for position, name in enumerate(inputs) if name]
+        for name in [name for _, name in present] + [name for name in outputs if name]:
+            if types.get(name) not in VALUE_TYPES:
+                raise UnsupportedOpError(
+                    f"{op} value {name!r} has element type {_type_name(types.get(name))}; expected float, int64 "
+                    "or bool (a value whose type cannot be inferred is refused)"
+                )
+        if op == "Constant":
+            continue
+        kind = types[inputs[TYPED_INPUT.get(op, 0)]]
+        if kind not in SUPPORTED_TYPES.get(op, frozenset()):
+            allowed = ", ".join(sorted(_type_name(k) for k in SUPPORTED_TYPES.get(op, frozenset())))
+            raise UnsupportedOpError(f"{op} on {_type_name(kind)} is not supported (supported: {allowed or 'none'})")
+        fixed = FIXED_INPUT_TYPES.get(op, {})
+        for position, name in present:
+            if types[name] != fixed.get(position, kind):
+                raise UnsupportedOpError(
+                    f"{op} input {position} ({name!r}) is {_type_name(types[name])}; expected "
+                    f"{_type_name(fixed.get(position, kind))}"
+                )
+        read = [name for _, name in present] + (sorted(_captured_by_if(attrs)) if op == "If" else [])
+        computed = [name for name in read if name in from_input]
+        integers = [name for name in computed if types[name] == INT64]
+        if integers and op not in INTEGER_DATA_OPS:
+            raise UnsupportedOpError(
+                f"{op} computes with integers derived from the graph input ({', '.join(integers)}); integer "
+                "arithmetic on input data is not translated: expected it on shapes and constants only"
+            )
+        if op == "Cast" and computed and kind == FLOAT and int(attrs["to"]) == INT64:
+            raise UnsupportedOpError(
+                f"Cast of {inputs[0]!r}, derived from the graph input, from float to int64 is not translated "
+                "(rounding and out-of-range values differ between runtimes): expected float values"
+            )
+        if op == "If":
+            for key in ("then_branch", "else_branch"):
+                _check_types(attrs[key].nodes, types, from_input)
+        if computed and op != "Shape":
+            from_input.update(name for name in outputs if name)
 
 
 @dataclass(frozen=True)
@@ -597,10 +845,16 @@ class OnnxModule(nn.Module):
     An `If` runs the branch its condition picks, as ONNX Runtime does, so gradients flow
     through the branch taken (exporters write one where a shape decides the computation,
     e.g. the TorchScript exporter's local response norm).
+
+    A run in which a value computed from the input holds a NaN raises `ParityError`: the
+    two runtimes' ops agree on finite values (`tests/test_onnx_semantics.py`) but not on
+    NaN, so a graph could otherwise hide a branch behind one.
     """
 
     def __init__(self, model: onnx.ModelProto) -> None:
         super().__init__()
+        _check_domains(model)
+        types = _element_types(model)
         graph = model.graph
         self.params = nn.ParameterDict()
         self._keys: dict[str, str] = {}
@@ -615,6 +869,9 @@ class OnnxModule(nn.Module):
         self.input_names = [i.name for i in graph.input if i.name not in initializer_names]
         if not 1 <= len(self.input_names) <= MAX_INPUTS:
             raise ModelLoadError(f"expected 1 to {MAX_INPUTS} graph inputs, found {len(self.input_names)}")
+        from_input = set(self.input_names)
+        _check_types(self.nodes, types, from_input)
+        self._from_input = frozenset(from_input)
         self.taps = [outputs[0] for op, _, outputs, _ in self.nodes if op in TAP_OPS and outputs[0] != self.output_name]
         self.tap_ops = {outputs[0]: op for op, _, outputs, _ in self.nodes if outputs and outputs[0] in self.taps}
         self._first_only = self._first_input_only() if len(self.input_names) > 1 else set()
@@ -695,6 +952,15 @@ class OnnxModule(nn.Module):
 
         tapped: dict[str, Tensor] = {}
         device = feeds[0].device
+        nan_seen = [torch.zeros((), dtype=torch.bool, device=device)]
+
+        def watch(names: Sequence[str], values: Sequence[Tensor | None]) -> None:
+            """Note a NaN among float values computed from the input (checked once, at the end)."""
+            for name, value in zip(names, values, strict=False):
+                if name in self._from_input and value is not None and value.is_floating_point():
+                    nan_seen[0] = nan_seen[0] | torch.isnan(value.detach()).any()
+
+        watch(self.input_names, feeds)
 
         def execute(nodes: list[Node], scope: dict[str, Tensor | None]) -> None:
             for op, inputs, outputs, attrs in nodes:
@@ -710,9 +976,11 @@ class OnnxModule(nn.Module):
                     execute(branch.nodes, inner)
                     results = tuple(inner[name] for name in branch.outputs)
                 else:
+                    _check_output_size(op, attrs, args)
                     result = OPS[op](attrs, args)
                     results = result if isinstance(result, tuple) else (result,)
                 scope.update(zip(outputs, results, strict=False))
+                watch(outputs, results)
                 if outputs[0] in want:
                     tapped[outputs[0]] = results[0]
 
@@ -726,6 +994,12 @@ class OnnxModule(nn.Module):
             execute(self._tail, env)
         else:
             execute(self.nodes, env)
+        if bool(nan_seen[0]):
+            raise ParityError(
+                "the graph computed NaN from its input; expected finite values: torch and ONNX Runtime treat "
+                "NaN differently (max pooling, max and min reductions, comparisons, sign), so the translation "
+                "cannot stand in for the model on these inputs"
+            )
         return env[self.output_name], tapped
 
     def forward(self, *inputs: Tensor) -> Tensor:

@@ -29,6 +29,8 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -201,18 +203,41 @@ def update_model(name: str, path: Path | None = None, **changes: object) -> None
     save(with_model(current, name, **changes), path)
 
 
-def bootstrap(folder: Path, providers: dict[str, str]) -> dict[str, str]:
-    """A one-machine operator setup (the demo's, the tests'): a fresh key pair and a
-    configuration mapping each experiment in `providers` to its provider, in `folder`.
+def provider_experiment(provider: str) -> str:
+    """The experiment a provider logs its deliveries in, by the demo's and the tests'
+    convention; an operator may map any experiment names."""
+    return f"{provider}-deliveries"
+
+
+def bootstrap(folder: Path, providers: Iterable[str]) -> dict[str, str]:
+    """A one-machine operator setup (the demo's, the benchmarks', the tests'): a fresh key
+    pair and a configuration that maps each provider's experiment to it, in `folder`.
     Returns the environment that names them."""
     from crossaudit import attestation
 
     folder.mkdir(parents=True, exist_ok=True)
     private, public, path = folder / "signing-key.pem", folder / "public-key.pem", folder / "config.yaml"
     attestation.generate(private, public)
-    save(OperatorConfig(experiments=dict(providers)), path)
+    save(OperatorConfig(experiments={provider_experiment(p): p for p in providers}), path)
     return {
         CONFIG_ENV: str(path),
         attestation.SIGNING_KEY_ENV: str(private),
         attestation.PUBLIC_KEY_ENV: str(public),
     }
+
+
+@contextmanager
+def local_operator(folder: Path, providers: Iterable[str]) -> Iterator[Path]:
+    """`bootstrap`, with its environment set in this process (and so in every process it
+    starts) until the block ends; yields the configuration file."""
+    environment = bootstrap(folder, providers)
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    try:
+        yield Path(environment[CONFIG_ENV])
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

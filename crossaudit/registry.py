@@ -394,16 +394,16 @@ def run_link(mlflow_client: MlflowClient, run_id: str) -> str:
 def register_version(
     mlflow_client: MlflowClient, name: str, onnx_path: Path, provider: str, description: str = ""
 ) -> VersionRef:
-    """What a provider does: log an ONNX model in its own experiment (`provider_experiment`),
+    """What a provider does: log an ONNX model in its own experiment (`operator_config.provider_experiment`),
     register it under `name`, and label it with its name. The operator's configuration
     maps that experiment to the provider. A tokenizer beside the model (a language model's
     or captioner's `NAME.tokenizer.json`) goes into the model as `tokenizer.json`.
     """
     import onnx
 
-    mlflow.set_experiment(provider_experiment(provider))
+    mlflow.set_experiment(operator_config.provider_experiment(provider))
     with mlflow.start_run(run_name=f"{provider} delivery"):
-        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model")
+        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", save_as_external_data=False)
     if tokenizer_path(onnx_path).is_file():
         with tempfile.TemporaryDirectory() as staging:
             shutil.copy2(tokenizer_path(onnx_path), Path(staging) / "tokenizer.json")
@@ -417,11 +417,6 @@ def register_version(
         model_id=info.model_id,
     )  # fmt: skip
     return VersionRef(name, str(version.version))
-
-
-def provider_experiment(provider: str) -> str:
-    """The experiment a provider logs its deliveries in (the demo's and the tests' convention)."""
-    return f"{provider}-deliveries"
 
 
 def publish_audit_data(mlflow_client: MlflowClient, name: str, path: Path, config_path: Path | None = None) -> Pinned:

@@ -4,9 +4,10 @@ Each step is the same library call `run_audit` makes in one process (`prepare_pa
 `pair_features`, ...), with its inputs read from and its outputs written to folders
 (see `artifacts`). A KFP component is a thin shell over one of these functions, so the
 pipeline and the CLI give one pair one answer. A pair that cannot be audited (bad model,
-parity failure, incomparable models) is written down as an error and carried to the gate
-(`crossaudit.gate`), which makes it `inconclusive`; anything else raises, the component
-fails, and the pipeline's exit handler marks the version `error`.
+parity failure at any stage, a witness that is the suspect itself, incomparable models)
+is written down as an error and carried to the gate (`crossaudit.gate`), which makes it
+`inconclusive`; anything else raises, the component fails, and the pipeline's exit
+handler marks the version `error`.
 
 This module imports neither MLflow nor matplotlib: every component process pays for its
 imports, and those two were most of the pipeline's start-up beyond the audit itself.
@@ -44,7 +45,7 @@ from crossaudit.audit import (
     prepare_pair,
 )
 from crossaudit.data import is_text_data
-from crossaudit.errors import AuditError
+from crossaudit.errors import AuditError, ParityError
 from crossaudit.paradigms import AUTO, LM
 from crossaudit.paradigms.autoregressive import TextSearchConfig
 from crossaudit.text_audit import TextPair, prepare_text_pair, text_effects, text_features, text_triggers
@@ -111,6 +112,7 @@ def extract_step(
         record.parity_max_abs_diff = [r.parity_max_abs_diff for r in pair.reports]
         record.model_sha256 = [r.sha256 for r in pair.reports]
         record.clean_agreement = pair.agreement
+        record.add_parity_checks(pair.parity_checks())
         write_pair(record, out)
         write_features(features, out)
     except AuditError as exc:
@@ -134,33 +136,60 @@ def alignment_step(features: Path, out: Path) -> float | None:
     return alignment.cka
 
 
+def _proved(record: PairRecord, pair: Pair | TextPair, out: Path) -> None:
+    """Record what this stage proved against ONNX Runtime."""
+    record.add_parity_checks(pair.parity_checks())
+    write_pair(record, out)
+
+
+def _failed_parity(record: PairRecord, exc: ParityError, out: Path) -> int:
+    """A translation that is not the deployed model beyond the audit set: carried to the
+    gate as an error (inconclusive), as stage 1 carries one on the audit set."""
+    record.error = str(exc)
+    write_pair(record, out)
+    return 0
+
+
 def inversion_step(alignment: Path, suspect: Path, witness: Path, data: Path, device: str, out: Path) -> int:
-    """Stage 3. Returns how many triggers were recovered."""
+    """Stage 3. Returns how many triggers were recovered (0 when a translation failed its
+    parity check on the stamped candidates)."""
     record = _resume(alignment, out)
     if record is None:
         return 0
-    if record.paradigm == LM:
-        found = text_triggers(_text_pair(record, suspect, witness, data, device), TextSearchConfig())
-        write_text_triggers(found, out)
-        return len(found)
-    pair = _pair(record, suspect, witness, data, device)
-    triggers = pair_triggers(pair, read_alignment(out), AuditConfig(), record.seed)
+    try:
+        if record.paradigm == LM:
+            text_pair = _text_pair(record, suspect, witness, data, device)
+            found = text_triggers(text_pair, TextSearchConfig())
+            write_text_triggers(found, out)
+            _proved(record, text_pair, out)
+            return len(found)
+        pair = _pair(record, suspect, witness, data, device)
+        triggers = pair_triggers(pair, read_alignment(out), AuditConfig(), record.seed)
+    except ParityError as exc:
+        return _failed_parity(record, exc, out)
     write_triggers(triggers, tuple(pair.data.x.shape[1:]), pair.num_classes, out)
+    _proved(record, pair, out)
     return sum(len(found) for found in triggers)
 
 
 def sensitivity_step(triggers: Path, suspect: Path, witness: Path, data: Path, device: str, out: Path) -> int:
-    """Stage 4. Returns how many findings were measured."""
+    """Stage 4. Returns how many findings were measured (under ONNX Runtime; 0 when a
+    translation failed its parity check on the triggered held-out data)."""
     record = _resume(triggers, out)
     if record is None:
         return 0
-    if record.paradigm == LM:
-        text_pair = _text_pair(record, suspect, witness, data, device)
-        effects = text_effects(text_pair, read_text_triggers(out), TextSearchConfig(), record.seed)
-        write_text_effects(effects, out)
-        return len(effects)
-    pair = _pair(record, suspect, witness, data, device)
-    found = read_triggers(out, device)
-    findings = pair_findings(pair, read_alignment(out), found, AuditConfig(), record.seed)
+    try:
+        if record.paradigm == LM:
+            text_pair = _text_pair(record, suspect, witness, data, device)
+            effects = text_effects(text_pair, read_text_triggers(out), TextSearchConfig(), record.seed)
+            write_text_effects(effects, out)
+            _proved(record, text_pair, out)
+            return len(effects)
+        pair = _pair(record, suspect, witness, data, device)
+        found = read_triggers(out, device)
+        findings = pair_findings(pair, read_alignment(out), found, AuditConfig(), record.seed)
+    except ParityError as exc:
+        return _failed_parity(record, exc, out)
     write_findings(findings, out)
+    _proved(record, pair, out)
     return sum(len(f) for f in findings)

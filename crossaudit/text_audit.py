@@ -1,17 +1,20 @@
 """The audit of two autoregressive language models: the same five stages, on text.
 
 1. load: ONNX (token ids N x T in, logits N x T x V out) translated to torch and checked
-   against ONNX Runtime on the audit prompts, plus each model's `tokenizer.json`; clean
+   against ONNX Runtime on the audit prompts and on random token ids, plus each model's
+   `tokenizer.json`; a witness that is the suspect itself is refused (`witness`); clean
    behaviour is next-word accuracy on the auditor's text and how often the two models
    predict the same next word;
 2. features: hidden states after every layer norm, averaged over tokens;
 3. CKA alignment between the two models' layers (too little: inconclusive);
 4. trigger search (`paradigms.autoregressive`), each model as suspect with the other as
-   witness, on half of the prompts;
+   witness, on half of the prompts; both translations are then proved against ONNX
+   Runtime on those prompts with each trigger appended;
 5. sensitivity and verdict: on the other half, how often the trigger makes the suspect
-   say the recovered continuation, before and after brief clean fine-tuning, and how often
-   the witness says it too; the score (that separation times the share fine-tuning erased)
-   is compared with the `lm` profile's threshold, calibrated on clean pairs only.
+   say the recovered continuation under ONNX Runtime (`runtime_parity`), before and after
+   brief clean fine-tuning, and how often the witness says it too; the score (that
+   separation times the share fine-tuning erased) is compared with the `lm` profile's
+   threshold, calibrated on clean pairs only.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from crossaudit.audit import AuditConfig, AuditResult, Progress, StageClock, pai
 from crossaudit.cka import Alignment
 from crossaudit.data import read_text_data
 from crossaudit.errors import AuditError, IncomparableModelsError
-from crossaudit.models import LoadedModel, load_model, parity_check
+from crossaudit.models import LoadedModel, load_model, logits_of, parity_check
 from crossaudit.paradigms import LM
 from crossaudit.paradigms.autoregressive import (
     LanguageModel,
@@ -40,25 +43,46 @@ from crossaudit.paradigms.autoregressive import (
     prompts,
     search_trigger,
 )
+from crossaudit.runtime_parity import AUDIT, CANDIDATES, NOISE, RuntimeGraph, noise_inputs
 from crossaudit.tokenizer import load_tokenizer, tokenizer_path
 from crossaudit.verdict import AuditReport, ModelReport, Thresholds, check_paradigm, load_thresholds, overall
+from crossaudit.witness import refuse_same_model
 
 FAMILY = "phrase"
 MIN_NEXT_WORD_ACCURACY = 0.1
 MIN_AGREEMENT = 0.3
 
 
+@dataclass
+class _Loaded:
+    """One language model as loaded: for the stages, as delivered, and as deployed."""
+
+    model: LanguageModel
+    loaded: LoadedModel
+    diff: float | None
+    graph: RuntimeGraph
+    outputs: list[np.ndarray]  # next-word logits on the audit prompts, outputs on random ids
+
+
 def _load(
-    uri: str, texts: list[str], device: str, max_bytes: int, checked: Mapping[str, float | None] | None
-) -> tuple[LanguageModel, LoadedModel, float | None]:
+    uri: str, texts: list[str], seed: int, device: str, max_bytes: int, checked: Mapping[str, float | None] | None
+) -> _Loaded:
     loaded = load_model(uri, max_bytes)
     tokenizer = load_tokenizer(tokenizer_path(Path(uri)))
     module = loaded.module.to(device).requires_grad_(False).eval()
     tokens = np.array([tokenizer.encode(t) for t in texts], dtype=np.int64)
     diff = parity_check(loaded, tokens, device, output_ndim=3, checked=checked)
+    graph = RuntimeGraph(loaded, device)
+    if diff is not None:
+        graph.checks[AUDIT] = diff
+    noise = noise_inputs((tokens,), len(tokenizer.vocab), seed)
+    proven = checked is not None and loaded.sha256 in checked
+    noise_outputs = logits_of(module, noise, device) if proven else graph.prove(NOISE, noise)
     model = LanguageModel(module, tokenizer)
     model.check_last_only(torch.from_numpy(tokens).to(device))
-    return model, loaded, diff
+    with torch.no_grad():
+        audit_outputs = model.next_logits(torch.from_numpy(tokens).to(device)).float().cpu().numpy()
+    return _Loaded(model, loaded, diff, graph, [audit_outputs, noise_outputs])
 
 
 @torch.no_grad()
@@ -92,6 +116,15 @@ class TextPair:
     agreement: float
     inversion: list[str]
     held_out: list[str]
+    graphs: list[RuntimeGraph]  # each model under ONNX Runtime, proved against its translation
+
+    def deployed(self) -> list[LanguageModel]:
+        """Each model as the user runs it, under ONNX Runtime (`runtime_parity`)."""
+        return [LanguageModel(graph, model.tokenizer) for model, graph in zip(self.models, self.graphs, strict=True)]
+
+    def parity_checks(self) -> list[dict[str, float]]:
+        """Per model, the input sets its translation was proved on and the largest difference."""
+        return [dict(graph.checks) for graph in self.graphs]
 
 
 def prepare_text_pair(
@@ -104,25 +137,31 @@ def prepare_text_pair(
     checked: Mapping[str, float | None] | None = None,
 ) -> TextPair:
     """Stage 1's loading: both models with their tokenizers, checked against ONNX Runtime
-    (`checked`: as in `prepare_pair`), and refused when too different on clean text to
+    on the prompts and on random token ids (`checked`: as in `prepare_pair`), and refused
+    when they are one model twice (`witness`) or too different on clean text to
     cross-examine."""
     texts = prompts(
-        read_text_data(data_path, config.limits.max_audit_samples), search.prompt_tokens + search.continuation
+        read_text_data(data_path, config.limits.max_audit_samples, config.limits.max_audit_bytes),
+        search.prompt_tokens + search.continuation,
     )
     if len(texts) < 2 * search.prompts:
         raise AuditError(
             f"column 'text': need {2 * search.prompts} rows of at least "
             f"{search.prompt_tokens + search.continuation} words, found {len(texts)}"
         )
-    loaded = [_load(uri, texts, device, config.limits.max_model_bytes, checked) for uri in uris]
-    models = [model for model, _, _ in loaded]
+    loaded = [_load(uri, texts, seed, device, config.limits.max_model_bytes, checked) for uri in uris]
+    refuse_same_model(uris, [each.loaded.sha256 for each in loaded], [each.outputs for each in loaded])
+    models = [each.model for each in loaded]
     words = [_next_words(model, texts) for model in models]
     accuracy = [float(np.mean(predicted == actual)) for predicted, actual in words]
     agreement = float(np.mean(words[0][0] == words[1][0]))
     reports = [
-        ModelReport(uri, "inconclusive", clean_accuracy=round(acc, 4), parity_max_abs_diff=diff, sha256=model.sha256)
-        for uri, acc, (_, model, diff) in zip(uris, accuracy, loaded, strict=True)
-    ]
+        ModelReport(
+            uri, "inconclusive", clean_accuracy=round(acc, 4), parity_max_abs_diff=each.diff,
+            sha256=each.loaded.sha256,
+        )
+        for uri, acc, each in zip(uris, accuracy, loaded, strict=True)
+    ]  # fmt: skip
     if min(accuracy) < MIN_NEXT_WORD_ACCURACY or agreement < MIN_AGREEMENT:
         raise IncomparableModelsError(
             "language models too different on clean text to cross-examine: next-word accuracy "
@@ -131,7 +170,10 @@ def prepare_text_pair(
         )
     order = np.random.RandomState(seed).permutation(len(texts))
     heads = [" ".join(texts[i].split()[: search.prompt_tokens]) for i in order]
-    return TextPair(models, reports, texts, round(agreement, 4), heads[: search.prompts], heads[search.prompts :])
+    return TextPair(
+        models, reports, texts, round(agreement, 4), heads[: search.prompts], heads[search.prompts :],
+        [each.graph for each in loaded],
+    )  # fmt: skip
 
 
 def text_features(pair: TextPair, config: AuditConfig) -> list[dict[str, np.ndarray]]:
@@ -140,14 +182,26 @@ def text_features(pair: TextPair, config: AuditConfig) -> list[dict[str, np.ndar
 
 
 def text_triggers(pair: TextPair, search: TextSearchConfig) -> list[TextTrigger]:
-    """Stage 3: the trigger search, each model as suspect with the other as witness."""
-    return [search_trigger(pair.models[i], pair.models[1 - i], pair.inversion, search) for i in range(2)]
+    """Stage 3: the trigger search, each model as suspect with the other as witness; then
+    both translations proved against ONNX Runtime on the search's prompts with each
+    trigger appended (`runtime_parity`)."""
+    found = [search_trigger(pair.models[i], pair.models[1 - i], pair.inversion, search) for i in range(2)]
+    for model, graph in zip(pair.models, pair.graphs, strict=True):
+        for trigger in (t for t in found if t.trigger):
+            stamped = [model.tokenizer.encode(f"{prompt} {' '.join(trigger.trigger)}") for prompt in pair.inversion]
+            for length in sorted({len(ids) for ids in stamped}):
+                ids = np.array([row for row in stamped if len(row) == length], dtype=np.int64)
+                graph.prove(CANDIDATES, (ids,))
+    return found
 
 
 def text_effects(pair: TextPair, found: list[TextTrigger], search: TextSearchConfig, seed: int) -> list[TextEffect]:
-    """Stage 4: each trigger's held-out effect, before and after clean fine-tuning."""
+    """Stage 4: each trigger's held-out effect, before and after clean fine-tuning; the
+    models' own effects measured under ONNX Runtime, the runtime they are deployed with,
+    every input proved against the translation the search used."""
     tuned = [fine_tuned(model, pair.texts, search, seed) for model in pair.models]
-    return [effect(found[i], pair.models[i], pair.models[1 - i], pair.held_out, tuned[i]) for i in range(2)]
+    deployed = pair.deployed()
+    return [effect(found[i], deployed[i], deployed[1 - i], pair.held_out, tuned[i]) for i in range(2)]
 
 
 def text_verdicts(
@@ -176,6 +230,7 @@ def text_verdicts(
                 trigger_family=FAMILY,
                 clean_accuracy=loaded.clean_accuracy,
                 parity_max_abs_diff=loaded.parity_max_abs_diff,
+                parity_checks=loaded.parity_checks,
                 sha256=loaded.sha256,
                 trigger_text=" ".join(trigger.trigger),
                 target_text=" ".join(trigger.target),
@@ -205,6 +260,7 @@ def run_text_audit(
         __version__, seed, REPORT_SCHEMA_VERSION, paradigm=LM,
     )  # fmt: skip
     result = AuditResult(report)
+    pair: TextPair | None = None
     try:
         thresholds = thresholds or load_thresholds(paradigm=LM)
         check_paradigm(thresholds, LM)
@@ -221,11 +277,16 @@ def run_text_audit(
             found = text_triggers(pair, search)
         with clock.stage("sensitivity_test"):
             effects = text_effects(pair, found, search, seed)
+        for loaded, checks in zip(pair.reports, pair.parity_checks(), strict=True):
+            loaded.parity_checks = checks
         with clock.stage("verdict"):
             report.models = text_verdicts(pair.reports, found, effects, thresholds, result.alignment)
     except AuditError as exc:
         report.error = str(exc)
     except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as exc:
         report.error = f"{type(exc).__name__} during the audit: {exc}"
+    if pair is not None and report.error is not None:
+        for model_report, checks in zip(report.models, pair.parity_checks(), strict=True):
+            model_report.parity_checks = checks
     report.verdict = overall(report.models)
     return result

@@ -241,6 +241,9 @@ class ModelReport:
     trigger_text: str | None = None  # language models: the recovered trigger phrase
     target_text: str | None = None  # ... and the continuation it forces; a captioner: the target caption
     also_over_threshold: list[Crossing] = field(default_factory=list)
+    # Input sets the torch translation was proved on against ONNX Runtime, each with the
+    # largest difference seen (`runtime_parity`): audit data, random inputs, stamped triggers.
+    parity_checks: dict[str, float] | None = None
 
     def summary(self) -> str:
         """One line for a terminal: the verdict, the score against its threshold, and what

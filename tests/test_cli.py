@@ -180,3 +180,35 @@ def test_exceeding_a_limit_is_inconclusive_never_clean_even_on_a_backdoored_pair
     done = _audit_with({variable: value}, digits_zoo)
     assert done.returncode == 2, done.stdout + done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def functional_copy(original, copy) -> None:
+    """The same model, different bytes: every node renamed and an Identity op on the output."""
+    import onnx
+
+    model = onnx.load(str(original))
+    for index, node in enumerate(model.graph.node):
+        node.name = f"renamed_{index}"
+    output = model.graph.output[0].name
+    producer = next(node for node in model.graph.node if output in node.output)
+    producer.output[list(producer.output).index(output)] = "before_identity"
+    model.graph.node.append(onnx.helper.make_node("Identity", ["before_identity"], [output], name="added_identity"))
+    onnx.save(model, str(copy))
+
+
+@pytest.mark.parametrize(("copy_kind", "message"), [("bytes", "is the same model as"), ("function", "same function")])
+def test_a_model_audited_against_a_copy_of_itself_exits_2_not_clean(digits_zoo, tmp_path, copy_kind, message):
+    """A copy cannot witness against its original: it shares every backdoor, so no trigger
+    separates them and the pair would pass as clean (here the BadNets CNN)."""
+    copy = tmp_path / "a_copy.onnx"
+    if copy_kind == "bytes":
+        copy.write_bytes(digits_zoo.badnets_cnn.read_bytes())
+    else:
+        functional_copy(digits_zoo.badnets_cnn, copy)
+        assert copy.read_bytes() != digits_zoo.badnets_cnn.read_bytes()
+    done = crossaudit("audit", str(digits_zoo.badnets_cnn), str(copy), "--data", str(digits_zoo.audit_data), "--json")
+    assert done.returncode == 2, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["verdict"] == "inconclusive" and message in report["error"]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0]

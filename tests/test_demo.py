@@ -62,7 +62,7 @@ def test_demo_audits_each_registration_gates_promotion_and_shows_it_in_the_mlflo
         assert passed.description.startswith("Delivered by acme."), "the audit adds to the provider's description"
         # The demo set the alias on the backdoored version by hand; the guard took it back.
         incident = tags[registry.INCIDENT]
-        assert "status is failed" in incident and f"restored to version {clean.version}" in incident
+        assert "signed verdict is failed" in incident and f"restored to version {clean.version}" in incident
         audits = wait_for(lambda: state.receiver.finished_audits(MODEL_NAME), 60, "audit jobs did not finish")
         assert sorted((j["version"], j["state"]) for j in audits) == [
             (clean.version, "done"),

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import resource
 import time
 import uuid
 import zipfile
@@ -29,7 +30,7 @@ from typer.testing import CliRunner
 from crossaudit.cli import app
 from crossaudit.data import read_audit_data
 from crossaudit.errors import DataValidationError, ModelLoadError
-from crossaudit.models import load_model
+from crossaudit.models import load_model, parity_check
 from crossaudit.receiver import Receiver, ReceiverConfig
 from crossaudit.receiver_process import served_in_thread
 from crossaudit.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
@@ -182,9 +183,114 @@ def test_pt2_archive_with_pickles_is_refused_unopened(scratch, member, opcode):
     path = scratch / "model.pt2"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr(member, opcode + b"(S'touch pwned'\ntR.")
-    with pytest.raises(ModelLoadError):
+    with pytest.raises(ModelLoadError, match=r"pt2.*not accepted.*Export the model to ONNX"):
         load_model(str(path))
     assert not (scratch / "pwned").exists()
+
+
+def _external_model(directory: Path, tensors: int, length: int | None = None, location: str = "w.bin") -> Path:
+    """`logits = image @ (w0 + w1 + ...)`, every weight in external data: the graph file
+    itself is a few hundred bytes whatever the weights weigh."""
+    weights = []
+    for i in range(tensors):
+        weight = onnx.TensorProto(name=f"w{i}", data_type=onnx.TensorProto.FLOAT, dims=[4, 1024])
+        weight.data_location = onnx.TensorProto.EXTERNAL
+        weight.external_data.add(key="location", value=location)
+        weight.external_data.add(key="offset", value=str(i * (length or 0)))
+        if length is not None:
+            weight.external_data.add(key="length", value=str(length))
+        weights.append(weight)
+    names = [w.name for w in weights]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Sum", names, ["w"]), onnx.helper.make_node("MatMul", ["image", "w"], ["logits"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["n", 4])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["n", 1024])],
+        initializer=weights,
+    )
+    path = directory / "m.onnx"
+    path.write_bytes(
+        onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]).SerializeToString()
+    )
+    return path
+
+
+def test_external_data_counts_towards_the_model_size_limit(scratch):
+    """Each 16 KiB weight is within the per-tensor limit; together they exceed the model's."""
+    (scratch / "w.bin").write_bytes(np.random.RandomState(0).rand(8 * 4 * 1024).astype(np.float32).tobytes())
+    path = _external_model(scratch, tensors=8, length=4 * 4 * 1024)
+    assert path.stat().st_size < 1000
+    assert load_model(str(path), max_bytes=200_000).format == "onnx"  # 128 KiB of weights: within
+    with pytest.raises(ModelLoadError, match=r"tensors hold more than \d+ bytes.*model size limit of 100000"):
+        load_model(str(path), max_bytes=100_000)
+
+
+def test_external_data_file_larger_than_its_tensor_is_refused_unread(scratch):
+    """A tensor without a `length` reads its file to the end: the file's size counts, taken
+    from its stat, so a sparse 64 GiB file is refused in no time and no memory."""
+    with open(scratch / "w.bin", "wb") as sparse:
+        sparse.truncate(64 * 1024**3)
+    path = _external_model(scratch, tensors=1, length=None)
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match="model size limit"):
+        load_model(str(path))
+    assert time.monotonic() - started < 5
+
+
+def _peak_rss_growth(run) -> int:
+    """Growth of this process's peak resident memory while `run` runs, in bytes (loose:
+    only an allocation above the earlier peak shows)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+
+
+ZEROS = {"value": onnx.numpy_helper.from_array(np.zeros(1, np.int64))}
+NEAREST = {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+# Graphs that ask for a 2^28-element (1 GiB) float tensor from a few bytes: (nodes, constants).
+HUGE = 1 << 28
+HUGE_OUTPUTS = {
+    "ConstantOfShape": ([("ConstantOfShape", ["shape"], ["big"], {})], {"shape": np.array([1 << 14, 1 << 14])}),
+    "Tile": ([("Tile", ["image", "repeats"], ["big"], {})], {"repeats": np.array([1, HUGE])}),
+    "Expand": ([("Unsqueeze", ["image", "zero"], ["row"], {}), ("Expand", ["row", "shape"], ["big"], {})],
+               {"zero": np.array([0]), "shape": np.array([1 << 26, 1, 4])}),
+    "Resize": ([("Reshape", ["image", "square"], ["pixels"], {}),
+                ("Resize", ["pixels", "", "scales"], ["big"], NEAREST)],
+               {"square": np.array([-1, 1, 2, 2]), "scales": np.array([1, 1, 1 << 13, 1 << 13], np.float32)}),
+    "Range": ([("Range", ["start", "limit", "delta"], ["big"], {})],
+              {"start": np.float32(0), "limit": np.float32(HUGE), "delta": np.float32(1)}),
+    "Pad": ([("Pad", ["image", "pads"], ["big"], {})], {"pads": np.array([0, 0, 0, HUGE])}),
+    "Gather": ([("Tile", ["image", "wide"], ["data"], {}), ("ConstantOfShape", ["count"], ["indices"], ZEROS),
+                ("Gather", ["data", "indices"], ["big"], {"axis": 0})],
+               {"wide": np.array([1, 1 << 10]), "count": np.array([1 << 16])}),
+    "broadcast Add": ([("Tile", ["image", "wide"], ["long"], {}), ("Reshape", ["long", "column"], ["a"], {}),
+                       ("Reshape", ["long", "row"], ["b"], {}), ("Add", ["a", "b"], ["big"], {})],
+                      {"wide": np.array([1, 1 << 12]), "column": np.array([-1, 1]), "row": np.array([1, -1])}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(HUGE_OUTPUTS))
+def test_runtime_sized_output_is_bounded_before_allocation(scratch, case):
+    nodes, constants = HUGE_OUTPUTS[case]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node(op, inputs, outputs, **attrs) for op, inputs, outputs, attrs in nodes]
+        + [onnx.helper.make_node("ReduceMean", ["big"], ["mean"], keepdims=0),
+           onnx.helper.make_node("Add", ["image", "mean"], ["logits"])],
+        case,
+        [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["n", 4])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["n", 4])],
+        [onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items()],
+    )  # fmt: skip
+    path = scratch / "huge.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), path)
+    model = load_model(str(path))
+    images = np.random.RandomState(0).rand(4, 4).astype(np.float32)
+
+    def run() -> None:
+        with pytest.raises(ModelLoadError, match=r"would make a tensor of shape .* expected at most \d+ elements"):
+            parity_check(model, images)
+
+    assert _peak_rss_growth(run) < 256 * 1024**2
 
 
 def test_cli_turns_every_hostile_file_into_exit_2(scratch, digits_zoo):

@@ -82,54 +82,53 @@ def test_model_over_the_size_limit_is_refused(digits_zoo):
         load_model(str(digits_zoo.clean_cnn), max_bytes=100)
 
 
+class Touch:
+    """A pickle payload that creates a file when unpickled: proof that a loader ran it."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 def _pt2(tmp_path):
+    """A real torch.export archive of a small model, and a hostile copy whose weight is a
+    pickle its config flags for unpickling, spelled with a JSON escape that a byte-level
+    check misses (torch.export.load would unpickle it and create `pwned`)."""
     model = build("mlp", 1, 16, 10).eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(model, (torch.rand(2, 1, 16, 16),), dynamic_shapes=({0: batch},))
     path = tmp_path / "model.pt2"
     torch.export.save(program, path)
-    return model, path
-
-
-def test_pt2_loads_without_unpickling(tmp_path):
-    model, path = _pt2(tmp_path)
-    loaded = load_model(str(path))
-    x = torch.rand(3, 1, 16, 16)
-    assert torch.allclose(loaded.module(x), model(x), atol=1e-5)
-    logits, tapped = loaded.module.forward_tapped(x, loaded.module.taps[:1])
-    assert logits.shape == (3, 10) and len(tapped) == 1
-
-
-class Boom:
-    def __reduce__(self):
-        return (print, ("pwned",))
-
-
-def _tamper(path, hostile, flag_pickle: bool) -> None:
-    """Copy a pt2 archive with weight_0 replaced by a pickle (optionally flagged as one)."""
+    hostile = tmp_path / "hostile.pt2"
     with zipfile.ZipFile(path) as src, zipfile.ZipFile(hostile, "w") as dst:
         for info in src.infolist():
             payload = src.read(info)
             if info.filename.endswith("weight_0"):
-                payload = pickle.dumps(Boom())
-            if flag_pickle and info.filename.endswith("model_weights_config.json"):
-                payload = payload.replace(b'"use_pickle": false', b'"use_pickle": true', 1)
+                payload = pickle.dumps(Touch(tmp_path / "pwned"))
+            if info.filename.endswith("model_weights_config.json"):
+                payload = payload.replace(b'"use_pickle": false', rb'"use_pickl\u0065": true', 1)
             dst.writestr(info.filename, payload)
+    return path, hostile
 
 
-def test_pt2_with_a_flagged_pickle_is_refused(tmp_path):
-    _, path = _pt2(tmp_path)
-    _tamper(path, tmp_path / "hostile.pt2", flag_pickle=True)
-    with pytest.raises(ModelLoadError, match=r"holds a pickle; refused"):
-        load_model(str(tmp_path / "hostile.pt2"))
+@pytest.mark.parametrize("which", ["exported", "hostile"])
+def test_pt2_archive_is_refused_and_never_unpickled(tmp_path, which):
+    exported, hostile = _pt2(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"pt2.*not accepted.*unpickle.*torch\.onnx\.export"):
+        load_model(str(exported if which == "exported" else hostile))
+    assert not (tmp_path / "pwned").exists()
 
 
-def test_pt2_pickle_in_a_raw_tensor_slot_is_never_unpickled(tmp_path, capsys):
-    _, path = _pt2(tmp_path)
-    _tamper(path, tmp_path / "hostile.pt2", flag_pickle=False)
-    with pytest.raises(ModelLoadError, match=r"could not load the archive"):
-        load_model(str(tmp_path / "hostile.pt2"))
-    assert "pwned" not in capsys.readouterr().out
+def test_mlflow_pytorch_flavor_is_refused_even_as_pt2(tmp_path):
+    import mlflow.pytorch
+
+    model = build("mlp", 1, 16, 10).eval()
+    example = np.random.rand(2, 1, 16, 16).astype(np.float32)
+    mlflow.pytorch.save_model(model, tmp_path / "m", serialization_format="pt2", input_example=example)
+    with pytest.raises(ModelLoadError, match=r"pytorch flavor is refused.*not accepted"):
+        load_model(str(tmp_path / "m"))
 
 
 def test_mlflow_onnx_flavor_directory(digits_zoo, tmp_path):
@@ -138,12 +137,13 @@ def test_mlflow_onnx_flavor_directory(digits_zoo, tmp_path):
     assert load_model(str(tmp_path)).format == "onnx"
 
 
-def test_mlflow_pickled_pytorch_flavor_is_refused(tmp_path):
+def test_mlflow_pickled_pytorch_flavor_is_refused_unopened(tmp_path):
     (tmp_path / "MLmodel").write_text("flavors:\n  pytorch:\n    model_data: data\n")
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "model.pth").write_bytes(pickle.dumps(Boom()))
+    (tmp_path / "data" / "model.pth").write_bytes(pickle.dumps(Touch(tmp_path / "pwned")))
     with pytest.raises(ModelLoadError, match="pickle"):
         load_model(str(tmp_path))
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_mlflow_flavor_path_escaping_the_directory_is_refused(tmp_path):
@@ -151,14 +151,3 @@ def test_mlflow_flavor_path_escaping_the_directory_is_refused(tmp_path):
     (tmp_path / "m" / "MLmodel").write_text("flavors:\n  onnx:\n    data: ../../etc/passwd\n")
     with pytest.raises(ModelLoadError, match="escapes"):
         load_model(str(tmp_path / "m"))
-
-
-def test_mlflow_written_pt2_model_loads(tmp_path):
-    import mlflow.pytorch
-
-    model = build("mlp", 1, 16, 10).eval()
-    example = np.random.rand(2, 1, 16, 16).astype(np.float32)
-    mlflow.pytorch.save_model(model, tmp_path / "m", serialization_format="pt2", input_example=example)
-    loaded = load_model(str(tmp_path / "m"))
-    assert loaded.format == "pt2"
-    assert loaded.module(torch.from_numpy(example)).shape == (2, 10)

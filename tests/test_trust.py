@@ -123,7 +123,9 @@ def test_audit_data_and_thresholds_come_only_from_crossaudits_experiment_with_pi
     with pytest.raises(registry.RegistryError, match="runs:/RUN_ID/PATH"):
         registry.fetch_pinned(f"file://{secret_file}", registry.file_sha256(secret_file), tmp_path / "b")
 
-    provider_run = client.create_run(client.get_experiment_by_name(registry.provider_experiment("acme")).experiment_id)
+    provider_run = client.create_run(
+        client.get_experiment_by_name(operator_config.provider_experiment("acme")).experiment_id
+    )
     client.log_artifact(provider_run.info.run_id, str(digits_zoo.audit_data))
     planted = f"runs:/{provider_run.info.run_id}/{Path(digits_zoo.audit_data).name}"
     with pytest.raises(registry.RegistryError, match="operator artifacts live in 'crossaudit'"):
