@@ -364,6 +364,35 @@ def keygen(
     print(f"signing key {private}, public key {public}")
 
 
+@app.command()
+def publish(
+    name: Annotated[str, typer.Argument(help="The registered model")],
+    tracking_uri: Annotated[str, typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI")],
+    config: Annotated[Path, typer.Option("--config", envvar="CROSSAUDIT_CONFIG", help="Operator's configuration")],
+    audit_data: Annotated[Path | None, typer.Option("--audit-data", help="The auditor's audit set")] = None,
+    thresholds: Annotated[Path | None, typer.Option("--thresholds", help="`calibrate --pair` output")] = None,
+) -> None:
+    """Store the audit set (and thresholds) in the crossaudit experiment and pin them, by
+    sha256, as NAME's in the operator's configuration: the only place audits take them from."""
+    from crossaudit import registry
+
+    for path in (audit_data, thresholds):
+        if path is not None and not path.is_file():
+            print(f"error: {path}: no such file", file=sys.stderr)
+            raise typer.Exit(2)
+    try:
+        client = registry.client(tracking_uri)
+        if audit_data is not None:
+            pinned = registry.publish_audit_data(client, name, audit_data, config)
+            print(f"{name}: audit set {pinned.uri} (sha256 {pinned.sha256})")
+        if thresholds is not None:
+            pinned = registry.publish_thresholds(client, name, thresholds, config)
+            print(f"{name}: thresholds {pinned.uri} (sha256 {pinned.sha256})")
+    except AuditError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from exc
+
+
 @webhook_app.command("install")
 def webhook_install(
     url: Annotated[str, typer.Option("--url", help="The receiver's /webhook URL, as MLflow reaches it")],

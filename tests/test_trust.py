@@ -226,3 +226,31 @@ def test_audits_run_with_no_secret_in_their_environment(mlflow_server, tmp_path,
 def test_a_malformed_operator_configuration_is_a_named_error(text):
     with pytest.raises(operator_config.ConfigError):
         operator_config.parse(text)
+
+
+def test_the_operator_publishes_and_pins_an_audit_set_from_the_cli(mlflow_server, digits_zoo, tmp_path):
+    import subprocess
+    import sys
+
+    config, name = tmp_path / "config.yaml", _name()
+    command = [sys.executable, "-m", "crossaudit", "publish", name, "--tracking-uri", mlflow_server,
+               "--config", str(config), "--audit-data", str(digits_zoo.audit_data)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    pinned = operator_config.load(config).settings(name).audit_data
+    assert pinned.sha256 == registry.file_sha256(Path(digits_zoo.audit_data))
+    registry.client(mlflow_server)
+    assert registry.fetch_pinned(pinned.uri, pinned.sha256, tmp_path / "fetched").is_file()
+
+
+def test_keygen_never_replaces_a_signing_key(tmp_path):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "crossaudit", "keygen", "--private", str(tmp_path / "k.pem"),
+               "--public", str(tmp_path / "k.pub")]  # fmt: skip
+    assert subprocess.run(command, capture_output=True, timeout=60).returncode == 0
+    key = (tmp_path / "k.pem").read_bytes()
+    assert (tmp_path / "k.pem").stat().st_mode & 0o077 == 0, "the signing key is readable by its owner only"
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "refusing" in again.stderr and (tmp_path / "k.pem").read_bytes() == key
