@@ -88,15 +88,30 @@ def digits_zoo(shared_folder: Callable[[str], AbstractContextManager]) -> Digits
 TEST_PROVIDERS = ("acme", "globex", "initech", "a", "b", "c")
 
 
+def _onboard_test_providers(tracking_uri: str) -> None:
+    """The operator's part on a new MLflow server: each test provider's experiment, mapped
+    by ID. Servers started the same way give them the same IDs, so one configuration
+    serves every server of a test process."""
+    from crossaudit import operator_config, registry
+
+    operator_config.onboard(registry.client(tracking_uri), TEST_PROVIDERS)
+
+
+@pytest.fixture(scope="session")
+def onboard() -> Callable[[str], None]:
+    """For tests with an MLflow server of their own: onboard the test providers on it."""
+    return _onboard_test_providers
+
+
 @pytest.fixture(scope="session", autouse=True)
 def operator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The operator's part, once per test process: crossaudit's key pair and a
-    configuration that knows the test providers (models are added as their audit sets are
-    published). The environment names them, so receivers and audits started by the tests
+    configuration (providers are added by `onboard_test_providers`, models as their audit
+    sets are published). The environment names them, so receivers and audits started by the tests
     use them too. Yields the configuration file."""
     from crossaudit import operator_config
 
-    with operator_config.local_operator(tmp_path_factory.mktemp("operator"), TEST_PROVIDERS) as config:
+    with operator_config.local_operator(tmp_path_factory.mktemp("operator")) as config:
         yield config
 
 
@@ -106,6 +121,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from crossaudit.tracking_server import local_server
 
     with local_server(tmp_path_factory.mktemp("mlflow")) as url:
+        _onboard_test_providers(url)
         yield url
 
 

@@ -105,7 +105,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=RuntimeWarning)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        os.environ.update(operator_config.bootstrap(root / "operator", ("acme", "globex")))
+        os.environ.update(operator_config.bootstrap(root / "operator"))
         split = load_dataset("digits")
         data = root / "audit.parquet"
         write_audit_set("digits", data)
@@ -119,6 +119,7 @@ def main() -> None:
             export_onnx(trained.model, trained.example, paths[name])
         with local_server(root / "mlflow") as url:
             client = registry.client(url)
+            operator_config.onboard(client, ("acme", "globex"))
             registry.publish_audit_data(client, "bench", data)
             operator_config.update_model("bench", threshold_profile="digits")
             registry.register_version(client, "bench", paths["clean"], "acme")

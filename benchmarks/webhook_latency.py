@@ -40,7 +40,7 @@ def _job(receiver: ReceiverProcess, version: str) -> dict | None:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        os.environ.update(operator_config.bootstrap(root / "operator", ("acme", "globex")))
+        os.environ.update(operator_config.bootstrap(root / "operator"))
         split = load_dataset("digits")
         write_audit_set("digits", root / "audit.parquet")
         models = {}
@@ -51,6 +51,7 @@ def main() -> None:
         secret = secrets.token_urlsafe(32)
         with local_server(root / "mlflow") as url:
             client = registry.client(url)
+            operator_config.onboard(client, ("acme", "globex"))
             receiver = ReceiverProcess(url, secret, root / "queue.db", root / "receiver.log")
             try:
                 install(client, f"{receiver.url}/webhook", secret)

@@ -153,7 +153,7 @@ def _percentile(values: list[float], q: float) -> float:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, local_server(Path(tmp) / "mlflow") as url:
         root = Path(tmp)
-        os.environ.update(operator_config.bootstrap(root / "operator", ("acme", "globex")))
+        os.environ.update(operator_config.bootstrap(root / "operator"))
         burst = run_burst(url, root)
     answers = "\n".join(f"| {k} | {v} |" for k, v in sorted(burst.answers.items()))
     twice = sum(1 for n in burst.audited.values() if n > 1)

@@ -41,6 +41,9 @@ class PairRecord:
     error: str | None = None
     paradigm: str = "auto"
     model_sha256: list[str | None] | None = None  # None until stage 1 has loaded the models
+    # The digest of each model's whole artifact as fetched (`digest.artifact_digest`): what
+    # the gate signs its verdict for.
+    artifact_sha256: list[str] | None = None
     # Per model, the input sets its translation was proved on against ONNX Runtime so far
     # (`ModelReport.parity_checks`): stage 1 adds the audit data and random inputs, stage 3
     # the stamped candidate triggers, stage 4 the final triggers on held-out data.

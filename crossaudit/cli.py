@@ -365,6 +365,26 @@ def keygen(
 
 
 @app.command()
+def onboard(
+    providers: Annotated[list[str], typer.Argument(help="Provider names")],
+    tracking_uri: Annotated[str, typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI")],
+    config: Annotated[Path, typer.Option("--config", envvar="CROSSAUDIT_CONFIG", help="Operator's configuration")],
+) -> None:
+    """Create each provider's experiment (PROVIDER-deliveries, where it logs its models)
+    and map its ID to the provider; refused when someone else created that name first.
+    Grant each provider write access to its own experiment only."""
+    from crossaudit import operator_config, registry
+
+    try:
+        operator_config.onboard(registry.client(tracking_uri), providers, config)
+    except AuditError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from exc
+    mapped = operator_config.load(config).experiments
+    print(", ".join(f"{provider}: experiment {eid}" for eid, provider in mapped.items() if provider in providers))
+
+
+@app.command()
 def publish(
     name: Annotated[str, typer.Argument(help="The registered model")],
     tracking_uri: Annotated[str, typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI")],

@@ -83,9 +83,10 @@ def demo(out: Path, dataset: str = "digits") -> Iterator[DemoState]:
     secret = secrets.token_urlsafe(32)
     # The operator's part: crossaudit's key pair, and a configuration naming who delivers
     # from which experiment and which audit set judges the model (filled in below).
-    with operator_config.local_operator(out / "operator", models), local_server(out / "mlflow") as url:
+    with operator_config.local_operator(out / "operator"), local_server(out / "mlflow") as url:
         print(f"MLflow server: {url}")
         client = registry.client(url)
+        operator_config.onboard(client, models)
         receiver = ReceiverProcess(url, secret, out / "queue.db", out / "receiver.log")
         try:
             versions = _automatic_path(client, receiver, models, data, dataset, secret)

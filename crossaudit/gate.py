@@ -113,11 +113,11 @@ def _metrics(results: list[AuditResult]) -> dict[str, float]:
     return metrics
 
 
-def audited_digest(results: list[AuditResult]) -> str:
-    """The sha256 of the version's model as every pair audited it: the bytes a verdict
-    is signed for. Pairs that disagree (the model changed between branches) or an
-    unloaded model give no digest, and no pass."""
-    digests = {r.report.models[0].sha256 for r in results}
+def audited_digest(pair_folders: list[Path]) -> str:
+    """The digest of the version's whole model artifact as every pair fetched and audited
+    it (`digest.artifact_digest`): what a verdict is signed for. Pairs that disagree (the
+    model changed between branches) or a model never fetched give no digest, and no pass."""
+    digests = {(read_pair(folder).artifact_sha256 or [None])[0] for folder in pair_folders}
     return digests.pop() if len(digests) == 1 and None not in digests else ""
 
 
@@ -158,7 +158,7 @@ def gate_step(
     )
     results = [pair_result(folder, data, profile, thresholds_file) for folder in pair_folders]
     status, held = version_status(results, hold_on_flagged_peer)
-    digest = audited_digest(results)
+    digest = audited_digest(pair_folders)
     if status == "passed" and not digest:
         status, held = "inconclusive", "held: the pairs did not audit one and the same model"
     for index, result in enumerate(results):

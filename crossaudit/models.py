@@ -99,8 +99,10 @@ def _stored_bytes(tensor: onnx.TensorProto, base: Path) -> int:
         offset, length = int(entries.get("offset", 0)), entries.get("length")
         available = (base / entries.get("location", "")).stat().st_size - offset
         return max(0, int(length)) if length is not None else max(0, available)
-    except ValueError as exc:
-        raise ModelLoadError(f"tensor {tensor.name!r}: unreadable external data offset or length ({exc})") from exc
+    except (ValueError, OSError) as exc:
+        raise ModelLoadError(
+            f"tensor {tensor.name!r}: unreadable external data location, offset or length ({exc})"
+        ) from exc
 
 
 def _check_tensor_sizes(model: onnx.ModelProto, base: Path, max_bytes: int) -> None:
@@ -189,18 +191,39 @@ def load_onnx(path: Path, uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) ->
     return LoadedModel(uri, "onnx", module.eval(), hashlib.sha256(serialized).hexdigest(), serialized)
 
 
+def _onnx_flavors(spec: object, uri: str) -> str:
+    """The ONNX file an MLflow model directory serves, once its MLmodel is one that
+    `mlflow.onnx` writes: flavors `onnx` and `python_function` only, the latter loading
+    that same file with `mlflow.onnx` and no code. Anything else would let a deployment
+    (`mlflow models serve` reads `python_function`) run something other than what the
+    audit judged."""
+    flavors = spec.get("flavors") if isinstance(spec, dict) else None
+    if not isinstance(flavors, dict) or not all(isinstance(v, dict) for v in flavors.values()):
+        raise ModelLoadError(f"{uri}: MLmodel has no readable flavors")
+    if "pytorch" in flavors:
+        raise ModelLoadError(f"{uri}: an MLflow pytorch flavor is refused. {PYTORCH_REFUSED}")
+    if "onnx" not in flavors:
+        raise ModelLoadError(f"{uri}: MLmodel has no onnx flavor (found {sorted(flavors)})")
+    data = flavors["onnx"].get("data", "model.onnx")
+    pyfunc = flavors.get("python_function", {"loader_module": "mlflow.onnx", "data": data})
+    unexpected = sorted(set(flavors) - {"onnx", "python_function"})
+    if unexpected or pyfunc.get("loader_module") != "mlflow.onnx" or pyfunc.get("data") != data or pyfunc.get("code"):
+        raise ModelLoadError(
+            f"{uri}: MLmodel must serve the audited ONNX file: flavors onnx and python_function "
+            f"(loader_module mlflow.onnx, data {data!r}, no code) only; found {flavors}"
+        )
+    if not isinstance(data, str):
+        raise ModelLoadError(f"{uri}: MLmodel's onnx data is not a file name")
+    return data
+
+
 def _load_mlflow_dir(path: Path, uri: str, max_bytes: int) -> LoadedModel:
     """MLflow model directory: follow the flavor's file, never MLflow's (pickling) loaders."""
     try:
         spec = yaml.safe_load((path / "MLmodel").read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ModelLoadError(f"{uri}: unreadable MLmodel file ({exc})") from exc
-    flavors = spec.get("flavors", {}) if isinstance(spec, dict) else {}
-    if "onnx" in flavors:
-        return load_onnx(_inside(path, str(flavors["onnx"].get("data", "model.onnx"))), uri, max_bytes)
-    if "pytorch" in flavors:
-        raise ModelLoadError(f"{uri}: an MLflow pytorch flavor is refused. {PYTORCH_REFUSED}")
-    raise ModelLoadError(f"{uri}: MLmodel has no onnx flavor (found {sorted(flavors)})")
+    return load_onnx(_inside(path, _onnx_flavors(spec, uri)), uri, max_bytes)
 
 
 def _inside(base: Path, relative: str) -> Path:

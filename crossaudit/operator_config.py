@@ -9,7 +9,7 @@ CROSSAUDIT_CONFIG (a ConfigMap on a cluster):
 
     providers:
       users: {alice@acme.example: acme}         # MLflow user who registered the version
-      experiments: {acme-deliveries: acme}      # experiment the version's model was logged in
+      experiments: {"12": acme}                 # ID of the experiment its model was logged in
     models:
       fashion-classifier:
         audit_data: {uri: "runs:/<run>/audit.parquet", sha256: "<hex>"}
@@ -20,8 +20,11 @@ CROSSAUDIT_CONFIG (a ConfigMap on a cluster):
 
 Audit data and thresholds are pinned by sha256 and must be artifacts of runs in
 crossaudit's own experiment (`registry.fetch_pinned`). The MLflow user is the strong
-binding (with MLflow authentication the server sets it); the experiment mapping needs
-each provider's experiment to be writable by that provider only.
+binding (with MLflow authentication the server sets it). Experiments are mapped by ID,
+never by name: a provider can rename its own experiment to a rival's name, or create it
+before the rival does. `onboard` creates a provider's experiment and maps its ID, and
+refuses a name someone already took; each provider's experiment must then be writable
+by that provider only.
 """
 
 from __future__ import annotations
@@ -33,10 +36,14 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from crossaudit.errors import AuditError
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 CONFIG_ENV = "CROSSAUDIT_CONFIG"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -177,14 +184,6 @@ def save(config: OperatorConfig, path: Path) -> None:
     Path(out.name).replace(path)
 
 
-def with_provider(config: OperatorConfig, provider: str, experiment: str = "", user: str = "") -> OperatorConfig:
-    return replace(
-        config,
-        experiments={**config.experiments, **({experiment: provider} if experiment else {})},
-        users={**config.users, **({user: provider} if user else {})},
-    )
-
-
 def with_model(config: OperatorConfig, name: str, **changes: object) -> OperatorConfig:
     """`config` with model `name`'s settings changed (created when `audit_data` is given)."""
     current = config.models.get(name)
@@ -204,21 +203,40 @@ def update_model(name: str, path: Path | None = None, **changes: object) -> None
 
 
 def provider_experiment(provider: str) -> str:
-    """The experiment a provider logs its deliveries in, by the demo's and the tests'
-    convention; an operator may map any experiment names."""
+    """The name `onboard` gives a provider's experiment."""
     return f"{provider}-deliveries"
 
 
-def bootstrap(folder: Path, providers: Iterable[str]) -> dict[str, str]:
+def onboard(mlflow_client: MlflowClient, providers: Iterable[str], path: Path | None = None) -> None:
+    """Create each provider's experiment (`provider_experiment`) and map its ID to the
+    provider in the configuration at `path` (CROSSAUDIT_CONFIG when None). An experiment
+    of that name that the configuration does not already give this provider was made by
+    someone else: refused, since mapping it would hand its deliveries that provider's name."""
+    path = path or config_path()
+    config = load(path) if path.exists() else OperatorConfig()
+    for provider in providers:
+        name = provider_experiment(provider)
+        existing = mlflow_client.get_experiment_by_name(name)
+        if existing is not None and config.experiments.get(existing.experiment_id) != provider:
+            raise ConfigError(
+                f"experiment {name!r} (id {existing.experiment_id}) exists already and is not {provider!r}'s "
+                "in the operator's configuration: someone else created it; choose another name"
+            )
+        experiment_id = existing.experiment_id if existing else mlflow_client.create_experiment(name)
+        config = replace(config, experiments={**config.experiments, experiment_id: provider})
+    save(config, path)
+
+
+def bootstrap(folder: Path) -> dict[str, str]:
     """A one-machine operator setup (the demo's, the benchmarks', the tests'): a fresh key
-    pair and a configuration that maps each provider's experiment to it, in `folder`.
-    Returns the environment that names them."""
+    pair and an empty configuration in `folder` (`onboard` adds the providers once MLflow
+    runs). Returns the environment that names them."""
     from crossaudit import attestation
 
     folder.mkdir(parents=True, exist_ok=True)
     private, public, path = folder / "signing-key.pem", folder / "public-key.pem", folder / "config.yaml"
     attestation.generate(private, public)
-    save(OperatorConfig(experiments={provider_experiment(p): p for p in providers}), path)
+    save(OperatorConfig(), path)
     return {
         CONFIG_ENV: str(path),
         attestation.SIGNING_KEY_ENV: str(private),
@@ -227,10 +245,10 @@ def bootstrap(folder: Path, providers: Iterable[str]) -> dict[str, str]:
 
 
 @contextmanager
-def local_operator(folder: Path, providers: Iterable[str]) -> Iterator[Path]:
+def local_operator(folder: Path) -> Iterator[Path]:
     """`bootstrap`, with its environment set in this process (and so in every process it
     starts) until the block ends; yields the configuration file."""
-    environment = bootstrap(folder, providers)
+    environment = bootstrap(folder)
     saved = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)
     try:

@@ -22,11 +22,12 @@ from mlflow.tracking import MlflowClient
 
 from crossaudit import attestation, registry
 from crossaudit.attestation import Attestation, AttestationError
-from crossaudit.errors import AuditError
+from crossaudit.digest import artifact_digest
 from crossaudit.registry import VersionRef
 
 log = logging.getLogger(__name__)
 _STORE_SEARCH = 200
+UNSIGNED_STATUS = "crossaudit.unsigned_status"  # on a store run: a status written without the key
 
 
 @dataclass(frozen=True)
@@ -45,21 +46,35 @@ def _audit_experiment(mlflow_client: MlflowClient) -> str:
     return experiment.experiment_id if experiment else mlflow_client.create_experiment(registry.EXPERIMENT)
 
 
+def _store_runs(mlflow_client: MlflowClient, ref: VersionRef) -> list:
+    """The runs of crossaudit's experiment about `ref`: its audits and its error marks."""
+    experiment = mlflow_client.get_experiment_by_name(registry.EXPERIMENT)
+    if experiment is None:
+        return []
+    return mlflow_client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{registry.MODEL_VERSION_TAG}` = {registry.quoted(ref.uri)}",
+        max_results=_STORE_SEARCH,
+    )
+
+
+def _unsigned_error_after(mlflow_client: MlflowClient, ref: VersionRef, signed_at: float) -> bool:
+    """Whether crossaudit marked `ref` `error` without its key (the receiver and the exit
+    handler on a cluster hold only the public key) after the signed verdict of
+    `signed_at`. Such a mark can only take a pass away, so it needs no signature."""
+    return any(
+        run.data.tags.get(UNSIGNED_STATUS) == "error" and run.info.start_time / 1000 > signed_at
+        for run in _store_runs(mlflow_client, ref)
+    )
+
+
 def stored_attestation(mlflow_client: MlflowClient, ref: VersionRef, key: Ed25519PublicKey) -> Attestation | None:
     """The newest attestation of `ref` that crossaudit's own store (the runs of its
     experiment) holds and its key signed. Tags on those runs that do not verify are
     ignored: only signed ones count, and the newest signed one is the verdict, so a
     restored older pass never outranks a later failure."""
-    experiment = mlflow_client.get_experiment_by_name(registry.EXPERIMENT)
-    if experiment is None:
-        return None
-    runs = mlflow_client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`{registry.MODEL_VERSION_TAG}` = '{ref.uri}'",
-        max_results=_STORE_SEARCH,
-    )
     newest = None
-    for run in runs:
+    for run in _store_runs(mlflow_client, ref):
         try:
             found = attestation.verify(key, run.data.tags.get(registry.ATTESTATION))
         except AttestationError:
@@ -72,11 +87,9 @@ def stored_attestation(mlflow_client: MlflowClient, ref: VersionRef, key: Ed2551
 
 
 def model_digest(ref: VersionRef) -> str:
-    """The sha256 the audit reports for the version's model, of the bytes MLflow holds now."""
-    from crossaudit.models import load_model
-
+    """The digest of the version's whole model artifact as MLflow serves it now."""
     with tempfile.TemporaryDirectory(prefix="crossaudit-verify-") as scratch:
-        return load_model(str(registry.materialize(ref.uri, Path(scratch)))).sha256
+        return artifact_digest(registry.materialize(ref.uri, Path(scratch)))
 
 
 def verify_version(
@@ -96,14 +109,26 @@ def verify_version(
         return Verified(False, "unattested", "attestation is not the newest verdict in crossaudit's store", stored)
     if not claimed.passed:
         return Verified(False, claimed.status, f"signed verdict is {claimed.status}", claimed)
+    if _unsigned_error_after(mlflow_client, ref, claimed.signed_at):
+        return Verified(False, "error", "a later audit of this version ended in error", claimed)
     if check_bytes:
         try:
             digest = model_digest(ref)
-        except AuditError as exc:
+        except Exception as exc:  # whatever the provider's artifact does to the download, it is no pass
             return Verified(False, "unattested", f"the model cannot be checked against its attestation: {exc}")
         if digest != claimed.model_sha256:
             return Verified(False, "unattested", f"the model's bytes changed since its audit (sha256 {digest})")
     return Verified(True, "passed", "signed verdict: passed", claimed)
+
+
+def _store_run(mlflow_client: MlflowClient, ref: VersionRef, status: str, **tags: str) -> str:
+    """A run of its own in crossaudit's store for a status no audit run carries."""
+    run_id = mlflow_client.create_run(
+        _audit_experiment(mlflow_client),
+        tags={"mlflow.runName": f"{status} {ref.name} v{ref.version}", registry.MODEL_VERSION_TAG: ref.uri, **tags},
+    ).info.run_id
+    mlflow_client.set_terminated(run_id, "FINISHED")
+    return run_id
 
 
 def record_verdict(
@@ -117,12 +142,7 @@ def record_verdict(
 ) -> Attestation:
     """Sign `status` for the version's bytes and write it to crossaudit's store (the audit
     run, or a run of its own) and the version's tags, `crossaudit.status` last."""
-    if run_id is None:
-        run_id = mlflow_client.create_run(
-            _audit_experiment(mlflow_client),
-            tags={"mlflow.runName": f"{status} {ref.name} v{ref.version}", registry.MODEL_VERSION_TAG: ref.uri},
-        ).info.run_id
-        mlflow_client.set_terminated(run_id, "FINISHED")
+    run_id = run_id or _store_run(mlflow_client, ref, status)
     signed = attestation.create(ref.name, ref.version, model_sha256, status, run_id)
     text = attestation.sign(key, signed)
     mlflow_client.set_tag(run_id, registry.ATTESTATION, text)
@@ -140,12 +160,14 @@ def optional_signing_key() -> Ed25519PrivateKey | None:
 
 
 def mark_error(mlflow_client: MlflowClient, ref: VersionRef, reason: str, key: Ed25519PrivateKey | None) -> None:
-    """The version says `error`; with the key, that is signed too, so an earlier pass of the
-    same version no longer verifies. Without it, the attestation tag is removed."""
+    """The version says `error`, and so does crossaudit's store: signed with the key, or as
+    an unsigned mark without it; either way an earlier pass of the version no longer
+    verifies (`verify_version`), whatever tags the provider puts back."""
     tags = {registry.ERROR: reason[:4000], registry.AUDITED_AT: registry.now()}
     if key is not None:
         record_verdict(mlflow_client, ref, "error", "", None, key, **tags)
         return
+    _store_run(mlflow_client, ref, "error", **{UNSIGNED_STATUS: "error"})
     registry.set_status(mlflow_client, ref, "error", **tags)
     with contextlib.suppress(MlflowException):  # none to remove
         mlflow_client.delete_model_version_tag(ref.name, ref.version, registry.ATTESTATION)
@@ -223,7 +245,11 @@ def guard_every_alias(mlflow_client: MlflowClient, key: Ed25519PublicKey, alias:
     start runs, so a lost alias webhook never leaves an unverified version promoted."""
     incidents = []
     for ref in registry.promoted_versions(mlflow_client, alias):
-        incident = guard_alias(mlflow_client, ref.name, key, alias)
+        try:
+            incident = guard_alias(mlflow_client, ref.name, key, alias)
+        except Exception:  # one model's registry entry, however broken, must not stop the sweep for the others
+            log.exception("alias guard on %s could not run", ref.uri)
+            continue
         if incident:
             log.warning("alias guard on %s: %s", ref.uri, incident)
             incidents.append(incident)
@@ -240,7 +266,11 @@ def restore_forged_statuses(
     for version in versions:
         if registry.status_of(version) != "passed":
             continue
-        verified = verify_version(mlflow_client, version, key, check_bytes=False)
+        try:
+            verified = verify_version(mlflow_client, version, key, check_bytes=False)
+        except Exception:  # one version that cannot be looked up must not stop the others
+            log.exception("could not verify models:/%s/%s", version.name, version.version)
+            continue
         if verified.passed:
             continue
         ref = VersionRef.of(version)

@@ -55,6 +55,7 @@ from crossaudit.webhook import MAX_BODY_BYTES, Delivery, WebhookRejectedError, v
 log = logging.getLogger(__name__)
 ENDED = ("passed", "failed", "inconclusive", "awaiting-peer", "error")
 _POLL_S = 0.2
+GUARD_WINDOW_S = 10
 # What an audit process may inherit: what Python, the thread pools and a GPU need, and
 # crossaudit's own settings (file paths and limits). Everything else, credentials
 # included, stays with the receiver.
@@ -127,7 +128,10 @@ def jobs_for(delivery: Delivery, alias: str) -> list[NewJob]:
     if (delivery.event == "model_version_tag.set" and claims_pass) or (
         delivery.event == "model_version_alias.created" and data.get("alias") == alias
     ):
-        return [NewJob(f"guard:{delivery.delivery_id}", "guard", name, version, delivery.delivery_id)]
+        # One guard per version per window: a provider writing the alias or the tag in a
+        # loop queues a bounded number of jobs, and every sweep guards every holder anyway.
+        window = delivery.timestamp // GUARD_WINDOW_S
+        return [NewJob(f"guard:{name}/{version}:{window}", "guard", name, version, delivery.delivery_id)]
     return []
 
 
@@ -377,8 +381,8 @@ class Receiver:
         while not self._stop.is_set():
             try:
                 self.reconcile()
-            except (MlflowException, OSError, AuditError) as exc:
-                log.error("reconciliation failed: %s", exc)
+            except Exception:  # the sweep is the guard's safety net: it must outlive any one failure
+                log.exception("reconciliation failed; retrying at the next sweep")
             self._stop.wait(self.config.reconcile_every_s)
 
     def reaudit_promoted(self, tick: datetime) -> int:

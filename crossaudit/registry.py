@@ -9,7 +9,6 @@ other outcome (failed, inconclusive, error, awaiting a peer) leaves production a
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 import shutil
 import tempfile
@@ -26,6 +25,7 @@ from mlflow.store.entities.paged_list import PagedList
 from mlflow.tracking import MlflowClient
 
 from crossaudit import operator_config
+from crossaudit.digest import file_sha256
 from crossaudit.errors import AuditError
 from crossaudit.operator_config import OperatorConfig, Pinned
 from crossaudit.paradigms import AUTO
@@ -92,23 +92,16 @@ def resolve(mlflow_client: MlflowClient, uri: str) -> ModelVersion:
 
 class ProviderResolver:
     """Who delivered each version, by the operator's configuration: the MLflow user who
-    registered it, else the experiment its model was logged in. A `provider` tag that
-    names someone else is refused, so a label cannot mislead a person either. Caches the
-    experiments it looked up (one resolver per sweep or audit)."""
+    registered it, else the ID of the experiment its model was logged in. A `provider`
+    tag that names someone else is refused, so a label cannot mislead a person either."""
 
     def __init__(self, mlflow_client: MlflowClient, config: OperatorConfig) -> None:
         self.client, self.config = mlflow_client, config
-        self._experiments: dict[str, str] = {}
-
-    def _experiment_name(self, experiment_id: str) -> str:
-        if experiment_id not in self._experiments:
-            self._experiments[experiment_id] = self.client.get_experiment(experiment_id).name
-        return self._experiments[experiment_id]
 
     def _logged_in(self, version: ModelVersion) -> str | None:
-        """The experiment the version's model was logged in: its logged model's (the source
-        `models:/m-...`) and its run's, which must agree. A source that is neither that
-        logged model nor inside the run's artifacts names no experiment."""
+        """The ID of the experiment the version's model was logged in: its logged model's
+        (the source `models:/m-...`) and its run's, which must agree. A source that is
+        neither that logged model nor inside the run's artifacts names no experiment."""
         source, experiments = str(version.source), set()
         logged = _LOGGED_MODEL_URI.match(source)
         if logged:
@@ -118,7 +111,7 @@ class ProviderResolver:
             if not logged and not source.startswith(run.info.artifact_uri.rstrip("/") + "/"):
                 return None
             experiments.add(run.info.experiment_id)
-        return self._experiment_name(experiments.pop()) if len(experiments) == 1 else None
+        return experiments.pop() if len(experiments) == 1 else None
 
     def provider(self, version: ModelVersion) -> str:
         where = f"models:/{version.name}/{version.version}"
@@ -131,7 +124,7 @@ class ProviderResolver:
         if provider is None:
             raise RegistryError(
                 f"{where}: delivered by no provider the operator's configuration knows "
-                f"(user {version.user_id or 'unknown'!r}, experiment {experiment or 'unknown'!r})"
+                f"(user {version.user_id or 'unknown'!r}, experiment id {experiment or 'unknown'!r})"
             )
         label = version.tags.get(PROVIDER_TAG)
         if label and label != provider:
@@ -195,14 +188,6 @@ def audit_settings(config: OperatorConfig, name: str) -> AuditSettings:
         paradigm=settings.paradigm or AUTO,
         hold_on_flagged_peer=settings.hold_on_flagged_peer,
     )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_pinned(uri: str, sha256: str, dest: Path) -> Path:
@@ -314,9 +299,18 @@ def promoted_versions(mlflow_client: MlflowClient, alias: str = DEFAULT_ALIAS) -
     ]
 
 
+def quoted(value: str) -> str:
+    """`value` as a string literal of MLflow's search filters, which have no escape: a
+    name holding both quote characters cannot be searched for, and is refused."""
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    raise RegistryError(f"{value!r}: a name with both quote characters cannot be searched for in MLflow")
+
+
 def model_versions(mlflow_client: MlflowClient, name: str | None = None) -> list[ModelVersion]:
     """Every version of registered model `name` (of every model when None), all pages."""
-    return _all(functools.partial(mlflow_client.search_model_versions, f"name='{name}'" if name else None))
+    return _all(functools.partial(mlflow_client.search_model_versions, f"name={quoted(name)}" if name else None))
 
 
 def unaudited_versions(versions: list[ModelVersion]) -> list[VersionRef]:

@@ -45,6 +45,7 @@ from crossaudit.audit import (
     prepare_pair,
 )
 from crossaudit.data import is_text_data
+from crossaudit.digest import artifact_digest
 from crossaudit.errors import AuditError, ParityError
 from crossaudit.paradigms import AUTO, LM
 from crossaudit.paradigms.autoregressive import TextSearchConfig
@@ -99,6 +100,7 @@ def extract_step(
     The paradigm it resolves (`auto` infers it) is the one every later stage uses."""
     record = PairRecord(uris, [None, None], [None, None], None, seed, paradigm=paradigm)
     try:
+        record.artifact_sha256 = [artifact_digest(only_entry(folder)) for folder in (suspect, witness)]
         pair: Pair | TextPair
         if paradigm == LM or (paradigm == AUTO and is_text_data(only_entry(data))):
             record.paradigm = LM

@@ -24,8 +24,10 @@ SECRET = "fault-secret-0123456789abcdef"
 pytestmark = pytest.mark.slow
 
 
-def _task(client, digits_zoo) -> str:
-    """A registered model with its audit set published and pinned by the operator."""
+def _task(client, digits_zoo, onboard) -> str:
+    """A registered model with its audit set published and pinned by the operator, on a
+    server whose test providers are onboarded."""
+    onboard(client.tracking_uri)
     name = f"fault-{uuid.uuid4().hex[:6]}"
     registry.publish_audit_data(client, name, Path(digits_zoo.audit_data))
     operator_config.update_model(name, threshold_profile="digits")
@@ -58,10 +60,10 @@ def _receiver(url: str, tmp_path: Path, *options: str) -> ReceiverProcess:
     return receiver
 
 
-def test_audit_past_its_time_budget_is_error_and_no_late_verdict_follows(digits_zoo, tmp_path):
+def test_audit_past_its_time_budget_is_error_and_no_late_verdict_follows(digits_zoo, onboard, tmp_path):
     with local_server(tmp_path / "mlflow") as url:
         client = registry.client(url)
-        name = _task(client, digits_zoo)
+        name = _task(client, digits_zoo, onboard)
         receiver = _receiver(url, tmp_path, "--audit-timeout", "4")
         try:
             first = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
@@ -80,13 +82,13 @@ def test_audit_past_its_time_budget_is_error_and_no_late_verdict_follows(digits_
             receiver.stop()
 
 
-def test_mlflow_down_mid_audit_is_retried_until_the_audit_ends(digits_zoo, tmp_path, monkeypatch):
+def test_mlflow_down_mid_audit_is_retried_until_the_audit_ends(digits_zoo, onboard, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast while MLflow is down
     port = free_port()
     store = tmp_path / "mlflow"
     with local_server(store, port) as url:
         client = registry.client(url)
-        name = _task(client, digits_zoo)
+        name = _task(client, digits_zoo, onboard)
         receiver = _receiver(url, tmp_path, "--retry-delay", "5", "--max-attempts", "6")
         first = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
         wait_for(lambda: _status(client, name, first.version) == "awaiting-peer", 60, "first audit")
@@ -110,11 +112,11 @@ def test_mlflow_down_mid_audit_is_retried_until_the_audit_ends(digits_zoo, tmp_p
         receiver.stop()
 
 
-def test_broken_artifact_store_ends_in_error_not_a_promotion(digits_zoo, tmp_path, monkeypatch):
+def test_broken_artifact_store_ends_in_error_not_a_promotion(digits_zoo, onboard, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the upload fails at once instead of after backoff
     with local_server(tmp_path / "mlflow") as url:
         client = registry.client(url)
-        name = _task(client, digits_zoo)
+        name = _task(client, digits_zoo, onboard)
         registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
         clean = registry.register_version(client, name, digits_zoo.clean_mlp, "globex")
         experiment = client.get_experiment_by_name(registry.EXPERIMENT) or client.get_experiment(

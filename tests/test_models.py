@@ -151,3 +151,27 @@ def test_mlflow_flavor_path_escaping_the_directory_is_refused(tmp_path):
     (tmp_path / "m" / "MLmodel").write_text("flavors:\n  onnx:\n    data: ../../etc/passwd\n")
     with pytest.raises(ModelLoadError, match="escapes"):
         load_model(str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize(
+    "pyfunc",
+    [
+        "python_function:\n    loader_module: mlflow.onnx\n    data: evil.onnx\n",
+        "python_function:\n    loader_module: mlflow.pyfunc.model\n    python_model: python_model.pkl\n",
+        "python_function:\n    loader_module: mlflow.onnx\n    data: model.onnx\n    code: code\n",
+        "sklearn:\n    pickled_model: model.pkl\n",
+    ],
+)
+def test_mlmodel_that_would_serve_something_else_than_the_audited_graph_is_refused(digits_zoo, tmp_path, pyfunc):
+    """`mlflow models serve` loads the python_function flavor: it must load the same ONNX
+    file with mlflow.onnx, or a pass of the graph would say nothing of what is served."""
+    (tmp_path / "MLmodel").write_text(f"flavors:\n  onnx:\n    data: model.onnx\n  {pyfunc}")
+    (tmp_path / "model.onnx").write_bytes(digits_zoo.clean_cnn.read_bytes())
+    with pytest.raises(ModelLoadError, match="must serve the audited ONNX file"):
+        load_model(str(tmp_path))
+
+
+def test_mlmodel_of_the_wrong_shape_is_a_named_error(tmp_path):
+    (tmp_path / "MLmodel").write_text("flavors:\n  onnx: model.onnx\n")
+    with pytest.raises(ModelLoadError, match="no readable flavors"):
+        load_model(str(tmp_path))

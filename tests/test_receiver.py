@@ -42,9 +42,10 @@ def post(url: str, event: str, data: dict, delivery_id: str | None = None, times
 
 
 @pytest.fixture(scope="module")
-def hooked_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def hooked_mlflow(tmp_path_factory: pytest.TempPathFactory, onboard: Callable[[str], None]) -> Iterator[str]:
     """Its own MLflow server: the receiver reconciles every version it holds."""
     with local_server(tmp_path_factory.mktemp("hooked-mlflow")) as url:
+        onboard(url)
         yield url
 
 

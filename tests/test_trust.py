@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from crossaudit import attestation, operator_config, promotion, registry
+from crossaudit.digest import file_sha256
 from crossaudit.receiver import Receiver, ReceiverConfig, audit_environment, jobs_for
 from crossaudit.receiver_process import served_in_thread
 from crossaudit.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, Delivery, sign, verify
@@ -119,9 +120,9 @@ def test_audit_data_and_thresholds_come_only_from_crossaudits_experiment_with_pi
     secret_file = tmp_path / "auditor-secret.txt"
     secret_file.write_text("the auditor's own file")
     with pytest.raises(registry.RegistryError, match="runs:/RUN_ID/PATH"):
-        registry.fetch_pinned(str(secret_file), registry.file_sha256(secret_file), tmp_path / "a")
+        registry.fetch_pinned(str(secret_file), file_sha256(secret_file), tmp_path / "a")
     with pytest.raises(registry.RegistryError, match="runs:/RUN_ID/PATH"):
-        registry.fetch_pinned(f"file://{secret_file}", registry.file_sha256(secret_file), tmp_path / "b")
+        registry.fetch_pinned(f"file://{secret_file}", file_sha256(secret_file), tmp_path / "b")
 
     provider_run = client.create_run(
         client.get_experiment_by_name(operator_config.provider_experiment("acme")).experiment_id
@@ -129,7 +130,7 @@ def test_audit_data_and_thresholds_come_only_from_crossaudits_experiment_with_pi
     client.log_artifact(provider_run.info.run_id, str(digits_zoo.audit_data))
     planted = f"runs:/{provider_run.info.run_id}/{Path(digits_zoo.audit_data).name}"
     with pytest.raises(registry.RegistryError, match="operator artifacts live in 'crossaudit'"):
-        registry.fetch_pinned(planted, registry.file_sha256(Path(digits_zoo.audit_data)), tmp_path / "c")
+        registry.fetch_pinned(planted, file_sha256(Path(digits_zoo.audit_data)), tmp_path / "c")
 
     name = _name()
     pinned = registry.publish_audit_data(client, name, Path(digits_zoo.audit_data))
@@ -238,7 +239,7 @@ def test_the_operator_publishes_and_pins_an_audit_set_from_the_cli(mlflow_server
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     pinned = operator_config.load(config).settings(name).audit_data
-    assert pinned.sha256 == registry.file_sha256(Path(digits_zoo.audit_data))
+    assert pinned.sha256 == file_sha256(Path(digits_zoo.audit_data))
     registry.client(mlflow_server)
     assert registry.fetch_pinned(pinned.uri, pinned.sha256, tmp_path / "fetched").is_file()
 
@@ -254,3 +255,87 @@ def test_keygen_never_replaces_a_signing_key(tmp_path):
     assert (tmp_path / "k.pem").stat().st_mode & 0o077 == 0, "the signing key is readable by its owner only"
     again = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "refusing" in again.stderr and (tmp_path / "k.pem").read_bytes() == key
+
+
+def test_the_signed_digest_covers_every_file_a_deployment_reads(client, digits_zoo, tmp_path):
+    """Rewriting MLmodel (what `mlflow models serve` follows) or adding a file to the model
+    after a pass, without touching the audited graph, is no longer that pass."""
+    ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme")
+    _signed(client, ref, "passed")
+    evil = tmp_path / "evil.onnx"
+    evil.write_bytes(Path(digits_zoo.badnets_cnn).read_bytes())
+    source = client.get_model_version(ref.name, ref.version).source
+    client.log_model_artifact(source.removeprefix("models:/"), str(evil))
+    passed, line = promotion.check(client, ref.uri, attestation.public_key())
+    assert not passed and "bytes changed" in line
+
+
+def test_an_error_marked_without_the_key_still_ends_an_earlier_pass(client, digits_zoo):
+    """On a cluster the receiver and the exit handler hold only the public key: their
+    `error` must still outrank the version's earlier signed pass, whatever tags the
+    provider puts back."""
+    ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme")
+    _signed(client, ref, "passed")
+    saved = client.get_model_version(ref.name, ref.version).tags[registry.ATTESTATION]
+    time.sleep(0.01)
+    promotion.mark_error(client, ref, "re-audit past its time budget", None)
+    registry.set_status(client, ref, "passed", **{registry.ATTESTATION: saved})
+    passed, line = promotion.check(client, ref.uri, attestation.public_key())
+    assert not passed and "ended in error" in line
+
+
+def test_one_broken_model_does_not_stop_the_sweep_for_the_others(client, mlflow_server, digits_zoo, tmp_path):
+    """A provider that breaks its own MLmodel, or names its model with a quote, must not
+    keep the guard from every other model's alias."""
+    broken = registry.register_version(client, f"{_name()}'s", digits_zoo.clean_cnn, "acme")
+    _signed(client, broken, "passed")
+    client.set_registered_model_alias(broken.name, "production", broken.version)
+    model_id = client.get_model_version(broken.name, broken.version).source.removeprefix("models:/")
+    mlmodel = tmp_path / "MLmodel"
+    mlmodel.write_text("flavors:\n  onnx: not-a-mapping\n")
+    client.log_model_artifact(model_id, str(mlmodel))
+    victim = registry.register_version(client, _name(), digits_zoo.badnets_cnn, "globex")
+    client.set_registered_model_alias(victim.name, "production", victim.version)
+
+    receiver = Receiver(ReceiverConfig(mlflow_server, SECRET, tmp_path / "queue.db"))
+    try:
+        receiver.reconcile()
+    finally:
+        receiver.queue.close()
+    held = {ref.name for ref in registry.promoted_versions(client)}
+    assert broken.name not in held and victim.name not in held
+
+
+def test_a_provider_writing_the_alias_in_a_loop_queues_a_bounded_number_of_guards():
+    stamp = 1_800_000_000
+    keys = {
+        job.key
+        for second in range(100)
+        for job in jobs_for(
+            Delivery(str(uuid.uuid4()), stamp + second, "model_version_alias.created",
+                     {"name": "m", "version": "1", "alias": "production"}),
+            "production",
+        )
+    }  # fmt: skip
+    assert len(keys) <= 100 // 10 + 1
+
+
+def test_providers_are_mapped_by_experiment_id_so_names_can_be_neither_squatted_nor_renamed(client, digits_zoo):
+    """A provider can rename its own experiment to the name a newcomer's experiment will
+    have, or create that experiment first: neither makes its delivery the newcomer's."""
+    config = operator_config.config_path()
+    newcomer = f"newcomer-{uuid.uuid4().hex[:6]}"
+    acme = client.get_experiment_by_name(operator_config.provider_experiment("acme"))
+    client.rename_experiment(acme.experiment_id, operator_config.provider_experiment(newcomer))
+    try:
+        name = _name()
+        ref = registry.register_version(client, name, digits_zoo.clean_cnn, newcomer)  # logged in acme's experiment
+        with pytest.raises(registry.RegistryError, match="delivered by 'acme'"):
+            registry.peers_of(client, registry.resolve(client, ref.uri), operator_config.load())
+        client.delete_model_version_tag(name, ref.version, registry.PROVIDER_TAG)
+        resolver = registry.ProviderResolver(client, operator_config.load())
+        assert resolver.provider(registry.resolve(client, ref.uri)) == "acme"
+        with pytest.raises(operator_config.ConfigError, match="someone else created it"):
+            operator_config.onboard(client, [newcomer], config)
+    finally:
+        client.rename_experiment(acme.experiment_id, operator_config.provider_experiment("acme"))

@@ -12,9 +12,10 @@ from crossaudit.tracking_server import local_server
 
 
 @pytest.mark.slow
-def test_a_promoted_version_that_fails_its_reaudit_loses_the_alias(digits_zoo, tmp_path):
+def test_a_promoted_version_that_fails_its_reaudit_loses_the_alias(digits_zoo, onboard, tmp_path):
     with local_server(tmp_path / "mlflow") as url:
         client = registry.client(url)
+        onboard(url)
         name = f"reaudit-{uuid.uuid4().hex[:6]}"
         registry.publish_audit_data(client, name, Path(digits_zoo.audit_data))
         operator_config.update_model(name, threshold_profile="digits")
@@ -31,9 +32,10 @@ def test_a_promoted_version_that_fails_its_reaudit_loses_the_alias(digits_zoo, t
         assert registry.promoted_versions(client) == []
 
 
-def test_an_alias_holder_without_a_signed_pass_loses_it_before_any_reaudit(digits_zoo, tmp_path):
+def test_an_alias_holder_without_a_signed_pass_loses_it_before_any_reaudit(digits_zoo, onboard, tmp_path):
     with local_server(tmp_path / "mlflow") as url:
         client = registry.client(url)
+        onboard(url)
         name = f"reaudit-{uuid.uuid4().hex[:6]}"
         ref = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
         registry.set_status(client, ref, "passed")  # what a provider with tag rights can write
