@@ -166,15 +166,41 @@ def kfp_local(tmp_path: Path) -> Path:
     return tmp_path / "kfp"
 
 
+@dataclass(frozen=True)
+class RegisteredPair:
+    """The clean digits pair registered by two providers, with the operator's pinned audit set."""
+
+    tracking_uri: str
+    suspect: str
+    witness: str
+    audit_data_uri: str
+    audit_data_sha256: str
+
+
+@pytest.fixture(scope="session")
+def registered_pair(mlflow_server: str, digits_zoo: DigitsZoo) -> RegisteredPair:
+    import uuid
+
+    from crossaudit import registry
+
+    client = registry.client(mlflow_server)
+    name = f"pair-{uuid.uuid4().hex[:8]}"
+    pinned = registry.publish_audit_data(client, name, digits_zoo.audit_data)
+    suspect = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
+    witness = registry.register_version(client, name, digits_zoo.clean_mlp, "globex")
+    return RegisteredPair(mlflow_server, suspect.uri, witness.uri, pinned.uri, pinned.sha256)
+
+
 @pytest.fixture
-def fetch_clean_pair(digits_zoo: DigitsZoo) -> Callable[[], Any]:
+def fetch_clean_pair(registered_pair: RegisteredPair) -> Callable[[], Any]:
     """Inside a test pipeline (or alone): the feature_extraction task for the clean digits pair."""
     from components.feature_extraction.component import feature_extraction
 
     def fetch() -> Any:
         return feature_extraction(
-            model_uri=str(digits_zoo.clean_cnn), peer_uri=str(digits_zoo.clean_mlp),
-            audit_data_uri=str(digits_zoo.audit_data), tracking_uri="", seed=0, device="cpu",
+            model_uri=registered_pair.suspect, peer_uri=registered_pair.witness,
+            audit_data_uri=registered_pair.audit_data_uri, audit_data_sha256=registered_pair.audit_data_sha256,
+            tracking_uri=registered_pair.tracking_uri, seed=0, device="cpu",
         )  # fmt: skip
 
     return fetch

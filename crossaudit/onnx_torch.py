@@ -15,7 +15,9 @@ A graph may behave differently under ONNX Runtime only where the translation dif
 it, so what is translated is held to what was checked against ONNX Runtime: ops of the
 default ONNX domain only, each on the element types of `SUPPORTED_TYPES` (types from ONNX's
 strict inference), no integer arithmetic on values computed from the input, no NaN computed
-from the input, and every tensor a runtime value sizes bounded by MAX_TENSOR_ELEMENTS.
+from the input, every tensor a runtime value sizes bounded by MAX_TENSOR_ELEMENTS, and each
+sample's output computed from that sample alone (`_check_per_sample`): the audit evaluates
+batches, a deployment may serve one request at a time.
 Float initializers become `nn.Parameter`s so the sensitivity stage can fine-tune a copy.
 """
 
@@ -839,6 +841,457 @@ def _attributes(node: onnx.NodeProto) -> Attrs:
     return attrs
 
 
+# -- one sample's output must not depend on the rest of its batch -----------------------
+#
+# The audit evaluates a model on batches; a deployment serving single requests runs it on
+# batches of one. A graph that reduces over the batch axis, or computes with the batch size
+# itself, can therefore behave one way under audit and another when deployed (a backdoor
+# gated on "the batch holds one sample"). The translator refuses any graph in which
+# information flows across samples: each value is given a batch layout (which axis indexes
+# the samples) by op rules that admit only per-sample computation, and the batch size read
+# from a shape may only size tensors, never enter the data.
+#
+# The rules need every value's shape, so the graph is run on zeros at two batch sizes
+# (`TRIAL_BATCHES`); a shape that varies between them anywhere but on the batch axis, or
+# a layout that differs, is refused as well.
+
+TRIAL_BATCHES = (2, 3)
+# Candidate sizes for an input dimension the graph leaves open (a token model's length, an
+# image model's free height and width): the first at which the graph runs is used.
+TRIAL_DIMS = (3, 16, 32, 64, 224)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Axis `axis` of a value indexes the samples of its batch: it has size
+    outer * batch * inner, and sample i occupies indices [o * batch * inner + i * inner,
+    ... + inner) for each o (exporters merge the batch with heads or positions). Each
+    sample's slice depends only on that sample and on values the same for every sample."""
+
+    axis: int
+    inner: int
+
+
+@dataclass(frozen=True)
+class Flow:
+    """What a value carries across samples: its batch layout (None: nothing per sample),
+    and, for an integer value, which elements hold the batch size (None: none)."""
+
+    layout: Layout | None = None
+    size: Tensor | None = None
+
+
+STATIC = Flow()
+ELEMENTWISE_OPS = ELEMENTWISE_UNARY | {"ThresholdedRelu", "Not", "Cast"}
+BROADCAST_FLOW_OPS = BROADCASTING_OPS | {"Clip", "Sum", "Mean", "Max", "Min"}
+# Ops that act on each index of axis 0 alone (images: N x C x spatial).
+PER_ROW_OPS = frozenset(
+    {
+        "Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+        "BatchNormalization", "InstanceNormalization", "LRN", "Resize", "Pad",
+    }
+)  # fmt: skip
+RESHAPING_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+# Inputs that only size or place the output (a shape, slice bounds, output sizes): where
+# the batch size may be read.
+SIZE_ARGUMENTS: dict[str, frozenset[int]] = {
+    "Reshape": frozenset({1}),
+    "Expand": frozenset({1}),
+    "ConstantOfShape": frozenset({0}),
+    "Slice": frozenset({1, 2, 3, 4}),
+    "Resize": frozenset({3}),
+    "Tile": frozenset({1}),
+}
+# Inputs that must hold the same for every sample: weights, statistics, axes, pads, scales.
+PARAMETER_INPUTS: dict[str, frozenset[int]] = {
+    **{op: frozenset({1, 2}) for op in ("Conv", "ConvTranspose", "InstanceNormalization", "LayerNormalization")},
+    **{op: frozenset({1}) for op in OPS if op.startswith("Reduce")},
+    **{op: frozenset({1}) for op in ("Split", "Squeeze", "Unsqueeze")},
+    "BatchNormalization": frozenset({1, 2, 3, 4}),
+    "Pad": frozenset({1, 2, 3}),
+    "Resize": frozenset({1, 2, 3}),
+    "Range": frozenset({0, 1, 2}),
+    **SIZE_ARGUMENTS,
+}
+# Ops that may compute with the batch size as shape arithmetic (the input positions that
+# carry it through): moving, selecting and multiplying shape elements, and comparing them
+# with a negative constant (the TorchScript exporter's `expand(-1)`), all with results
+# that size tensors only.
+SIZE_OPS: dict[str, frozenset[int] | None] = {
+    "Gather": frozenset({0}),
+    "Slice": frozenset({0}),
+    "Squeeze": frozenset({0}),
+    "Unsqueeze": frozenset({0}),
+    "Reshape": frozenset({0}),
+    "Identity": frozenset({0}),
+    "Cast": frozenset({0}),
+    "Transpose": frozenset({0}),
+    "Expand": frozenset({0}),
+    "Tile": frozenset({0}),
+    "Where": frozenset({1, 2}),
+    "Concat": None,
+    "Mul": None,
+    "Equal": None,
+}
+
+
+class _MixingError(Exception):
+    """A rule's refusal, before the node is named."""
+
+
+def _axis(axis: int, rank: int) -> int:
+    return axis % max(rank, 1)
+
+
+def _restride(layout: Layout, before: Sequence[int], after: Sequence[int], batch: int) -> Layout:
+    """The batch's layout after a reshape (row-major order is kept): the axis whose stride
+    range holds the batch's, or a refusal where the batch would be split over axes."""
+    stride = layout.inner * math.prod(before[layout.axis + 1 :])
+    for axis in range(len(after)):
+        below = math.prod(after[axis + 1 :])
+        if below and stride % below == 0 and (below * after[axis]) % (stride * batch) == 0:
+            return Layout(axis, stride // below)
+    raise _MixingError(f"it reshapes {list(before)} to {list(after)}, spreading the batch over several axes")
+
+
+def _aligned(layouts: Sequence[tuple[Layout, int]], rank: int) -> Layout | None:
+    """The output layout of inputs broadcast together (each with its rank)."""
+    found = {Layout(layout.axis + rank - own, layout.inner) for layout, own in layouts}
+    if len(found) > 1:
+        raise _MixingError("its inputs hold the batch on different axes")
+    return found.pop() if found else None
+
+
+def _mask(value: Tensor, flow: Flow) -> Tensor:
+    return flow.size.long() if flow.size is not None else torch.zeros(value.shape, dtype=torch.long)
+
+
+def _size_flow(op: str, attrs: Attrs, args: list[Tensor | None], flows: list[Flow]) -> list[Flow]:
+    """Shape arithmetic on values holding the batch size: which elements of the results hold it."""
+    carriers = SIZE_OPS.get(op, frozenset())
+    positions = range(len(args)) if carriers is None else carriers
+    if op not in SIZE_OPS or any(flow.layout for flow in flows):
+        raise _MixingError("it computes with the batch size as data")
+    if any(flows[i].size is not None for i in range(len(args)) if i not in positions):
+        raise _MixingError("it computes with the batch size as data")
+    if op == "Cast" and int(attrs["to"]) != INT64:
+        raise _MixingError("it casts the batch size to a data type")
+    masks = [
+        _mask(v, f) if i in positions and v is not None else v for i, (v, f) in enumerate(zip(args, flows, strict=True))
+    ]
+    if op == "Mul":
+        held = (masks[0] + masks[1]) > 0
+    elif op == "Equal":
+        shape = torch.broadcast_shapes(args[0].shape, args[1].shape)
+        a, b = (t.expand(shape) for t in args[:2])
+        ma, mb = (m.expand(shape) > 0 for m in masks[:2])
+        # A product of dimensions and non-negative factors never equals a negative constant.
+        decided = (ma & ~mb & (a >= 0) & (b < 0)) | (mb & ~ma & (b >= 0) & (a < 0))
+        held = (ma | mb) & ~decided
+    else:
+        result = OPS[op](attrs, masks)
+        held = (result[0] if isinstance(result, tuple) else result) > 0
+        if isinstance(result, tuple):
+            return [Flow(size=(r > 0) if bool((r > 0).any()) else None) for r in result]
+    return [Flow(size=held if bool(held.any()) else None)]
+
+
+def _flow(
+    op: str, attrs: Attrs, args: list[Tensor | None], flows: list[Flow], results: Sequence[Tensor], batch: int
+) -> list[Flow]:
+    """The flows of a node's outputs from its inputs' (`Flow`), or `_MixingError` where
+    the node would mix samples or read the batch size as data."""
+    count = len(results)
+    sizing = SIZE_ARGUMENTS.get(op, frozenset())
+    for position in PARAMETER_INPUTS.get(op, frozenset()):
+        if position < len(flows) and flows[position].layout is not None:
+            raise _MixingError(f"its input {position} (a weight, shape or bound) differs between samples")
+    if op == "Shape":  # reads the shape alone: a shape vector's length is fixed
+        layout = flows[0].layout
+        rank = args[0].dim()
+        start, end = int(attrs.get("start", 0)), attrs.get("end")
+        held = torch.zeros(rank, dtype=torch.bool)
+        if layout is not None:
+            held[layout.axis] = True
+        held = held[start : None if end is None else int(end)]
+        return [Flow(size=held if bool(held.any()) else None)]
+    if any(flow.size is not None for i, flow in enumerate(flows) if i not in sizing):
+        return _size_flow(op, attrs, args, flows)
+    layouts = [(i, flow.layout) for i, flow in enumerate(flows) if flow.layout is not None]
+    sized = [i for i in sizing if i < len(flows) and flows[i].size is not None]
+    if op in ("ConstantOfShape", "Expand", "Tile") and sized and (op == "ConstantOfShape" or flows[0].layout is None):
+        held = flows[sized[0]].size
+        rank = results[0].dim()
+        axes = [rank - len(held) + i for i in range(len(held)) if bool(held[i])]
+        if len(axes) != 1 or results[0].shape[axes[0]] % batch:
+            raise _MixingError("it sizes a tensor by the batch size on several axes")
+        return [Flow(Layout(axes[0], results[0].shape[axes[0]] // batch))]
+    if not layouts:
+        if sized and op != "Reshape":
+            raise _MixingError("it selects from a value the same for every sample by the batch size")
+        return [STATIC] * count
+    rank = results[0].dim()
+    if op in ELEMENTWISE_OPS:
+        return [Flow(flows[0].layout)]
+    if op in BROADCAST_FLOW_OPS:
+        return [Flow(_aligned([(layout, args[i].dim()) for i, layout in layouts], rank))]
+    first = flows[0].layout
+    if first is None:
+        return [Flow(_gathered_or_multiplied(op, attrs, args, layouts, rank))]
+    if op in PER_ROW_OPS:
+        if first.axis != 0 or results[0].shape[0] != args[0].shape[0]:
+            raise _MixingError("it acts across the batch axis")
+        if sized and any(flows[sized[0]].size.tolist()[1:]):
+            raise _MixingError("it resizes by the batch size")
+        return [Flow(first)]
+    if op in ("Softmax", "LogSoftmax", "LayerNormalization"):
+        if first.axis >= _axis(int(attrs.get("axis", -1)), args[0].dim()):
+            raise _MixingError("it normalizes over the batch axis")
+        return [Flow(first)]
+    if op.startswith("Reduce"):
+        axes = [_axis(a, args[0].dim()) for a in _axes(attrs, args)] or list(range(args[0].dim()))
+        if first.axis in axes:
+            raise _MixingError("it reduces over the batch axis")
+        shift = 0 if attrs.get("keepdims", 1) else sum(a < first.axis for a in axes)
+        return [Flow(Layout(first.axis - shift, first.inner))]
+    if op in RESHAPING_OPS:
+        if op == "Squeeze" and not _axes(attrs, args):
+            raise _MixingError("it squeezes every axis of size 1, the batch axis too when it holds one sample")
+        return [Flow(_restride(first, args[0].shape, results[0].shape, batch))]
+    if op == "Transpose":
+        perm = [int(v) for v in attrs.get("perm", reversed(range(args[0].dim())))]
+        return [Flow(Layout(perm.index(first.axis), first.inner))]
+    if op in ("Concat", "Split"):
+        if _axis(int(attrs.get("axis", 0)), args[0].dim()) == first.axis:
+            raise _MixingError("it joins or splits along the batch axis")
+        if op == "Concat" and len(layouts) != sum(t is not None for t in args):
+            raise _MixingError("it joins per-sample values with values the same for every sample")
+        return [Flow(_aligned([(layout, rank) for _, layout in layouts], rank))] * count
+    if op == "Slice":
+        if any(i > 2 for i in sized):
+            raise _MixingError("its axes or steps depend on the batch size")
+        axes = args[3].tolist() if len(args) > 3 and args[3] is not None else list(range(len(args[1])))
+        steps = args[4].tolist() if len(args) > 4 and args[4] is not None else [1] * len(axes)
+        for position, (axis, step) in enumerate(zip(axes, steps, strict=True)):
+            bounded = any(flows[i].size is not None and bool(flows[i].size.reshape(-1)[position]) for i in sized)
+            on_batch = _axis(axis, args[0].dim()) == first.axis
+            if on_batch and (step != 1 or results[0].shape[first.axis] != args[0].shape[first.axis]):
+                raise _MixingError("it selects samples of the batch")
+            if bounded and not on_batch:
+                raise _MixingError("its bounds depend on the batch size")
+        return [Flow(first)]
+    if op == "Expand":
+        axis = first.axis + rank - args[0].dim()
+        if results[0].shape[axis] != args[0].shape[first.axis] or (
+            sized and [i for i, held in enumerate(flows[1].size.tolist()) if held] != [axis - rank + len(args[1])]
+        ):
+            raise _MixingError("it broadcasts along the batch axis")
+        return [Flow(Layout(axis, first.inner))]
+    if op == "Tile":
+        if sized or int(args[1][first.axis]) != 1:
+            raise _MixingError("it repeats along the batch axis")
+        return [Flow(first)]
+    return [Flow(_gathered_or_multiplied(op, attrs, args, layouts, rank))]
+
+
+def _gathered_or_multiplied(
+    op: str, attrs: Attrs, args: list[Tensor | None], layouts: list[tuple[int, Layout]], rank: int
+) -> Layout:
+    """Output layout of a lookup or a matrix product: the batch must stay on an axis that is
+    neither indexed nor summed over, and on one axis of the output only."""
+    if len(layouts) > 1 and op not in ("MatMul", "Einsum", "Gemm"):
+        raise _MixingError("it combines per-sample values along different axes")
+    if op == "Gather":
+        (position, layout), axis = layouts[0], _axis(int(attrs.get("axis", 0)), args[0].dim())
+        if position == 0:
+            if layout.axis == axis:
+                raise _MixingError("it picks samples of the batch")
+            return Layout(layout.axis if layout.axis < axis else layout.axis + args[1].dim() - 1, layout.inner)
+        return Layout(axis + layout.axis, layout.inner)
+    if op == "MatMul":
+        return _matmul_layout(args, layouts, rank)
+    if op == "Gemm":
+        found: set[Layout] = set()
+        for position, layout in layouts:
+            if position == 2:
+                found.add(Layout(layout.axis + 2 - args[2].dim(), layout.inner))
+                continue
+            kept = (1 if attrs.get("transA", 0) else 0) if position == 0 else (0 if attrs.get("transB", 0) else 1)
+            if layout.axis != kept:
+                raise _MixingError("it sums over the batch axis")
+            found.add(Layout(position, layout.inner))
+        if len(found) > 1:
+            raise _MixingError("its inputs hold the batch on different axes")
+        return found.pop()
+    if op == "Einsum":
+        return _einsum_layout(attrs, args, layouts)
+    raise _MixingError("it is not known to keep samples apart")
+
+
+def _matmul_layout(args: list[Tensor | None], layouts: list[tuple[int, Layout]], rank: int) -> Layout:
+    found: set[Layout] = set()
+    for position, layout in layouts:
+        own = args[position].dim()
+        other = args[1 - position].dim()
+        contracted = own - 1 if position == 0 else (own - 2 if own > 1 else 0)
+        if layout.axis == contracted:
+            raise _MixingError("it sums over the batch axis")
+        if own == 1 or other == 1:
+            axis = layout.axis if position == 0 or own == 1 else layout.axis - (layout.axis == own - 1)
+        else:
+            axis = layout.axis + rank - own
+        if own > 1 and other > 1 and layout.axis >= own - 2 and len(layouts) > 1:
+            raise _MixingError("both factors hold the batch, on different axes")
+        found.add(Layout(axis, layout.inner))
+    if len(found) > 1:
+        raise _MixingError("both factors hold the batch, on different axes")
+    return found.pop()
+
+
+def _einsum_layout(attrs: Attrs, args: list[Tensor | None], layouts: list[tuple[int, Layout]]) -> Layout:
+    equation = _text(attrs["equation"], "").replace(" ", "")
+    inputs, output = equation.split("->")
+    labels = inputs.split(",")
+    letters = {labels[position][layout.axis] for position, layout in layouts}
+    inner = {layout.inner for _, layout in layouts}
+    if len(letters) != 1 or len(inner) != 1:
+        raise _MixingError("its operands hold the batch on different axes")
+    letter = letters.pop()
+    holders = {position for position, names in enumerate(labels) if letter in names}
+    batched = {position for position, _ in layouts}
+    if letter not in output or holders != batched or any(labels[p].count(letter) != 1 for p in holders):
+        raise _MixingError("it sums over or repeats the batch axis")
+    return Layout(output.index(letter), inner.pop())
+
+
+def _check_flow(results: Sequence[Tensor | None], flows: Sequence[Flow], batches: Sequence[int]) -> None:
+    """Every trial batch gives the same layout and batch-size elements, and shapes that vary
+    with the batch size on the batch axis only, in proportion to it."""
+    first = flows[0]
+    for flow in flows[1:]:
+        same_size = (first.size is None) == (flow.size is None) and (
+            first.size is None or torch.equal(first.size, flow.size)
+        )
+        if flow.layout != first.layout or not same_size:
+            raise _MixingError("what it carries across samples depends on the batch size")
+    if any(result is None for result in results):
+        return
+    shapes = [list(result.shape) for result in results]
+    layout = first.layout
+    if layout is not None:
+        outers = set()
+        for shape, batch in zip(shapes, batches, strict=True):
+            if layout.axis >= len(shape) or shape[layout.axis] % (batch * layout.inner):
+                raise _MixingError("its batch axis is not a multiple of the batch size")
+            outers.add(shape[layout.axis] // (batch * layout.inner))
+            shape[layout.axis] = 0
+        if len(outers) > 1:
+            raise _MixingError("its batch axis grows faster than the batch")
+    if any(shape != shapes[0] for shape in shapes[1:]):
+        raise _MixingError("its shape depends on the batch size off the batch axis")
+
+
+def _trial_inputs(graph: onnx.GraphProto, names: Sequence[str], batch: int, free: int) -> list[Tensor]:
+    """Zeros of each graph input's declared shape, `batch` samples, `free` for open dimensions."""
+    declared = {value.name: value.type.tensor_type for value in graph.input}
+    feeds = []
+    for name in names:
+        kind = declared[name]
+        dims = [d.dim_value if d.dim_value > 0 else free for d in kind.shape.dim]
+        if not dims:
+            raise _MixingError("its input has no declared rank")
+        dims[0] = batch
+        dtype = torch.int64 if kind.elem_type == INT64 else torch.float32
+        feeds.append(torch.zeros(dims, dtype=dtype))
+    return feeds
+
+
+def _check_per_sample(
+    nodes: list[Node], graph: onnx.GraphProto, names: Sequence[str], weights: dict[str, Tensor]
+) -> None:
+    """Refuse a graph whose output for one sample could depend on the other samples of its
+    batch or on the batch size (see `Flow`): the audit sees batches, a deployment may
+    serve one request at a time."""
+    failure: Exception | None = None
+    declared = {value.name: value.type.tensor_type.shape.dim for value in graph.input}
+    open_dims = any(d.dim_value <= 0 for name in names for d in list(declared[name])[1:])
+    for free in TRIAL_DIMS if open_dims else TRIAL_DIMS[:1]:
+        try:
+            feeds = [_trial_inputs(graph, names, batch, free) for batch in TRIAL_BATCHES]
+        except _MixingError as exc:
+            raise UnsupportedOpError(f"graph input {exc}: cannot check that samples are kept apart") from exc
+        scopes: list[dict[str, Tensor | None]] = [
+            {**weights, **dict(zip(names, run, strict=True)), "": None} for run in feeds
+        ]
+        flows: list[dict[str, Flow]] = [{**dict.fromkeys(names, Flow(Layout(0, 1))), "": STATIC} for _ in TRIAL_BATCHES]
+        try:
+            with torch.no_grad():
+                _trace(nodes, scopes, flows)
+            return
+        except (UnsupportedOpError, ModelLoadError):
+            raise
+        except Exception as exc:  # a trial shape the graph does not take: try the next
+            failure = exc
+    raise UnsupportedOpError(
+        f"the graph did not run on zeros at batch sizes {list(TRIAL_BATCHES)} ({failure}): cannot check that its "
+        "output for one sample does not depend on the rest of the batch"
+    )
+
+
+def _trace(nodes: list[Node], scopes: list[dict[str, Tensor | None]], flows: list[dict[str, Flow]]) -> None:
+    for op, inputs, outputs, attrs in nodes:
+        if op == "Constant":
+            for scope, flow in zip(scopes, flows, strict=True):
+                scope[outputs[0]] = torch.as_tensor(np.array(attrs.get("value")))
+                flow[outputs[0]] = STATIC
+            continue
+        name = f"{op} node {outputs[0]!r}"
+        try:
+            if op == "If":
+                _trace_if(inputs, outputs, attrs, scopes, flows)
+                continue
+            found = []
+            for scope, flow, batch in zip(scopes, flows, TRIAL_BATCHES, strict=True):
+                args = [scope[i] for i in inputs]
+                _check_output_size(op, attrs, args)
+                result = OPS[op](attrs, args)
+                results = result if isinstance(result, tuple) else (result,)
+                found.append((results, _flow(op, attrs, args, [flow.get(i, STATIC) for i in inputs], results, batch)))
+                scope.update(zip(outputs, results, strict=False))
+            for index, output in enumerate(outputs):
+                if not output or index >= len(found[0][0]):
+                    continue
+                each = [run[1][min(index, len(run[1]) - 1)] for run in found]
+                _check_flow([run[0][index] for run in found], each, TRIAL_BATCHES)
+                for flow, one in zip(flows, each, strict=True):
+                    flow[output] = one
+        except _MixingError as exc:
+            raise UnsupportedOpError(
+                f"{name}: {exc}, so a sample's output would depend on the batch it is evaluated in (the audit "
+                "evaluates batches, a deployment may run one sample at a time); expected each sample computed alone"
+            ) from exc
+
+
+def _trace_if(
+    inputs: list[str],
+    outputs: list[str],
+    attrs: Attrs,
+    scopes: list[dict[str, Tensor | None]],
+    flows: list[dict[str, Flow]],
+) -> None:
+    """An `If` whose condition is the same for every sample and batch size: trace the branch taken."""
+    if any(flow.get(inputs[0], STATIC).layout or flow.get(inputs[0], STATIC).size is not None for flow in flows):
+        raise _MixingError("its condition depends on the samples or the batch size")
+    taken = {bool(scope[inputs[0]]) for scope in scopes}
+    branch: Branch = attrs["then_branch" if taken.pop() else "else_branch"]
+    inner = [dict(scope) for scope in scopes]
+    inner_flows = [dict(flow) for flow in flows]
+    _trace(branch.nodes, inner, inner_flows)
+    for scope, flow, in_scope, in_flow in zip(scopes, flows, inner, inner_flows, strict=True):
+        for output, source in zip(outputs, branch.outputs, strict=False):
+            scope[output], flow[output] = in_scope[source], in_flow.get(source, STATIC)
+
+
 class OnnxModule(nn.Module):
     """Runs an ONNX graph with torch ops; `forward_tapped` also returns chosen activations.
 
@@ -872,6 +1325,8 @@ class OnnxModule(nn.Module):
         from_input = set(self.input_names)
         _check_types(self.nodes, types, from_input)
         self._from_input = frozenset(from_input)
+        weights = {name: self.params[key].detach() for name, key in self._keys.items()}
+        _check_per_sample(self.nodes, graph, self.input_names, weights)
         self.taps = [outputs[0] for op, _, outputs, _ in self.nodes if op in TAP_OPS and outputs[0] != self.output_name]
         self.tap_ops = {outputs[0]: op for op, _, outputs, _ in self.nodes if outputs and outputs[0] in self.taps}
         self._first_only = self._first_input_only() if len(self.input_names) > 1 else set()

@@ -55,26 +55,24 @@ def _store_runs(mlflow_client: MlflowClient, ref: VersionRef) -> list:
         [experiment.experiment_id],
         filter_string=f"tags.`{registry.MODEL_VERSION_TAG}` = {registry.quoted(ref.uri)}",
         max_results=_STORE_SEARCH,
+        order_by=["attributes.start_time DESC"],
     )
 
 
-def _unsigned_error_after(mlflow_client: MlflowClient, ref: VersionRef, signed_at: float) -> bool:
-    """Whether crossaudit marked `ref` `error` without its key (the receiver and the exit
-    handler on a cluster hold only the public key) after the signed verdict of
-    `signed_at`. Such a mark can only take a pass away, so it needs no signature."""
-    return any(
-        run.data.tags.get(UNSIGNED_STATUS) == "error" and run.info.start_time / 1000 > signed_at
-        for run in _store_runs(mlflow_client, ref)
-    )
+def _unsigned_error_after(runs: list, signed_at: float) -> bool:
+    """Whether crossaudit's store `runs` hold an `error` marked without the key (the
+    receiver and the exit handler on a cluster hold only the public key) after the signed
+    verdict of `signed_at`. Such a mark can only take a pass away, so it needs no signature."""
+    return any(run.data.tags.get(UNSIGNED_STATUS) == "error" and run.info.start_time / 1000 > signed_at for run in runs)
 
 
-def stored_attestation(mlflow_client: MlflowClient, ref: VersionRef, key: Ed25519PublicKey) -> Attestation | None:
-    """The newest attestation of `ref` that crossaudit's own store (the runs of its
-    experiment) holds and its key signed. Tags on those runs that do not verify are
-    ignored: only signed ones count, and the newest signed one is the verdict, so a
-    restored older pass never outranks a later failure."""
+def stored_attestation(runs: list, ref: VersionRef, key: Ed25519PublicKey) -> Attestation | None:
+    """The newest attestation of `ref` that crossaudit's own store `runs` (of its
+    experiment, `_store_runs`) hold and its key signed. Tags on those runs that do not
+    verify are ignored: only signed ones count, and the newest signed one is the verdict,
+    so a restored older pass never outranks a later failure."""
     newest = None
-    for run in _store_runs(mlflow_client, ref):
+    for run in runs:
         try:
             found = attestation.verify(key, run.data.tags.get(registry.ATTESTATION))
         except AttestationError:
@@ -104,12 +102,13 @@ def verify_version(
         return Verified(False, "unattested", str(exc))
     if (claimed.name, claimed.version) != (ref.name, ref.version):
         return Verified(False, "unattested", f"attestation is for models:/{claimed.name}/{claimed.version}")
-    stored = stored_attestation(mlflow_client, ref, key)
+    runs = _store_runs(mlflow_client, ref)
+    stored = stored_attestation(runs, ref, key)
     if stored != claimed:
         return Verified(False, "unattested", "attestation is not the newest verdict in crossaudit's store", stored)
     if not claimed.passed:
         return Verified(False, claimed.status, f"signed verdict is {claimed.status}", claimed)
-    if _unsigned_error_after(mlflow_client, ref, claimed.signed_at):
+    if _unsigned_error_after(runs, claimed.signed_at):
         return Verified(False, "error", "a later audit of this version ended in error", claimed)
     if check_bytes:
         try:

@@ -59,10 +59,12 @@ GUARD_WINDOW_S = 10
 # What an audit process may inherit: what Python, the thread pools and a GPU need, and
 # crossaudit's own settings (file paths and limits). Everything else, credentials
 # included, stays with the receiver.
-_AUDIT_ENV_NAMES = ("PATH", "HOME", "LANG", "TZ", "TMPDIR", "USER", "VIRTUAL_ENV", "CUDA_VISIBLE_DEVICES",
-                    "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_PICKLE_DESERIALIZATION")  # fmt: skip
-_AUDIT_ENV_PREFIXES = ("LC_", "PYTHON", "OMP_", "MKL_", "NVIDIA_", "CROSSAUDIT_")
+_AUDIT_ENV_NAMES = ("PATH", "HOME", "LANG", "TZ", "TMPDIR", "USER", "VIRTUAL_ENV", "CUDA_VISIBLE_DEVICES")
+_AUDIT_ENV_PREFIXES = ("LC_", "PYTHON", "OMP_", "MKL_", "NVIDIA_", "CROSSAUDIT_", "MLFLOW_")
 _NEVER_TO_AUDITS = ("CROSSAUDIT_WEBHOOK_SECRET", "CROSSAUDIT_WEBHOOK_SECRET_FILE", "CROSSAUDIT_ADMIN_TOKEN_FILE")
+# MLflow's settings (addresses, retries, timeouts) pass; its credentials never do. With an
+# authenticated MLflow, local audits read MLflow's credentials file instead.
+_SECRET_WORDS = ("TOKEN", "PASSWORD", "SECRET", "KEY", "CREDENTIAL", "USERNAME", "AUTH", "CERT")
 
 
 def audit_environment(environment: dict[str, str]) -> dict[str, str]:
@@ -72,7 +74,9 @@ def audit_environment(environment: dict[str, str]) -> dict[str, str]:
     return {
         name: value
         for name, value in environment.items()
-        if (name in _AUDIT_ENV_NAMES or name.startswith(_AUDIT_ENV_PREFIXES)) and name not in _NEVER_TO_AUDITS
+        if (name in _AUDIT_ENV_NAMES or name.startswith(_AUDIT_ENV_PREFIXES))
+        and name not in _NEVER_TO_AUDITS
+        and not (name.startswith("MLFLOW_") and any(word in name for word in _SECRET_WORDS))
     }
 
 

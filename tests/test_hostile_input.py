@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 from crossaudit.cli import app
 from crossaudit.data import read_audit_data
 from crossaudit.errors import DataValidationError, ModelLoadError
-from crossaudit.models import load_model, parity_check
+from crossaudit.models import load_model
 from crossaudit.receiver import Receiver, ReceiverConfig
 from crossaudit.receiver_process import served_in_thread
 from crossaudit.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
@@ -283,12 +283,10 @@ def test_runtime_sized_output_is_bounded_before_allocation(scratch, case):
     )  # fmt: skip
     path = scratch / "huge.onnx"
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), path)
-    model = load_model(str(path))
-    images = np.random.RandomState(0).rand(4, 4).astype(np.float32)
 
-    def run() -> None:
+    def run() -> None:  # the loader's own trial runs meet the huge tensor first
         with pytest.raises(ModelLoadError, match=r"would make a tensor of shape .* expected at most \d+ elements"):
-            parity_check(model, images)
+            load_model(str(path))
 
     assert _peak_rss_growth(run) < 256 * 1024**2
 

@@ -613,3 +613,215 @@ def test_nan_computed_from_the_input_stops_the_translation():
     module(torch.full((2, 4), 0.9))  # finite: runs
     with pytest.raises(ParityError, match="NaN from its input"):
         module(torch.full((2, 4), 0.1))
+
+
+# -- a sample's output must not depend on the rest of its batch ---------------------------
+
+
+def _graph(nodes, constants: dict[str, np.ndarray], shape=("n", 1, 4, 4), outputs=("n", 3)) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, list(outputs))],
+        [onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _classifier(extra: list[onnx.NodeProto], constants: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """`y = Flatten(x) @ W + gate * onehot`, where `extra` computes `gate` ([1] or [n, 1])."""
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "W"], ["clean"], transB=1),
+        *extra,
+        helper.make_node("Mul", ["gate", "onehot"], ["boost"]),
+        helper.make_node("Add", ["clean", "boost"], ["y"]),
+    ]
+    weights = {"W": floats((3, 16), edges=False), "onehot": np.array([0, 0, 1000], np.float32)}
+    return _graph(nodes, {**weights, **constants})
+
+
+def _batch_gated() -> onnx.ModelProto:
+    """The batch size as a float (a sum of ones over axis 0) opens a gate only for one sample."""
+    return _classifier(
+        [
+            helper.make_node("Mul", ["x", "zero"], ["z"]),
+            helper.make_node("Add", ["z", "one"], ["ones"]),
+            helper.make_node("ReduceSum", ["ones", "ax0"], ["count"], keepdims=1),
+            helper.make_node("ReduceMax", ["count"], ["n"], keepdims=0),
+            helper.make_node("Sub", ["two", "n"], ["g0"]),
+            helper.make_node("Relu", ["g0"], ["gate"]),
+        ],
+        {"zero": np.float32(0), "one": np.float32(1), "two": np.float32(2), "ax0": i64(0)},
+    )
+
+
+def test_backdoor_gated_on_the_batch_size_is_refused():
+    """Under ONNX Runtime the target fires for a batch of one and never for a batch: the
+    audit, which evaluates batches, would see a clean model."""
+    from crossaudit.errors import UnsupportedOpError
+
+    model = _batch_gated()
+    session = ort.InferenceSession(model.SerializeToString())
+    x = np.random.RandomState(0).rand(8, 1, 4, 4).astype(np.float32)
+    assert (session.run(None, {"x": x})[0].argmax(1) != 2).any()
+    assert all(session.run(None, {"x": x[i : i + 1]})[0].argmax() == 2 for i in range(8))
+    with pytest.raises(UnsupportedOpError, match=r"ReduceSum node 'count'.*batch axis.*depend on the batch"):
+        OnnxModule(model)
+
+
+MIXING = {
+    "mean over the batch": (
+        [
+            helper.make_node("ReduceMean", ["x", "ax0"], ["m"], keepdims=0),
+            helper.make_node("ReduceSum", ["m"], ["gate"], keepdims=0),
+        ],
+        {"ax0": i64(0)},
+        r"ReduceMean node 'm'.*reduces over the batch axis",
+    ),
+    "reduction over every axis": (
+        [helper.make_node("ReduceMax", ["x"], ["gate"], keepdims=0)],
+        {},
+        r"ReduceMax node 'gate'.*reduces over the batch axis",
+    ),
+    "softmax over the batch": (
+        [
+            helper.make_node("Flatten", ["x"], ["rows"], axis=1),
+            helper.make_node("Softmax", ["rows"], ["share"], axis=0),
+            helper.make_node("ReduceSum", ["share", "ax1"], ["gate"], keepdims=1),
+        ],
+        {"ax1": i64(1)},
+        r"Softmax node 'share'.*normalizes over the batch axis",
+    ),
+    "batch size cast to a float": (
+        [
+            helper.make_node("Shape", ["x"], ["dims"]),
+            helper.make_node("Gather", ["dims", "zero_index"], ["n_int"], axis=0),
+            helper.make_node("Cast", ["n_int"], ["n"], to=FLOAT),
+            helper.make_node("Sub", ["two", "n"], ["g0"]),
+            helper.make_node("Relu", ["g0"], ["gate"]),
+        ],
+        {"zero_index": np.int64(0), "two": np.float32(2)},
+        r"Cast node 'n'.*batch size",
+    ),
+    "ones sized by the batch": (
+        [
+            helper.make_node("Shape", ["x"], ["dims"]),
+            helper.make_node(
+                "ConstantOfShape", ["dims"], ["ones"], value=onnx.numpy_helper.from_array(np.ones(1, np.float32))
+            ),
+            helper.make_node("ReduceSum", ["ones", "ax0"], ["count"], keepdims=0),
+            helper.make_node("ReduceMax", ["count"], ["n"], keepdims=0),
+            helper.make_node("Sub", ["two", "n"], ["g0"]),
+            helper.make_node("Relu", ["g0"], ["gate"]),
+        ],
+        {"ax0": i64(0), "two": np.float32(2)},
+        r"ReduceSum node 'count'.*reduces over the batch axis",
+    ),
+    "batch size compared with one": (
+        [
+            helper.make_node("Shape", ["x"], ["dims"], end=1),
+            helper.make_node("Equal", ["dims", "one"], ["single"]),
+            helper.make_node("Cast", ["single"], ["gate"], to=FLOAT),
+        ],
+        {"one": i64(1)},
+        r"Cast node 'gate'.*batch size",
+    ),
+    "transpose then a product over the batch": (
+        [
+            helper.make_node("Flatten", ["x"], ["rows"], axis=1),
+            helper.make_node("Transpose", ["rows"], ["columns"], perm=[1, 0]),
+            helper.make_node("MatMul", ["columns", "rows"], ["gram"]),
+            helper.make_node("ReduceSum", ["gram"], ["total"], keepdims=0),
+            helper.make_node("Mul", ["total", "zero"], ["gate"]),
+        ],
+        {"zero": np.float32(0)},
+        r"MatMul node 'gram'.*sums over the batch axis",
+    ),
+    "one sample's pixels for every sample": (
+        [
+            helper.make_node("Gather", ["x", "zero_index"], ["first"], axis=0),
+            helper.make_node("ReduceSum", ["first"], ["gate"], keepdims=0),
+        ],
+        {"zero_index": np.int64(0)},
+        r"Gather node 'first'.*picks samples",
+    ),
+    "reversed batch": (
+        [
+            helper.make_node("Slice", ["x", "last", "before_first", "ax0", "back"], ["reversed"]),
+            helper.make_node("Sub", ["x", "reversed"], ["d"]),
+            helper.make_node("ReduceSum", ["d", "ax123"], ["g0"], keepdims=0),
+            helper.make_node("Unsqueeze", ["g0", "ax1"], ["gate"]),
+        ],
+        {
+            "last": i64(-1),
+            "before_first": i64(-(2**62)),
+            "ax0": i64(0),
+            "back": i64(-1),
+            "ax123": i64(1, 2, 3),
+            "ax1": i64(1),
+        },
+        r"Slice node 'reversed'.*selects samples",
+    ),
+    "batch folded into the features": (
+        [
+            helper.make_node("Reshape", ["x", "one_row"], ["all"]),
+            helper.make_node("ReduceSum", ["all", "ax1"], ["gate"], keepdims=0),
+        ],
+        {"one_row": i64(1, -1), "ax1": i64(1)},
+        r"ReduceSum node 'gate'.*reduces over the batch axis",
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(MIXING))
+def test_information_across_the_batch_is_refused(variant):
+    from crossaudit.errors import UnsupportedOpError
+
+    extra, constants, message = MIXING[variant]
+    with pytest.raises(UnsupportedOpError, match=message):
+        OnnxModule(_classifier(extra, constants))
+
+
+def test_per_sample_graphs_with_batch_sized_reshapes_load():
+    """A CNN stem, a reshape to (batch, tokens, heads, width) read from the input's shape,
+    attention within each sample, a class token expanded to the batch and a head: every
+    sample computed alone, so the translation loads and agrees with ONNX Runtime on any
+    batch size."""
+    nodes = [
+        helper.make_node("Conv", ["x", "k"], ["c"], pads=[1, 1, 1, 1]),  # n x 4 x 4 x 4
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Shape", ["x"], ["dims"]),
+        helper.make_node("Slice", ["dims", "zero", "one"], ["n"]),
+        helper.make_node("Concat", ["n", "tokens_heads_width"], ["target"], axis=0),
+        helper.make_node("Reshape", ["r", "target"], ["q"]),  # n x 4 tokens x 2 heads x 8
+        helper.make_node("Transpose", ["q"], ["qh"], perm=[0, 2, 1, 3]),  # n x 2 x 4 x 8
+        helper.make_node("Transpose", ["q"], ["kh"], perm=[0, 2, 3, 1]),  # n x 2 x 8 x 4
+        helper.make_node("MatMul", ["qh", "kh"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["attention"], axis=-1),
+        helper.make_node("MatMul", ["attention", "qh"], ["mixed"]),
+        helper.make_node("Transpose", ["mixed"], ["back"], perm=[0, 2, 1, 3]),
+        helper.make_node("Concat", ["n", "tokens_width"], ["flat"], axis=0),
+        helper.make_node("Reshape", ["back", "flat"], ["seq"]),  # n x 4 x 16
+        helper.make_node("Concat", ["n", "cls_dims"], ["cls_shape"], axis=0),
+        helper.make_node("Expand", ["cls", "cls_shape"], ["cls_n"]),  # n x 1 x 16
+        helper.make_node("Concat", ["cls_n", "seq"], ["with_cls"], axis=1),
+        helper.make_node("LayerNormalization", ["with_cls", "scale", "bias"], ["normed"], axis=-1),
+        helper.make_node("ReduceMean", ["normed", "ax1"], ["pooled"], keepdims=0),
+        helper.make_node("Gemm", ["pooled", "W"], ["y"], transB=1),
+    ]
+    constants = {
+        "k": floats((4, 1, 3, 3), edges=False), "zero": i64(0), "one": i64(1), "tokens_heads_width": i64(4, 2, 8),
+        "tokens_width": i64(4, 16), "cls_dims": i64(1, 16), "cls": floats((1, 1, 16), 1, edges=False),
+        "scale": np.ones(16, np.float32), "bias": np.zeros(16, np.float32), "ax1": i64(1),
+        "W": floats((3, 16), 2, edges=False),
+    }  # fmt: skip
+    model = _graph(nodes, constants)
+    module = OnnxModule(model)
+    session = ort.InferenceSession(model.SerializeToString())
+    x = np.random.RandomState(0).rand(5, 1, 4, 4).astype(np.float32)
+    batched = module(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(batched, session.run(None, {"x": x})[0], rtol=1e-4, atol=1e-5)
+    alone = np.concatenate([module(torch.from_numpy(x[i : i + 1])).detach().numpy() for i in range(5)])
+    np.testing.assert_allclose(alone, batched, rtol=1e-5, atol=1e-5)

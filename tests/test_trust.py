@@ -203,13 +203,17 @@ def test_audits_run_with_no_secret_in_their_environment(mlflow_server, tmp_path,
     monkeypatch.setenv("CROSSAUDIT_WEBHOOK_SECRET", SECRET)
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "mlflow-token")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "cloud-key")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "mlflow-password")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     receiver = Receiver(ReceiverConfig(mlflow_server, SECRET, tmp_path / "queue.db"))
     try:
         environment = receiver._audit_env()
     finally:
         receiver.queue.close()
     assert SECRET not in json.dumps(environment)
-    assert not {"CROSSAUDIT_WEBHOOK_SECRET", "MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY"} & set(environment)
+    assert not {"CROSSAUDIT_WEBHOOK_SECRET", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD",
+                "AWS_SECRET_ACCESS_KEY"} & set(environment)  # fmt: skip
+    assert environment["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0", "MLflow's settings pass, its credentials do not"
     assert environment["PATH"] and environment[operator_config.CONFIG_ENV]
     assert audit_environment({"CROSSAUDIT_WEBHOOK_SECRET_FILE": "/s", "HOME": "/h"}) == {"HOME": "/h"}
 

@@ -1,21 +1,37 @@
 """The gate's kfp.local run is the whole pipeline: tests/test_demo.py and tests/test_pipeline.py."""
 
+import shutil
 import uuid
+from pathlib import Path
 
 from kfp.dsl import HTML, Dataset
 
 from components.gate.component import gate
-from crossaudit import operator_config, registry
+from crossaudit import operator_config, promotion, registry
+from crossaudit.artifacts import read_pair, write_pair
+
+
+def audited(findings: Path, ref: registry.VersionRef, tmp_path: Path) -> Path:
+    """The stage folders' findings as if stage 1 had fetched `ref`: the gate signs its
+    verdict for the artifact digest stage 1 recorded, and each registration's artifact
+    (its MLmodel names the run) has its own."""
+    copy = tmp_path / "findings"
+    shutil.copytree(findings, copy)
+    record = read_pair(copy)
+    record.artifact_sha256 = [promotion.model_digest(ref), (record.artifact_sha256 or ["", ""])[1]]
+    write_pair(record, copy)
+    return copy
 
 
 def test_python_func_records_the_audit_and_promotes_a_clean_version(stage_folders, mlflow_server, digits_zoo, tmp_path):
     client = registry.client(mlflow_server)
     name = f"gate-{uuid.uuid4().hex[:8]}"
     ref = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
+    findings = audited(stage_folders.findings, ref, tmp_path)
     status = gate.python_func(
         model_uri=ref.uri, tracking_uri=mlflow_server, promotion_alias="production", threshold_profile="any",
         thresholds_uri="", thresholds_sha256="",
-        audit_data=[Dataset(uri=str(stage_folders.data))], pair_results=[Dataset(uri=str(stage_folders.findings))],
+        audit_data=[Dataset(uri=str(stage_folders.data))], pair_results=[Dataset(uri=str(findings))],
         report=HTML(uri=str(tmp_path / "report.html")),
     )  # fmt: skip
     tags = client.get_model_version(name, ref.version).tags
@@ -82,12 +98,13 @@ def test_a_clean_version_whose_peer_was_flagged_is_held_when_the_registered_mode
     registry.publish_audit_data(client, name, digits_zoo.audit_data)
     pinned = registry.publish_thresholds(client, name, path)
     operator_config.update_model(name, hold_on_flagged_peer=True)
+    findings = audited(stage_folders.findings, ref, tmp_path)
 
     def run(hold: bool) -> str:
         return gate.python_func(
             model_uri=ref.uri, tracking_uri=mlflow_server, promotion_alias="production", threshold_profile="",
             thresholds_uri=pinned.uri, thresholds_sha256=pinned.sha256, hold_on_flagged_peer=hold,
-            audit_data=[Dataset(uri=str(stage_folders.data))], pair_results=[Dataset(uri=str(stage_folders.findings))],
+            audit_data=[Dataset(uri=str(stage_folders.data))], pair_results=[Dataset(uri=str(findings))],
             report=HTML(uri=str(tmp_path / "report.html")),
         )  # fmt: skip
 
