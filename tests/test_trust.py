@@ -171,9 +171,11 @@ def test_tags_a_provider_writes_queue_no_audits():
     so the queue cannot be flooded through tags. A claimed pass queues the guard."""
     for value in (f"rival-{i}" for i in range(50)):
         tag = {"name": "m", "version": "1", "key": registry.PROVIDER_TAG, "value": value}
-        assert jobs_for(_delivery("model_version_tag.set", tag), "production") == []
+        assert jobs_for(_delivery("model_version_tag.set", tag), "production", time.time()) == []
     claimed = {"name": "m", "version": "1", "key": registry.STATUS, "value": "passed"}
-    assert [job.kind for job in jobs_for(_delivery("model_version_tag.set", claimed), "production")] == ["guard"]
+    assert [job.kind for job in jobs_for(_delivery("model_version_tag.set", claimed), "production", time.time())] == [
+        "guard"
+    ]
 
 
 def test_a_signed_deeply_nested_body_is_rejected_not_a_server_error():
@@ -311,17 +313,22 @@ def test_one_broken_model_does_not_stop_the_sweep_for_the_others(client, mlflow_
 
 
 def test_a_provider_writing_the_alias_in_a_loop_queues_a_bounded_number_of_guards():
-    stamp = 1_800_000_000
-    keys = {
-        job.key
-        for second in range(100)
-        for job in jobs_for(
-            Delivery(str(uuid.uuid4()), stamp + second, "model_version_alias.created",
-                     {"name": "m", "version": "1", "alias": "production"}),
-            "production",
-        )
-    }  # fmt: skip
-    assert len(keys) <= 100 // 10 + 1
+    """At most one guard per version per window of arrival, each run only once its window
+    has closed: it sees every write of its window, so a second write right after the guard
+    ran still meets a guard (its own window's)."""
+    from crossaudit.receiver import GUARD_WINDOW_S
+
+    start, alias = 1_800_000_000.0, {"name": "m", "version": "1", "alias": "production"}
+    jobs = [
+        job
+        for tenth in range(1000)  # a write every 0.1 s for 100 s
+        for job in jobs_for(Delivery(str(uuid.uuid4()), int(start), "model_version_alias.created", alias),
+                            "production", start + tenth / 10)
+    ]  # fmt: skip
+    windows = {job.key: job.not_before for job in jobs}
+    assert len(windows) <= 100 / GUARD_WINDOW_S + 1
+    arrivals = [start + tenth / 10 for tenth in range(1000)]
+    assert all(any(arrival < due <= arrival + GUARD_WINDOW_S for due in windows.values()) for arrival in arrivals)
 
 
 def test_providers_are_mapped_by_experiment_id_so_names_can_be_neither_squatted_nor_renamed(client, digits_zoo):
