@@ -22,8 +22,8 @@ from crossaudit.errors import ModelLoadError
 
 PYTORCH_REFUSED = (
     "PyTorch archives (pt2) and pickled PyTorch models are not accepted: torch's loaders can unpickle bytes "
-    "the provider wrote. Export to ONNX instead: torch.onnx.export(model, example, 'model.onnx', dynamo=True, "
-    "dynamic_shapes=...) or with dynamic_axes={'input': {0: 'batch'}}"
+    "the provider chose, which runs the provider's code. Export the model to ONNX instead, e.g. "
+    "torch.onnx.export(model, example, 'model.onnx', dynamo=True, dynamic_shapes=...)"
 )
 SERVED_PACKAGES = frozenset({"mlflow", "mlflow-skinny", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "protobuf"})
 BUILD_PACKAGES = frozenset({"pip", "setuptools", "wheel"})
