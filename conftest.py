@@ -103,6 +103,19 @@ def onboard() -> Callable[[str], None]:
     return _onboard_test_providers
 
 
+@pytest.fixture(scope="session")
+def sign_verdict() -> Callable[..., Any]:
+    """`sign_verdict(client, ref, status)`: what the gate records once an audit of `ref`
+    ended with `status`, a pass signed for the bytes the registry serves now."""
+    from crossaudit import attestation, promotion
+
+    def sign(client: Any, ref: Any, status: str) -> Any:
+        digest = promotion.model_digest(ref) if status == "passed" else ""
+        return promotion.record_verdict(client, ref, status, digest, None, attestation.signing_key())
+
+    return sign
+
+
 @pytest.fixture(scope="session", autouse=True)
 def operator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The operator's part, once per test process: crossaudit's key pair and a

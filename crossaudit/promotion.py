@@ -41,11 +41,6 @@ class Verified:
     attestation: Attestation | None = None
 
 
-def _audit_experiment(mlflow_client: MlflowClient) -> str:
-    experiment = mlflow_client.get_experiment_by_name(registry.EXPERIMENT)
-    return experiment.experiment_id if experiment else mlflow_client.create_experiment(registry.EXPERIMENT)
-
-
 def _store_runs(mlflow_client: MlflowClient, ref: VersionRef) -> list:
     """The runs of crossaudit's experiment about `ref`: its audits and its error marks."""
     experiment = mlflow_client.get_experiment_by_name(registry.EXPERIMENT)
@@ -123,7 +118,7 @@ def verify_version(
 def _store_run(mlflow_client: MlflowClient, ref: VersionRef, status: str, **tags: str) -> str:
     """A run of its own in crossaudit's store for a status no audit run carries."""
     run_id = mlflow_client.create_run(
-        _audit_experiment(mlflow_client),
+        registry.audit_experiment_id(mlflow_client),
         tags={"mlflow.runName": f"{status} {ref.name} v{ref.version}", registry.MODEL_VERSION_TAG: ref.uri, **tags},
     ).info.run_id
     mlflow_client.set_terminated(run_id, "FINISHED")

@@ -283,12 +283,10 @@ class Receiver:
     def audit(self, job: Job) -> tuple[str, str]:
         """Run the version's audit pipeline in its own process, within the time budget."""
         client = self._client()
-        try:
-            before = _audit_marks(client.get_model_version(job.name, job.version))
-        except MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return "dropped", f"no such version: {exc.message}"
-            raise
+        version = _current(client, job)
+        if version is None:
+            return "dropped", f"no such version: {job.uri}"
+        before = _audit_marks(version)
         command = [
             sys.executable, "-m", "crossaudit", "audit-version", job.uri, "--tracking-uri", self.config.tracking_uri,
             "--alias", self.config.alias, "--device", self.config.device,
@@ -349,12 +347,9 @@ class Receiver:
     def guard(self, job: Job) -> tuple[str, str]:
         """The version's status tag against its signed verdict, then the alias of its model."""
         client = self._client()
-        try:
-            version = client.get_model_version(job.name, job.version)
-        except MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return "dropped", f"no such version: {exc.message}"
-            raise
+        version = _current(client, job)
+        if version is None:
+            return "dropped", f"no such version: {job.uri}"
         forged = promotion.restore_forged_statuses(client, [version], self.public_key)
         incident = promotion.guard_alias(client, job.name, self.public_key, self.config.alias)
         if incident:
@@ -410,6 +405,16 @@ class Receiver:
             except (MlflowException, OSError) as exc:
                 log.error("scheduled re-audit could not reach MLflow: %s", exc)
             tick = self.cron.next_after(tick)
+
+
+def _current(client: MlflowClient, job: Job) -> ModelVersion | None:
+    """The job's version as the registry holds it now, or None once it was deleted."""
+    try:
+        return client.get_model_version(job.name, job.version)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
 
 
 def _audit_marks(version: ModelVersion) -> tuple[str | None, ...]:

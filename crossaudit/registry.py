@@ -197,9 +197,10 @@ def fetch_pinned(uri: str, sha256: str, dest: Path) -> Path:
     match = _RUNS_URI.match(uri)
     if match is None or ".." in match["path"].split("/"):
         raise RegistryError(f"{uri!r}: audit data and thresholds must be runs:/RUN_ID/PATH artifacts")
+    mlflow_client = MlflowClient()
     try:
-        run = MlflowClient().get_run(match["run_id"])
-        experiment = MlflowClient().get_experiment(run.info.experiment_id).name
+        run = mlflow_client.get_run(match["run_id"])
+        experiment = mlflow_client.get_experiment(run.info.experiment_id).name
     except MlflowException as exc:
         raise RegistryError(f"{uri}: {exc.message}") from exc
     if experiment != EXPERIMENT:
@@ -348,6 +349,12 @@ def _all(search: Callable[..., PagedList]) -> list:
             return items
 
 
+def audit_experiment_id(mlflow_client: MlflowClient) -> str:
+    """crossaudit's own experiment (its store of audit runs and verdicts), created on first use."""
+    experiment = mlflow_client.get_experiment_by_name(EXPERIMENT)
+    return experiment.experiment_id if experiment else mlflow_client.create_experiment(EXPERIMENT)
+
+
 def record_run(
     mlflow_client: MlflowClient,
     version: VersionRef,
@@ -356,10 +363,8 @@ def record_run(
     artifacts: Path,
 ) -> str:
     """One MLflow run in experiment `crossaudit` per audit of a version; returns its id."""
-    experiment = mlflow_client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else mlflow_client.create_experiment(EXPERIMENT)
     run = mlflow_client.create_run(
-        experiment_id,
+        audit_experiment_id(mlflow_client),
         tags={"mlflow.runName": f"audit {version.name} v{version.version}", MODEL_VERSION_TAG: version.uri},
     )
     run_id = run.info.run_id

@@ -74,29 +74,23 @@ def test_version_from_an_unknown_experiment_cannot_be_paired(client, digits_zoo)
         registry.peers_of(client, registry.resolve(client, ref.uri), operator_config.load())
 
 
-def _signed(client, ref: registry.VersionRef, status: str) -> None:
-    """What the gate does for `ref` once its audit ended with `status`."""
-    digest = promotion.model_digest(ref) if status == "passed" else ""
-    promotion.record_verdict(client, ref, status, digest, None, attestation.signing_key())
-
-
-def test_gate_promotes_only_a_signed_pass_and_never_moves_alias_off_a_newer_pass(client, digits_zoo):
+def test_gate_promotes_only_a_signed_pass_and_never_moves_alias_off_a_newer_pass(sign_verdict, client, digits_zoo):
     name = _name()
     key = attestation.public_key()
     old, new, bad = (registry.register_version(client, name, digits_zoo.clean_cnn, p) for p in ("a", "b", "c"))
-    _signed(client, bad, "failed")
+    sign_verdict(client, bad, "failed")
     assert promotion.gate(client, bad, key, "production") is False
-    _signed(client, new, "passed")
+    sign_verdict(client, new, "passed")
     assert promotion.gate(client, new, key, "production") is True
-    _signed(client, old, "passed")
+    sign_verdict(client, old, "passed")
     assert promotion.gate(client, old, key, "production") is False, "an older pass must not take a newer one's alias"
     assert registry.resolve(client, f"models:/{name}@production").version == new.version
 
 
-def test_revoke_takes_the_alias_only_from_its_holder(client, digits_zoo):
+def test_revoke_takes_the_alias_only_from_its_holder(sign_verdict, client, digits_zoo):
     name = _name()
     holder, other = (registry.register_version(client, name, digits_zoo.clean_cnn, p) for p in ("a", "b"))
-    _signed(client, holder, "passed")
+    sign_verdict(client, holder, "passed")
     assert promotion.gate(client, holder, attestation.public_key(), "production")
     assert promotion.revoke(client, other, "production") is False
     assert promotion.revoke(client, holder, "production") is True
@@ -105,14 +99,14 @@ def test_revoke_takes_the_alias_only_from_its_holder(client, digits_zoo):
 
 
 @pytest.mark.parametrize("status", ["failed", "inconclusive", "error", None])
-def test_check_passes_only_signed_passes(client, digits_zoo, status):
+def test_check_passes_only_signed_passes(sign_verdict, client, digits_zoo, status):
     ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme")
     key = attestation.public_key()
     if status:
-        _signed(client, ref, status)
+        sign_verdict(client, ref, status)
     passed, line = promotion.check(client, ref.uri, key)
     assert passed is False and (status or "no attestation") in line
-    _signed(client, ref, "passed")
+    sign_verdict(client, ref, "passed")
     assert promotion.check(client, ref.uri, key)[0] is True
 
 
@@ -144,7 +138,7 @@ def test_audit_settings_come_from_the_operators_configuration(client, digits_zoo
     assert registry.audit_settings(operator_config.load(), ref.name) == expected
 
 
-def test_check_command_exit_codes_for_deploy_scripts(client, mlflow_server, digits_zoo):
+def test_check_command_exit_codes_for_deploy_scripts(sign_verdict, client, mlflow_server, digits_zoo):
     import subprocess
     import sys
 
@@ -154,9 +148,9 @@ def test_check_command_exit_codes_for_deploy_scripts(client, mlflow_server, digi
         command = [sys.executable, "-m", "crossaudit", "check", uri, "--tracking-uri", mlflow_server]
         return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
-    _signed(client, ref, "failed")
+    sign_verdict(client, ref, "failed")
     assert check(ref.uri).returncode == 1
-    _signed(client, ref, "passed")
+    sign_verdict(client, ref, "passed")
     assert promotion.gate(client, ref, attestation.public_key(), "production")
     done = check(f"models:/{ref.name}@production")
     assert done.returncode == 0 and "passed" in done.stdout

@@ -30,11 +30,6 @@ def _name() -> str:
     return f"trust-{uuid.uuid4().hex[:8]}"
 
 
-def _signed(client, ref: registry.VersionRef, status: str) -> attestation.Attestation:
-    digest = promotion.model_digest(ref) if status == "passed" else ""
-    return promotion.record_verdict(client, ref, status, digest, None, attestation.signing_key())
-
-
 def _passed(client, ref: registry.VersionRef) -> bool:
     return promotion.check(client, ref.uri, attestation.public_key())[0]
 
@@ -55,30 +50,30 @@ def test_a_status_tag_written_by_the_provider_is_not_a_pass(client, digits_zoo):
     assert restored == [ref] and registry.status_of(client.get_model_version(name, ref.version)) == "error"
 
 
-def test_an_attestation_copied_from_another_version_does_not_verify(client, digits_zoo):
+def test_an_attestation_copied_from_another_version_does_not_verify(sign_verdict, client, digits_zoo):
     name = _name()
     genuine = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
     forged = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
-    _signed(client, genuine, "passed")
+    sign_verdict(client, genuine, "passed")
     copied = client.get_model_version(name, genuine.version).tags[registry.ATTESTATION]
     registry.set_status(client, forged, "passed", **{registry.ATTESTATION: copied})
     assert _passed(client, genuine) and not _passed(client, forged)
 
 
-def test_an_older_pass_put_back_over_a_newer_failure_does_not_verify(client, digits_zoo):
+def test_an_older_pass_put_back_over_a_newer_failure_does_not_verify(sign_verdict, client, digits_zoo):
     ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme")
-    _signed(client, ref, "passed")
+    sign_verdict(client, ref, "passed")
     old = client.get_model_version(ref.name, ref.version).tags[registry.ATTESTATION]
     time.sleep(0.01)
-    _signed(client, ref, "failed")
+    sign_verdict(client, ref, "failed")
     registry.set_status(client, ref, "passed", **{registry.ATTESTATION: old})
     assert not _passed(client, ref)
     assert "not the newest verdict" in promotion.check(client, ref.uri, attestation.public_key())[1]
 
 
-def test_model_bytes_replaced_after_the_audit_are_not_a_pass(client, digits_zoo, tmp_path):
+def test_model_bytes_replaced_after_the_audit_are_not_a_pass(sign_verdict, client, digits_zoo, tmp_path):
     ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme")
-    _signed(client, ref, "passed")
+    sign_verdict(client, ref, "passed")
     assert _passed(client, ref)
     source = client.get_model_version(ref.name, ref.version).source
     swapped = tmp_path / "model.onnx"
@@ -97,12 +92,14 @@ def test_an_attestation_under_another_key_does_not_verify(client, digits_zoo, tm
     assert not passed and "does not verify" in line
 
 
-def test_every_sweep_guards_every_alias_holder_without_any_webhook(client, mlflow_server, digits_zoo, tmp_path):
+def test_every_sweep_guards_every_alias_holder_without_any_webhook(
+    sign_verdict, client, mlflow_server, digits_zoo, tmp_path
+):
     name = _name()
     good = registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
-    _signed(client, good, "passed")
+    sign_verdict(client, good, "passed")
     bad = registry.register_version(client, name, digits_zoo.badnets_cnn, "globex")
-    _signed(client, bad, "failed")
+    sign_verdict(client, bad, "failed")
     client.set_registered_model_alias(name, "production", bad.version)  # the alias webhook is lost
 
     receiver = Receiver(ReceiverConfig(mlflow_server, SECRET, tmp_path / "queue.db"))
@@ -263,11 +260,11 @@ def test_keygen_never_replaces_a_signing_key(tmp_path):
     assert again.returncode == 2 and "refusing" in again.stderr and (tmp_path / "k.pem").read_bytes() == key
 
 
-def test_the_signed_digest_covers_every_file_a_deployment_reads(client, digits_zoo, tmp_path):
+def test_the_signed_digest_covers_every_file_a_deployment_reads(sign_verdict, client, digits_zoo, tmp_path):
     """Rewriting MLmodel (what `mlflow models serve` follows) or adding a file to the model
     after a pass, without touching the audited graph, is no longer that pass."""
     ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme")
-    _signed(client, ref, "passed")
+    sign_verdict(client, ref, "passed")
     evil = tmp_path / "evil.onnx"
     evil.write_bytes(Path(digits_zoo.badnets_cnn).read_bytes())
     source = client.get_model_version(ref.name, ref.version).source
@@ -276,12 +273,12 @@ def test_the_signed_digest_covers_every_file_a_deployment_reads(client, digits_z
     assert not passed and "bytes changed" in line
 
 
-def test_an_error_marked_without_the_key_still_ends_an_earlier_pass(client, digits_zoo):
+def test_an_error_marked_without_the_key_still_ends_an_earlier_pass(sign_verdict, client, digits_zoo):
     """On a cluster the receiver and the exit handler hold only the public key: their
     `error` must still outrank the version's earlier signed pass, whatever tags the
     provider puts back."""
     ref = registry.register_version(client, _name(), digits_zoo.clean_cnn, "acme")
-    _signed(client, ref, "passed")
+    sign_verdict(client, ref, "passed")
     saved = client.get_model_version(ref.name, ref.version).tags[registry.ATTESTATION]
     time.sleep(0.01)
     promotion.mark_error(client, ref, "re-audit past its time budget", None)
@@ -290,11 +287,13 @@ def test_an_error_marked_without_the_key_still_ends_an_earlier_pass(client, digi
     assert not passed and "ended in error" in line
 
 
-def test_one_broken_model_does_not_stop_the_sweep_for_the_others(client, mlflow_server, digits_zoo, tmp_path):
+def test_one_broken_model_does_not_stop_the_sweep_for_the_others(
+    sign_verdict, client, mlflow_server, digits_zoo, tmp_path
+):
     """A provider that breaks its own MLmodel, or names its model with a quote, must not
     keep the guard from every other model's alias."""
     broken = registry.register_version(client, f"{_name()}'s", digits_zoo.clean_cnn, "acme")
-    _signed(client, broken, "passed")
+    sign_verdict(client, broken, "passed")
     client.set_registered_model_alias(broken.name, "production", broken.version)
     model_id = client.get_model_version(broken.name, broken.version).source.removeprefix("models:/")
     mlmodel = tmp_path / "MLmodel"

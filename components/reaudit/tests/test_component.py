@@ -12,7 +12,7 @@ from crossaudit.tracking_server import local_server
 
 
 @pytest.mark.slow
-def test_a_promoted_version_that_fails_its_reaudit_loses_the_alias(digits_zoo, onboard, tmp_path):
+def test_a_promoted_version_that_fails_its_reaudit_loses_the_alias(digits_zoo, onboard, sign_verdict, tmp_path):
     with local_server(tmp_path / "mlflow") as url:
         client = registry.client(url)
         onboard(url)
@@ -22,8 +22,7 @@ def test_a_promoted_version_that_fails_its_reaudit_loses_the_alias(digits_zoo, o
         registry.register_version(client, name, digits_zoo.clean_cnn, "acme")
         poisoned = registry.register_version(client, name, digits_zoo.badnets_cnn, "globex")
         # An earlier audit passed it (say, under laxer thresholds) and the gate promoted it.
-        earlier = promotion.model_digest(poisoned)
-        promotion.record_verdict(client, poisoned, "passed", earlier, None, attestation.signing_key())
+        sign_verdict(client, poisoned, "passed")
         assert promotion.gate(client, poisoned, attestation.public_key(), "production")
 
         statuses = json.loads(reaudit_promoted.python_func(url, "production", "", 0, "cpu"))
