@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +28,14 @@ from crossaudit.errors import (
     TimeBudgetError,
 )
 from crossaudit.features import candidate_taps, extract_features
-from crossaudit.inversion import InversionConfig, Models, Trigger, cross_invert
+from crossaudit.inversion import Examination, InversionConfig, Models, Trigger, cross_invert
 from crossaudit.limits import Limits
 from crossaudit.log_probabilities import LogProbabilities, are_probabilities
 from crossaudit.models import LoadedModel, load_model, logits_of, parity_check
 from crossaudit.paradigms import AUTO, CAPTIONER, LM, image_paradigm
 from crossaudit.paradigms.captioning import CaptionScorer, caption_tokens
 from crossaudit.paradigms.embedding import prototype_head
+from crossaudit.parallel import side_by_side
 from crossaudit.runtime_parity import AUDIT, NOISE, GraphInputs, RuntimeGraph, deployed, noise_inputs, prove_on_triggers
 from crossaudit.sensitivity import (
     AttackEffect,
@@ -90,6 +92,8 @@ class AuditResult:
     alignment: Alignment | None = None
     triggers: dict[int, list[Trigger]] = field(default_factory=dict)
     data: AuditData | None = None
+    # Per trigger family, each direction's screen merit of every target (`inversion.Examination`).
+    screens: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
 def _split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -120,14 +124,16 @@ def measure(
     Runtime (`runtime_parity.deployed`): the attack success a finding reports is what the
     deployed model does, and every triggered held-out input is proved against the torch
     translation the search used (a ParityError otherwise). Only the fine-tuned copy, which
-    exists in torch alone, runs in torch."""
-    effects: list[dict[tuple[str, int], tuple[Trigger, AttackEffect]]] = []
-    for index, (models, found) in enumerate(zip(directions, triggers, strict=True)):
-        tuned = fine_tuned_copy(models.suspect, *inversion_set, config.sensitivity, seed)
+    exists in torch alone, runs in torch. The two directions run side by side
+    (`parallel.side_by_side`); neither depends on the other's results."""
+
+    def direction(index: int) -> dict[tuple[str, int], tuple[Trigger, AttackEffect]]:
+        mine = triggers[index]
+        tuned = fine_tuned_copy(directions[index].suspect, *inversion_set, config.sensitivity, seed)
         suspect, witness = as_deployed[index], as_deployed[1 - index]
-        effects.append(
-            {(t.family_name, t.target): (t, attack_effect(t, suspect, tuned, witness, *held_out)) for t in found}
-        )
+        return {(t.family_name, t.target): (t, attack_effect(t, suspect, tuned, witness, *held_out)) for t in mine}
+
+    effects = side_by_side([partial(direction, index) for index in range(len(directions))])
 
     def effective(effect: AttackEffect) -> float:
         """Success the witness does not share."""
@@ -368,7 +374,7 @@ def pair_alignment(features: list[dict[str, np.ndarray]], config: AuditConfig) -
     return alignment
 
 
-def pair_triggers(pair: Pair, alignment: Alignment, config: AuditConfig, seed: int) -> list[list[Trigger]]:
+def pair_triggers(pair: Pair, alignment: Alignment, config: AuditConfig, seed: int) -> Examination:
     """Stage 3: cross-examination in both directions, then both models' translations
     proved against ONNX Runtime on the audit images with every candidate stamped."""
     torch.manual_seed(seed)
@@ -376,9 +382,9 @@ def pair_triggers(pair: Pair, alignment: Alignment, config: AuditConfig, seed: i
     inversion = config.inversion
     if pair.paradigm == CAPTIONER:
         inversion = replace(inversion, search_steps=max(inversion.search_steps, CAPTIONER_SEARCH_STEPS))
-    triggers = cross_invert(pair.directions(alignment), x, y, pair.num_classes, inversion, seed)
-    prove_on_triggers(pair.graphs, pair.feeds, triggers, pair.data.x, pair.data.y, seed)
-    return triggers
+    found = cross_invert(pair.directions(alignment), x, y, pair.num_classes, inversion, seed)
+    prove_on_triggers(pair.graphs, pair.feeds, found.triggers, pair.data.x, pair.data.y, seed)
+    return found
 
 
 def pair_findings(
@@ -458,7 +464,8 @@ def run_audit(
             result.alignment = pair_alignment(features, config)
         report.alignment = result.alignment.summary()
         with clock.stage("trigger_inversion"):
-            triggers = pair_triggers(pair, result.alignment, config, seed)
+            examination = pair_triggers(pair, result.alignment, config, seed)
+        triggers, result.screens = examination.triggers, examination.screens
         with clock.stage("sensitivity_test"):
             findings = pair_findings(pair, result.alignment, triggers, config, seed)
         for loaded, checks in zip(pair.reports, pair.parity_checks(), strict=True):

@@ -28,8 +28,8 @@ each model's footprints are read against their median over targets (`Trigger.sca
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -53,21 +53,26 @@ DEFAULT_FAMILIES = ("patch", "blend", "warp")
 @dataclass(frozen=True)
 class InversionConfig:
     families: tuple[str, ...] = DEFAULT_FAMILIES
-    search_steps: int = 30
-    refine_steps: int = 90
+    # Blend and warp: a screen of every target, each model alone, for `search_steps`; then
+    # the `keep_targets` best per direction cross-examined for `refine_steps`.
+    search_steps: int = 20
+    refine_steps: int = 40
+    screen_batch: int = 8
     search_batch: int = 12
-    refine_batch: int = 40
+    refine_batch: int = 20
     keep_targets: int = 1
     lr: float = 0.1
     witness_weight: float = 1.0
     alignment_weight: float = 0.5
     use_witness: bool = True
     use_alignment: bool = True
-    # The patch family's minimal-trigger search (`minimal_patches`), in place of the search
-    # and refinement above: Neural Cleanse's schedule (the size weight raised 1.5x while
-    # a trigger reaches `minimal_success`, lowered 1.84x otherwise, every `check_every`
-    # steps), on all targets at once.
-    minimal_steps: int = 400
+    # The patch family's minimal-trigger search (`minimal_patches`): Neural Cleanse's
+    # schedule (the size weight raised 1.5x while a trigger reaches `minimal_success`,
+    # lowered 1.84x otherwise, every `check_every` steps). A screen of every target, each
+    # model alone, for `screen_steps`; then successive halving, one round per
+    # (targets kept per direction, steps) in `rounds` (`_minimal_patch_triggers`).
+    screen_steps: int = 60
+    rounds: tuple[tuple[int, int], ...] = ((2, 40), (1, 50))
     minimal_success: float = 0.9
     check_every: int = 10
     check_per_target: int = 20
@@ -236,6 +241,16 @@ class Models:
     witness_tap: str
 
 
+@dataclass
+class Examination:
+    """What the cross-examination found: per direction, one trigger per (family, target
+    kept), and per family the screen's merit of every target for each direction (what
+    chose the targets kept, so that a screen's recall can be measured)."""
+
+    triggers: list[list[Trigger]]
+    screens: dict[str, list[np.ndarray]]
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """Every step's batch of an optimisation, as sample indices drawn before it runs.
@@ -332,12 +347,13 @@ def _optimise(
 
 
 def _each_direction(
-    search: Callable[..., np.ndarray], families: list[TriggerFamily], directions: list[Models],
+    search: Callable[..., np.ndarray], families: Sequence[TriggerFamily | MinimalSearch], directions: list[Models],
     data: tuple[Tensor, Tensor], plans: list[BatchPlan], config: InversionConfig,
 ) -> list[np.ndarray]:  # fmt: skip
-    """`search` (`_optimise` or `minimal_patches`) for every direction, side by side
-    (`parallel.side_by_side`): a Fashion-MNIST pair's minimal-patch search took 22 s so,
-    against 31 s one after the other, with bitwise the same findings (`BatchPlan`;
+    """`search` (`_optimise` on a family, or `minimal_patches` on a `MinimalSearch`) for
+    every direction, side by side (`parallel.side_by_side`): a small model's step cannot
+    keep two cores busy, and each direction's batches are drawn before either runs, so the
+    findings are bitwise those of one direction after the other (`BatchPlan`;
     `tests/test_inversion.py`)."""
     jobs = zip(families, directions, plans, strict=True)
     return side_by_side([partial(search, family, models, data, plan, config) for family, models, plan in jobs])
@@ -352,28 +368,44 @@ def _success(family: TriggerFamily, models: Models, config: InversionConfig, bat
     return _success_rate(models.suspect(triggered), witness, y, which, len(torch.unique(which)))
 
 
+@dataclass
+class MinimalSearch:
+    """A patch family's minimal-trigger search, carried from round to round: each target's
+    size weight (Neural Cleanse's schedule) and smallest footprint that reached
+    `minimal_success` (1, the whole image, until one does). A round starts from the
+    weights and the patches the last one ended with, so no round repeats another's work."""
+
+    family: PatchTrigger
+    weight: Tensor
+    smallest: np.ndarray
+
+    @classmethod
+    def start(cls, targets: int, shape: tuple[int, ...], device: torch.device) -> MinimalSearch:
+        family = PatchTrigger(targets, tuple(shape)).to(device)  # type: ignore[arg-type]
+        return cls(family, torch.full((targets,), family.size_weight, device=device), np.ones(targets))
+
+
 def minimal_patches(
-    family: PatchTrigger,
+    search: MinimalSearch,
     models: Models,
     data: tuple[Tensor, Tensor],
     plan: BatchPlan,
     config: InversionConfig,
 ) -> np.ndarray:
-    """Every target's smallest patch that sends `minimal_success` of a fixed check batch
-    to the target (with the witness kept), as a fraction of the image; 1 (the whole
-    image, an upper bound) where none did. The family is left holding those patches, or
-    the last one tried where none succeeded.
+    """The plan's active targets' smallest patches that send `minimal_success` of a fixed
+    check batch to the target (with the witness kept, when it takes part), as a fraction
+    of the image; returns every target's smallest so far. The family is left holding those
+    patches, or the last one tried where none succeeded.
 
     Each target's size weight follows Neural Cleanse's schedule, so the mask shrinks while
     the trigger works and grows back when it stops working; the check batch, not the
-    training batch, decides both, so the smallest is not a lucky draw. The plan
-    (`minimal_plan`) holds both batches.
+    training batch, decides both, so the smallest is not a lucky draw. Targets outside the
+    plan get no gradient and keep their patches (a fresh Adam moves nothing without one).
     """
-    targets = family.mask_logit.shape[0]
-    every_target = torch.arange(targets, device=data[0].device)
+    family = search.family
+    active = torch.tensor(plan.active, device=data[0].device)
     check = plan.batch(data, plan.check)
-    weight = torch.full((targets,), family.size_weight, device=data[0].device)
-    smallest = np.ones(targets)
+    weight = search.weight[active]
     kept = [p.detach().clone() for p in family.parameters()]
     optimiser = torch.optim.Adam(family.parameters(), lr=config.lr)
     for step, indices in enumerate(plan.steps, start=1):
@@ -385,23 +417,51 @@ def minimal_patches(
             continue
         reached = _success(family, models, config, check) >= config.minimal_success
         with torch.no_grad():
-            size = family.footprint(every_target)
-            better = reached & (size < torch.from_numpy(smallest).to(size))
+            size = family.footprint(active)
+            better = reached & (size < torch.from_numpy(search.smallest).to(size)[active])
             for saved, live in zip(kept, family.parameters(), strict=True):
-                saved[better] = live[better]
-        smallest[better.cpu().numpy()] = size[better].cpu().numpy()
+                saved[active[better]] = live[active[better]]
+        search.smallest[plan.active] = np.where(better.cpu().numpy(), size.cpu().numpy(), search.smallest[plan.active])
         weight = torch.where(reached, weight * family.raise_weight, weight / family.lower_weight)
-    reached_any = torch.from_numpy(smallest < 1.0).to(data[0].device)
+    search.weight[active] = weight
+    reached_any = torch.from_numpy(search.smallest < 1.0).to(data[0].device)
     with torch.no_grad():
         for saved, live in zip(kept, family.parameters(), strict=True):
             live[reached_any] = saved[reached_any]
-    return smallest
+    return search.smallest.copy()
 
 
-def minimal_plan(labels: np.ndarray, targets: int, config: InversionConfig, rng: np.random.RandomState) -> BatchPlan:
-    """The batches of one `minimal_patches` search: every target, every step."""
-    everyone = list(range(targets))
-    return BatchPlan.draw(labels, everyone, config.search_batch, config.minimal_steps, rng, config.check_per_target)
+def minimal_plan(
+    labels: np.ndarray, active: list[int], steps: int, per_target: int, config: InversionConfig,
+    rng: np.random.RandomState,
+) -> BatchPlan:  # fmt: skip
+    """The batches of one `minimal_patches` round on `active` targets."""
+    return BatchPlan.draw(labels, active, per_target, steps, rng, config.check_per_target)
+
+
+def alone(config: InversionConfig) -> InversionConfig:
+    """The screens' configuration: the suspect alone, with neither the witness nor the CKA
+    term, so that a step runs one model instead of two."""
+    return replace(config, use_witness=False, use_alignment=False)
+
+
+def most_economical(merits: list[np.ndarray], among: list[int], per_direction: int) -> list[int]:
+    """The union over directions of each direction's `per_direction` targets, of `among`,
+    with the highest merit; each direction's merit is already read against its peer."""
+    keep: set[int] = set()
+    for merit in merits:
+        ranked = sorted(among, key=lambda target: -merit[target])
+        keep.update(ranked[:per_direction])
+    return sorted(keep)
+
+
+def patch_economy(smallest: list[np.ndarray], scales: list[float]) -> list[np.ndarray]:
+    """Per direction, how much cheaper each target's patch is for the suspect than for its
+    peer, each read against its model's median (`scales`): a target far cheaper than the
+    model's others *and* than the same target for the peer. The peer's cost counts no
+    higher than its median, as in `verdict.Finding.score`."""
+    relative = [np.log10(s / scale) for s, scale in zip(smallest, scales, strict=True)]
+    return [np.minimum(relative[1 - index], 0.0) - relative[index] for index in range(len(relative))]
 
 
 def _minimal_patch_triggers(
@@ -410,29 +470,46 @@ def _minimal_patch_triggers(
     num_classes: int,
     config: InversionConfig,
     rng: np.random.RandomState,
-) -> list[list[Trigger]]:
+) -> tuple[list[list[Trigger]], list[np.ndarray]]:
     """Per direction, patch triggers for the targets most out of line with the model's
-    other targets *and* with the peer (`minimal_patches`): the union of each direction's
-    `keep_targets` best, so each candidate has a trigger against both models."""
+    other targets *and* with the peer, found by successive halving.
+
+    The screen finds every target's minimal patch on each model alone, for `screen_steps`:
+    Neural Cleanse's search at half the cost of a cross-examined step, and each model's
+    median over targets is the scale its footprints are read against. Each of `rounds`
+    then keeps each direction's most economical targets (`patch_economy`) and
+    cross-examines only those, warm-started from the last round: their footprints are the
+    smallest patches that flip the suspect *with the witness kept*, so a natural shortcut,
+    which moves the peer too, costs more here than in the screen, and a planted key does not.
+    Also returns the screen's economy of every target, per direction.
+    """
     shape = tuple(data[0].shape[1:])
-    families = [PatchTrigger(num_classes, shape).to(data[0].device) for _ in directions]
+    searches = [MinimalSearch.start(num_classes, shape, data[0].device) for _ in directions]
     labels = data[1].cpu().numpy()
-    plans = [minimal_plan(labels, num_classes, config, rng) for _ in directions]
-    smallest = _each_direction(minimal_patches, families, directions, data, plans, config)
+    keep = list(range(num_classes))
+    plans = [minimal_plan(labels, keep, config.screen_steps, config.screen_batch, config, rng) for _ in directions]
+    smallest = _each_direction(minimal_patches, searches, directions, data, plans, alone(config))
     scales = [float(np.median(s)) for s in smallest]
-    relative = [np.log10(s / scale) for s, scale in zip(smallest, scales, strict=True)]
-    keep: set[int] = set()
-    for index in range(len(directions)):
-        # The peer's cost counts no higher than its median, as in `verdict.Finding.score`.
-        economy = np.minimum(relative[1 - index], 0.0) - relative[index]
-        keep.update(int(i) for i in np.argsort(-economy)[: config.keep_targets])
+    screen = patch_economy(smallest, scales)
+    for search in searches:
+        search.smallest[:] = 1.0  # the cross-examined rounds find their own smallest
+    for per_direction, steps in config.rounds:
+        keep = most_economical(patch_economy(smallest, scales), keep, per_direction)
+        plans = [minimal_plan(labels, keep, steps, config.search_batch, config, rng) for _ in directions]
+        smallest = _each_direction(minimal_patches, searches, directions, data, plans, config)
     pixels = int(shape[-1] * shape[-2])
-    for family in families:
-        family.requires_grad_(False)
-    return [
-        [Trigger("patch", t, family, float(s[t]), pixels, scale) for t in sorted(keep)]
-        for family, s, scale in zip(families, smallest, scales, strict=True)
+    for search in searches:
+        search.family.requires_grad_(False)
+    triggers = [
+        [Trigger("patch", t, search.family, float(search.smallest[t]), pixels, scale) for t in keep]
+        for search, scale in zip(searches, scales, strict=True)
     ]
+    return triggers, screen
+
+
+def _differential(merits: list[np.ndarray]) -> list[np.ndarray]:
+    """Each direction's merit less its peer's: what the suspect alone gains from a target."""
+    return [merits[index] - merits[1 - index] for index in range(len(merits))]
 
 
 def cross_invert(
@@ -442,31 +519,32 @@ def cross_invert(
     num_classes: int,
     config: InversionConfig,
     seed: int,
-) -> list[list[Trigger]]:
+) -> Examination:
     """Triggers for both directions of the cross-examination, on the *same* targets.
 
-    Per family: every direction searches all targets at once; the union of each
-    direction's `keep_targets` best targets is refined in every direction, so each
-    candidate target ends with a trigger against both models and their footprints can be
-    compared. The patch family is searched for its minimal triggers instead
-    (`minimal_patches`). Returns, per direction, one trigger per (family, candidate target).
+    Per family: a screen on every target with each model alone (`alone`) ranks the targets
+    by what the suspect gains over its peer; the union of each direction's `keep_targets`
+    best is cross-examined in every direction, so each candidate target ends with a
+    trigger against both models and their footprints can be compared. The patch family
+    is searched for its minimal triggers instead (`_minimal_patch_triggers`).
     """
     rng = np.random.RandomState(seed)
     torch.manual_seed(seed)
     shape = tuple(x.shape[1:])
     labels = y.cpu().numpy()
     everyone = list(range(num_classes))
-    found: list[list[Trigger]] = [[] for _ in directions]
+    found = Examination([[] for _ in directions], {})
     for name in config.families:
         if name == "patch":
-            patches = _minimal_patch_triggers(directions, (x, y), num_classes, config, rng)
-            for mine, theirs in zip(found, patches, strict=True):
+            patches, found.screens[name] = _minimal_patch_triggers(directions, (x, y), num_classes, config, rng)
+            for mine, theirs in zip(found.triggers, patches, strict=True):
                 mine.extend(theirs)
             continue
         families = [FAMILY_CLASSES[name](num_classes, shape).to(x.device) for _ in directions]
-        plans = [BatchPlan.draw(labels, everyone, config.search_batch, config.search_steps, rng) for _ in directions]
-        merits = _each_direction(_optimise, families, directions, (x, y), plans, config)
-        keep = sorted({int(i) for merit in merits for i in np.argsort(-merit)[: config.keep_targets]})
+        plans = [BatchPlan.draw(labels, everyone, config.screen_batch, config.search_steps, rng) for _ in directions]
+        merits = _each_direction(_optimise, families, directions, (x, y), plans, alone(config))
+        found.screens[name] = _differential(merits)
+        keep = most_economical(found.screens[name], everyone, config.keep_targets)
         plans = [BatchPlan.draw(labels, keep, config.refine_batch, config.refine_steps, rng) for _ in directions]
         _each_direction(_optimise, families, directions, (x, y), plans, config)
         for index, family in enumerate(families):
@@ -476,5 +554,5 @@ def cross_invert(
                 with torch.no_grad():
                     family(x[: len(which)], which)
                     footprint = float(family.footprint(which).mean())
-                found[index].append(Trigger(name, target, family, footprint, int(shape[-1] * shape[-2])))
+                found.triggers[index].append(Trigger(name, target, family, footprint, int(shape[-1] * shape[-2])))
     return found

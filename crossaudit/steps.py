@@ -166,7 +166,7 @@ def inversion_step(alignment: Path, suspect: Path, witness: Path, data: Path, de
             _proved(record, text_pair, out)
             return len(found)
         pair = _pair(record, suspect, witness, data, device)
-        triggers = pair_triggers(pair, read_alignment(out), AuditConfig(), record.seed)
+        triggers = pair_triggers(pair, read_alignment(out), AuditConfig(), record.seed).triggers
     except ParityError as exc:
         return _failed_parity(record, exc, out)
     write_triggers(triggers, tuple(pair.data.x.shape[1:]), pair.num_classes, out)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crossaudit import inversion
-from crossaudit.inversion import FAMILY_CLASSES, InversionConfig, Models, PatchTrigger, WarpTrigger, cross_invert
+from crossaudit.inversion import FAMILY_CLASSES, InversionConfig, Models, WarpTrigger, cross_invert
 
 SHAPE = (3, 12, 10)  # C x H x W: colour, taller than wide
 
@@ -59,11 +59,12 @@ def test_minimal_patches_finds_each_targets_smallest_trigger():
     the image, and the family keeps the smallest patch that worked."""
     torch.manual_seed(0)
     model = _OnePixelKey()
-    config = InversionConfig(use_witness=False, use_alignment=False, minimal_steps=200)
-    family = PatchTrigger(3, (1, 6, 6))
+    config = InversionConfig(use_witness=False, use_alignment=False)
     x, y = 0.5 * torch.rand(90, 1, 6, 6), torch.arange(90) % 3
-    plan = inversion.minimal_plan(y.numpy(), 3, config, np.random.RandomState(0))
-    smallest = inversion.minimal_patches(family, Models(model, model, "", ""), (x, y), plan, config)
+    search = inversion.MinimalSearch.start(3, (1, 6, 6), x.device)
+    plan = inversion.minimal_plan(y.numpy(), [0, 1, 2], 200, config.search_batch, config, np.random.RandomState(0))
+    smallest = inversion.minimal_patches(search, Models(model, model, "", ""), (x, y), plan, config)
+    family = search.family
     assert smallest[0] < 0.5 / 36  # already class 0: nothing to stamp
     assert 0.5 / 36 < smallest[1] < 2 / 36
     assert smallest[2] > 0.5
@@ -87,10 +88,10 @@ def test_both_directions_side_by_side_find_bitwise_what_one_after_the_other_find
         modules.append(load_model(str(tmp_path / f"{arch}.onnx")).module.requires_grad_(False).eval())
     directions = [Models(modules[0], modules[1], "", ""), Models(modules[1], modules[0], "", "")]
     x, y = torch.rand(48, 1, 8, 8), torch.arange(48) % 4
-    config = InversionConfig(use_alignment=False, minimal_steps=30, search_steps=6, refine_steps=6)
+    config = InversionConfig(use_alignment=False, screen_steps=20, rounds=((1, 10),), search_steps=6, refine_steps=6)
 
     def findings() -> list[list]:
-        found = cross_invert(directions, x, y, 4, config, seed=3)
+        found = cross_invert(directions, x, y, 4, config, seed=3).triggers
         return [[(t.family_name, t.target, t.footprint, [p.tolist() for p in t.family.parameters()]) for t in mine]
                 for mine in found]  # fmt: skip
 
