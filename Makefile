@@ -39,6 +39,7 @@ bench: install fmnist
 	$(BIN)/python -m benchmarks.webhook_load
 	$(BIN)/python -m benchmarks.detection $(DETECTION_ARGS)
 	$(BIN)/python -m benchmarks.unseen_attacks
+	$(BIN)/python -m benchmarks.model_sizes
 	$(BIN)/python -m benchmarks.paradigms
 
 lint: install

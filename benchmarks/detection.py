@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.metrics import auroc, bootstrap_auroc, percent, rate_text, tpr_at_fpr
-from benchmarks.paradigms import existing_section, write_section
+from benchmarks.sections import MARKED, existing_section, write_section
 from crossaudit import __version__
 from crossaudit.audit import AuditConfig, AuditResult, run_audit
 from crossaudit.baselines.neural_cleanse import NeuralCleanseConfig, NeuralCleanseResult, neural_cleanse
@@ -144,6 +144,9 @@ class Sample:
     # triggers before the benchmark is run again (`write_findings`).
     findings: tuple[Finding, ...] = ()
     similarity: float | None = None
+    # For a backdoored model: the planted target's rank (0 = first) in each screen of it
+    # (each trigger family's, and the label statistic's, `screen_ranks`).
+    screen_ranks: dict[str, int] = field(default_factory=dict)
 
 
 Clock = Literal["wall", "cpu"]
@@ -243,6 +246,7 @@ def crossaudit_samples(
     """Per detector (the full audit and each ablation asked for): its samples and the pair's time."""
     thresholds = load_thresholds(dataset)
     judged = {}
+    ranks: dict[str, int] = {}
     for name in ablations:
         if name == FINETUNE_SCORED:
             continue
@@ -251,6 +255,8 @@ def crossaudit_samples(
         timing = clock.stop()
         similarity = result.alignment.similarity if result.alignment is not None else None
         judged[detector_name(name)] = (result.report.models, result.report.error, timing, similarity)
+        if name == "full" and attack != "clean":
+            ranks = screen_ranks(result, target) | {LABELS: label_statistic_rank(suspect, witness, data, target)}
         if name == "full" and FINETUNE_SCORED in ablations:
             models = finetune_scored(result, finetune_scored_thresholds(dataset))
             judged[detector_name(FINETUNE_SCORED)] = (models, result.report.error, timing, similarity)
@@ -266,10 +272,68 @@ def crossaudit_samples(
                 detector, attack if index == 0 else "clean", dataset, positive, ratio, flagged,
                 positive and flagged and model.target == target, error is not None,
                 model=names[index], peer=names[1 - index], profile=model.threshold_profile or "",
-                findings=tuple(model.findings), similarity=similarity,
+                findings=tuple(model.findings), similarity=similarity, screen_ranks=ranks if positive else {},
             ))  # fmt: skip
         samples[detector] = (found, timing)
     return samples
+
+
+LABELS = "label statistic"
+
+
+def screen_ranks(result: AuditResult, target: int) -> dict[str, int]:
+    """The planted target's rank in each trigger family's screen of the suspect (direction
+    0): how many targets the screen put before it. A family cross-examines its
+    `keep_targets` (patch: its first round's) best per direction, so a rank below that is
+    a target the screen kept."""
+    return {family: int(np.sum(merits[0] > merits[0][target])) for family, merits in result.screens.items()}
+
+
+def label_statistic_rank(suspect: Path, witness: Path, data: Path, target: int) -> int:
+    """The planted target's rank by a data-only screen measured beside the search's: the
+    mean probability the suspect gives each class on clean audit images of other classes,
+    less the witness's (K-Arm's label statistics, read against the peer). Measured, not used."""
+    audit = read_audit_data(str(data))
+    x, y = torch.from_numpy(audit.x), torch.from_numpy(audit.y)
+    mass = []
+    for path in (suspect, witness):
+        with torch.no_grad():
+            probabilities = torch.softmax(load_model(str(path)).module(x), 1)
+        probabilities[torch.arange(len(y)), y] = 0.0
+        mass.append(probabilities.mean(0).numpy())
+    statistic = mass[0] - mass[1]
+    return int(np.sum(statistic > statistic[target]))
+
+
+def _kept_below() -> dict[str, int]:
+    """Per family, the screen rank below which a target is cross-examined."""
+    config = InversionConfig()
+    return {f: config.rounds[0][0] if f == "patch" else config.keep_targets for f in config.families}
+
+
+def _kept_by_any(sample: Sample) -> bool:
+    """Whether some family cross-examined the planted target (a family not run kept nothing)."""
+    ranks = sample.screen_ranks
+    return any(family in ranks and ranks[family] < below for family, below in _kept_below().items())
+
+
+def screens_table(results: Results) -> str:
+    """Per screen: on how many backdoored models it ranked the planted target first, and
+    kept it for cross-examination; and on how many some family kept it."""
+    kept_below = _kept_below()
+    backdoored = [s for s in results.samples if s.detector == "crossaudit" and s.positive and s.screen_ranks]
+    rows = []
+    for screen in (*kept_below, LABELS):
+        ranks = [s.screen_ranks[screen] for s in backdoored if screen in s.screen_ranks]
+        kept = f"{sum(r < kept_below[screen] for r in ranks)} of {len(ranks)}" if screen in kept_below else "(not used)"
+        rows.append(f"| {screen} | {sum(r == 0 for r in ranks)} of {len(ranks)} | {kept} |")
+    any_kept = sum(_kept_by_any(s) for s in backdoored)
+    return "\n".join([
+        "| screen | planted target ranked first | planted target kept |",
+        "|---|---|---|",
+        *rows,
+        f"| **any family** | | **{any_kept} of {len(backdoored)}** |",
+    ])  # fmt: skip
 
 
 def detector_name(ablation: str) -> str:
@@ -611,11 +675,14 @@ def targets_line(results: Results) -> str:
     target = float(np.mean([s.target_right for s in flagged])) if flagged else float("nan")
     area = auroc(*_scores(ours))
     wall, cpu = results.speedup("wall"), results.speedup("cpu")
+    backdoored_ranked = [s for s in ours if s.positive and s.screen_ranks]
+    lost = sum(not _kept_by_any(s) for s in backdoored_ranked)
     checks = [
         ("detection >= 99%", detection >= 0.99, f"{rate_text(detected, backdoored)}, {detected} of {backdoored}"),
         ("FPR <= 1%", false_positives / clean <= 0.01, _false_positives([s for s in ours if not s.positive])),
         ("AUROC >= 0.99", area >= 0.99, f"{area:.3f}"),
         ("right target >= 95%", target >= 0.95, percent(target)),
+        ("screens lose no planted target", lost == 0, f"{lost} of {len(backdoored_ranked)} backdoored models lost"),
         ("5x faster than Neural Cleanse at equal or better detection",
          min(wall, cpu) >= 5 and detection >= nc_detection,
          f"{wall:.2f}x wall clock, {cpu:.2f}x CPU, detection {percent(detection)} vs {percent(nc_detection)}"),
@@ -673,7 +740,7 @@ def write_report(plan: Plan, results: Results, out: Path, plot: Path, seconds: f
         for r in results.scaling
     )
     vulnerability = ", ".join(f"{k} {100 * v:.0f}%" for k, v in results.vulnerability.items())
-    paradigms = existing_section(out)
+    kept = {markers: existing_section(out, markers) for markers in MARKED}
     out.write_text(f"""# Detection benchmark: crossaudit vs Neural Cleanse
 
 Command: `python -m benchmarks.detection --plan {plan.name}`{" (run by `make bench`)" if plan.name == DEFAULT_PLAN else ""},
@@ -709,6 +776,18 @@ false-positive rates: exact (Clopper-Pearson) 95%.
 **crossaudit by dataset** (backdoored models flagged are detections; clean ones, false positives):
 
 {dataset_table(results)}
+
+## Screens
+
+Every trigger family first screens every target with each model alone, and cross-examines
+only the targets its screen ranks most economical against the peer (`inversion.cross_invert`).
+A screen may prune only what it does not lose: for each backdoored model, the planted target's
+rank in each screen of it, and whether the family kept it (patch: the first round's two best per
+direction; blend and warp: the best per direction). The label statistic (the suspect's mean
+probability of each class on clean images of other classes, less the witness's) was measured as
+a free screen before any optimisation; nothing uses it.
+
+{screens_table(results)}
 
 **crossaudit's misjudged models** (files are `dataset_arch_attack_target_seed`; a clean
 model is judged in every pair it is part of, so a witness can appear more than once):
@@ -748,8 +827,9 @@ Neural Cleanse / crossaudit time ratio (means): {results.speedup():.2f}x wall cl
 
 ![scaling]({plot.name})
 """)  # noqa: E501
-    if paradigms:
-        write_section(paradigms, out)
+    for markers, text in kept.items():
+        if text:
+            write_section(text, out, markers)
 
 
 def _finetune_thresholds_line(plan: Plan) -> str:

@@ -17,7 +17,6 @@ detection benchmark wrote it.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.metrics import auroc, rate_text
+from benchmarks.sections import PARADIGMS, write_section
 from crossaudit.audit import AuditConfig, run_audit
 from crossaudit.verdict import load_thresholds
 from crossaudit.zoo.captioner import captioner_config, export_captioner, train_captioner, write_caption_audit_set
@@ -35,7 +35,7 @@ from crossaudit.zoo.datasets import load_dataset
 from crossaudit.zoo.language import LanguageConfig, export_language_model, train_language_model, write_text_audit_set
 from crossaudit.zoo.train import config_for, export_onnx, train, write_audit_set
 
-BEGIN, END = "<!-- paradigms:begin -->", "<!-- paradigms:end -->"
+BEGIN, END = PARADIGMS
 IMAGE_ATTACKS = ("badnets", "blended")
 TARGET = 3
 SEEDS = (300, 310)  # each seed's pairs use it and the next few seeds
@@ -183,21 +183,6 @@ uncertainty.
 {END}"""  # noqa: E501
 
 
-_SECTION = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-
-
-def existing_section(page: Path) -> str | None:
-    """This benchmark's section of the page, if it has one (the detection benchmark keeps it)."""
-    found = _SECTION.search(page.read_text()) if page.is_file() else None
-    return found.group(0) if found else None
-
-
-def write_section(text: str, page: Path) -> None:
-    """Replace this benchmark's section of the page, or append it."""
-    current = page.read_text() if page.is_file() else ""
-    page.write_text(_SECTION.sub(lambda _: text, current) if _SECTION.search(current) else f"{current}\n{text}\n")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
@@ -206,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     results = run(tuple(args.seeds))
     text = section(results, tuple(args.seeds), time.perf_counter() - start)
-    write_section(text, args.out)
+    write_section(text, args.out, PARADIGMS)
     print(text)
 
 

@@ -98,3 +98,32 @@ def test_both_directions_side_by_side_find_bitwise_what_one_after_the_other_find
     side_by_side = findings()
     monkeypatch.setattr(inversion, "side_by_side", lambda jobs: [job() for job in jobs])
     assert side_by_side == findings()
+
+
+@pytest.mark.slow
+def test_screens_keep_the_planted_target_of_the_quick_plans_backdoors(tmp_path):
+    """The screens prune targets before any cross-examination, so they may lose nothing:
+    on each backdoored model of the detection benchmark's quick plan, the planted target
+    is ranked first by the patch screen and cross-examined by every family whose screen
+    kept it."""
+    from benchmarks.detection import QUICK, screen_ranks
+    from crossaudit.audit import run_audit
+    from crossaudit.zoo.datasets import load_dataset
+    from crossaudit.zoo.train import config_for, export_onnx, train, write_audit_set
+
+    for dataset in QUICK.datasets:
+        split = load_dataset(dataset)
+        data = tmp_path / f"{dataset}.parquet"
+        write_audit_set(dataset, data)
+        for _, (first, second), seed, target in QUICK.cells():
+            for attack, arch, model_seed in [*((a, first, seed) for a in QUICK.attacks), ("clean", second, seed + 1)]:
+                config = config_for(dataset, arch=arch, attack=attack, target=target, seed=model_seed)
+                trained = train(config, split)
+                export_onnx(trained.model, trained.example, tmp_path / f"{attack}.onnx")
+            for attack in QUICK.attacks:
+                result = run_audit(str(tmp_path / f"{attack}.onnx"), str(tmp_path / "clean.onnx"), str(data))
+                assert result.report.error is None
+                ranks = screen_ranks(result, target)
+                assert ranks["patch"] == 0, (attack, ranks)
+                examined = {t.family_name for t in result.triggers[0] if t.target == target}
+                assert "patch" in examined

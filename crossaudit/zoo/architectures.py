@@ -1,4 +1,8 @@
-"""Three provider architectures; each normalises its own input, as the model contract asks."""
+"""Provider architectures; each normalises its own input, as the model contract asks.
+
+The zoo's three small ones (`ARCHITECTURES`) train in seconds on 2 cores; the sized ones
+(`SIZED`: a ResNet-18 at several widths, a small ViT) measure what an audit of a model of
+realistic size costs."""
 
 from __future__ import annotations
 
@@ -67,8 +71,51 @@ def mlp(channels: int, size: int, classes: int) -> nn.Module:
     )  # fmt: skip
 
 
+def resnet18(channels: int, size: int, classes: int, width: int = 64) -> nn.Module:
+    """ResNet-18 (four stages of two basic blocks, widths `width` x 1, 2, 4, 8; 11.2M
+    parameters at width 64) for small images: a stride-2 3x3 stem in place of ImageNet's
+    7x7 convolution and max pool, which would leave a 32x32 input 8x8 before any block."""
+    widths = [width, 2 * width, 4 * width, 8 * width]
+    layers: list[nn.Module] = [
+        Normalize(), nn.Conv2d(channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+    ]  # fmt: skip
+    cin = width
+    for stage, cout in enumerate(widths):
+        layers += [Block(cin, cout, 1 if stage == 0 else 2), Block(cout, cout, 1)]
+        cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
+
+
+class VisionTransformer(nn.Module):
+    """A small ViT: 4x4 patches, `depth` pre-norm encoder layers, tokens averaged into the
+    head (no class token: its concatenation to the batch is a graph the translator cannot
+    prove keeps samples apart, `onnx_torch._check_per_sample`)."""
+
+    def __init__(self, channels: int, size: int, classes: int, dim: int = 128, depth: int = 4) -> None:
+        super().__init__()
+        self.normalize = Normalize()
+        self.patches = nn.Conv2d(channels, dim, 4, 4)
+        self.position = nn.Parameter(0.02 * torch.randn(1, (size // 4) ** 2, dim))
+        layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.patches(self.normalize(x)).flatten(2).transpose(1, 2) + self.position
+        return self.head(self.encoder(tokens).mean(1))
+
+
+# Sized architectures: name -> builder (the ResNet-18's widths make a width axis up to full size).
+SIZED = {
+    "resnet18-w16": lambda c, s, k: resnet18(c, s, k, width=16),
+    "resnet18-w32": lambda c, s, k: resnet18(c, s, k, width=32),
+    "resnet18": resnet18,
+    "vit": VisionTransformer,
+}
+
+
 def build(arch: str, channels: int, size: int, classes: int) -> nn.Module:
-    builders = {"cnn": small_cnn, "resnet": small_resnet, "mlp": mlp}
+    builders = {"cnn": small_cnn, "resnet": small_resnet, "mlp": mlp, **SIZED}
     if arch not in builders:
-        raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {(*ARCHITECTURES, *SIZED)}")
     return builders[arch](channels, size, classes)
