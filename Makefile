@@ -40,6 +40,7 @@ bench: install fmnist
 	$(BIN)/python -m benchmarks.detection $(DETECTION_ARGS)
 	$(BIN)/python -m benchmarks.unseen_attacks
 	$(BIN)/python -m benchmarks.model_sizes
+	$(BIN)/python -m benchmarks.engineering
 	$(BIN)/python -m benchmarks.paradigms
 
 lint: install

@@ -11,7 +11,8 @@ from pathlib import Path
 
 PARADIGMS = ("<!-- paradigms:begin -->", "<!-- paradigms:end -->")
 MODEL_SIZES = ("<!-- model-sizes:begin -->", "<!-- model-sizes:end -->")
-MARKED = (MODEL_SIZES, PARADIGMS)  # in the order the page shows them
+ENGINEERING = ("<!-- engineering:begin -->", "<!-- engineering:end -->")
+MARKED = (MODEL_SIZES, ENGINEERING, PARADIGMS)  # in the order the page shows them
 
 
 def _pattern(markers: tuple[str, str]) -> re.Pattern[str]:

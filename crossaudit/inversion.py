@@ -14,16 +14,24 @@ Four trigger families, because backdoors are not all patches (the default runs t
   pattern (input-aware dynamic triggers).
 
 The loss, per target, is `attack_loss + witness_loss + alignment_weight * alignment_loss +
-size_weight * size`. The target search costs less than one optimisation per class: all
-targets are optimised together in one batch for a short search, and only the most
-promising `keep_targets` are refined (successive halving).
+size_weight * size`.
 
-The patch family is searched differently, for its smallest trigger per target
-(`minimal_patches`): a clean Fashion-MNIST CNN turns anything into "bag" with a patch
-smaller than a 3x3 BadNets key, so one target's size says little on its own. What marks
-a backdoor is a target far cheaper than the model's *other* targets, and cheaper than the
-same target is for the peer. So every target's minimal patch is found, in one batch, and
-each model's footprints are read against their median over targets (`Trigger.scale`).
+The search spends its budget where the evidence is (`cross_invert`). Each family first
+*screens* every target with each model alone, as Neural Cleanse would, at half the cost
+of a cross-examined step (one model per step instead of two), and ranks the targets by
+what the suspect gains over its peer: a natural shortcut is cheap in both models, a
+planted key in one. Only the best few targets per direction are then cross-examined,
+warm-started from the screen. On the detection benchmark's backdoored models no screen
+lost a planted target (`benchmarks.detection`, "Screens"), and an audit of a
+Fashion-MNIST CNN pair costs about a fifth of Neural Cleanse's time on the same pair.
+
+The patch family is searched for its smallest trigger per target (`minimal_patches`): a
+clean Fashion-MNIST CNN turns anything into "bag" with a patch smaller than a 3x3 BadNets
+key, so one target's size says little on its own. What marks a backdoor is a target far
+cheaper than the model's *other* targets, and cheaper than the same target is for the
+peer. So the screen finds every target's minimal patch on each model alone, each model's
+footprints are read against their median over targets (`Trigger.scale`), and successive
+halving rounds (`InversionConfig.rounds`) cross-examine the most economical targets.
 """
 
 from __future__ import annotations

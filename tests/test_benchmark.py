@@ -214,3 +214,35 @@ def test_paradigm_benchmark_names_its_misjudged_models():
     assert "none, every model" in section({"ssl": Samples([1.2], [0.1], [9.0])}, (300,), 9.0)
     shipped = load_thresholds(paradigm="semi").clean_pairs
     assert f"| 0.750 | 20.5 | 0 | {shipped} |" in text, "each row names how many clean pairs its profile rests on"
+
+
+def test_model_size_zoo_is_colour_32x32_and_its_sized_models_load_with_parity(tmp_path):
+    """The model-size benchmark's task and architectures: colour Fashion-MNIST at 32x32
+    whose colours say nothing of the class, and a ResNet-18 and a ViT the translator loads
+    (with its parity and batch-independence checks) as a user's export would."""
+    import torch
+
+    from benchmarks.model_sizes import ARCHS
+    from crossaudit.zoo.architectures import build
+    from crossaudit.zoo.datasets import colour_fashion_mnist
+    from crossaudit.zoo.train import export_onnx
+
+    split = colour_fashion_mnist()
+    assert split.x_train.shape[1:] == (3, 32, 32) and split.x_train.dtype == np.float32
+    assert 0.0 <= split.x_test.min() and split.x_test.max() <= 1.0
+    # No class has its own hue: channels differ alike in every class (garments cover
+    # different areas, so brightness, which is content, does differ).
+    hue = [(split.x_test[split.y_test == c] - split.x_test[split.y_test == c].mean(1, keepdims=True)) for c in range(10)]
+    assert np.ptp(np.array([h.mean(axis=(0, 2, 3)) for h in hue]), axis=0).max() < 0.01
+    sizes = {}
+    for arch in ("resnet18", "vit"):
+        assert arch in ARCHS
+        torch.manual_seed(0)
+        model = build(arch, 3, 32, 10).eval()
+        export_onnx(model, split.x_test[:2], tmp_path / f"{arch}.onnx")
+        loaded = load_model(str(tmp_path / f"{arch}.onnx"))
+        x = torch.from_numpy(split.x_test[:4])
+        with torch.no_grad():
+            assert torch.allclose(loaded.module(x), model(x), atol=1e-4)
+        sizes[arch] = sum(p.numel() for p in loaded.module.parameters())
+    assert 11_000_000 < sizes["resnet18"] < 11_500_000  # ResNet-18's size
