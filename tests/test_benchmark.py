@@ -229,11 +229,12 @@ def test_model_size_zoo_is_colour_32x32_and_its_sized_models_load_with_parity(tm
 
     split = colour_fashion_mnist()
     assert split.x_train.shape[1:] == (3, 32, 32) and split.x_train.dtype == np.float32
-    assert 0.0 <= split.x_test.min() and split.x_test.max() <= 1.0
+    assert split.x_test.min() >= 0.0 and split.x_test.max() <= 1.0
     # No class has its own hue: channels differ alike in every class (garments cover
     # different areas, so brightness, which is content, does differ).
-    hue = [(split.x_test[split.y_test == c] - split.x_test[split.y_test == c].mean(1, keepdims=True)) for c in range(10)]
-    assert np.ptp(np.array([h.mean(axis=(0, 2, 3)) for h in hue]), axis=0).max() < 0.01
+    classes = [split.x_test[split.y_test == c] for c in range(10)]
+    hue = np.array([(images - images.mean(1, keepdims=True)).mean(axis=(0, 2, 3)) for images in classes])
+    assert np.ptp(hue, axis=0).max() < 0.01
     sizes = {}
     for arch in ("resnet18", "vit"):
         assert arch in ARCHS
