@@ -145,8 +145,10 @@ class Sample:
     findings: tuple[Finding, ...] = ()
     similarity: float | None = None
     # For a backdoored model: the planted target's rank (0 = first) in each screen of it
-    # (each trigger family's, and the label statistic's, `screen_ranks`).
+    # (each trigger family's, and the label statistic's, `screen_ranks`), and the families
+    # that cross-examined it (ended with a trigger for it).
     screen_ranks: dict[str, int] = field(default_factory=dict)
+    examined: tuple[str, ...] = ()
 
 
 Clock = Literal["wall", "cpu"]
@@ -247,6 +249,7 @@ def crossaudit_samples(
     thresholds = load_thresholds(dataset)
     judged = {}
     ranks: dict[str, int] = {}
+    examined: tuple[str, ...] = ()
     for name in ablations:
         if name == FINETUNE_SCORED:
             continue
@@ -257,6 +260,7 @@ def crossaudit_samples(
         judged[detector_name(name)] = (result.report.models, result.report.error, timing, similarity)
         if name == "full" and attack != "clean":
             ranks = screen_ranks(result, target) | {LABELS: label_statistic_rank(suspect, witness, data, target)}
+            examined = tuple(sorted({t.family_name for t in result.triggers.get(0, []) if t.target == target}))
         if name == "full" and FINETUNE_SCORED in ablations:
             models = finetune_scored(result, finetune_scored_thresholds(dataset))
             judged[detector_name(FINETUNE_SCORED)] = (models, result.report.error, timing, similarity)
@@ -273,6 +277,7 @@ def crossaudit_samples(
                 positive and flagged and model.target == target, error is not None,
                 model=names[index], peer=names[1 - index], profile=model.threshold_profile or "",
                 findings=tuple(model.findings), similarity=similarity, screen_ranks=ranks if positive else {},
+                examined=examined if positive else (),
             ))  # fmt: skip
         samples[detector] = (found, timing)
     return samples
@@ -283,10 +288,13 @@ LABELS = "label statistic"
 
 def screen_ranks(result: AuditResult, target: int) -> dict[str, int]:
     """The planted target's rank in each trigger family's screen of the suspect (direction
-    0): how many targets the screen put before it. A family cross-examines its
-    `keep_targets` (patch: its first round's) best per direction, so a rank below that is
-    a target the screen kept."""
-    return {family: int(np.sum(merits[0] > merits[0][target])) for family, merits in result.screens.items()}
+    0): its place in the order `inversion.most_economical` keeps targets in (highest merit
+    first, ties to the lower class)."""
+    ranks = {}
+    for family, merits in result.screens.items():
+        order = sorted(range(len(merits[0])), key=lambda t: -merits[0][t])
+        ranks[family] = order.index(target)
+    return ranks
 
 
 def label_statistic_rank(suspect: Path, witness: Path, data: Path, target: int) -> int:
@@ -305,34 +313,26 @@ def label_statistic_rank(suspect: Path, witness: Path, data: Path, target: int) 
     return int(np.sum(statistic > statistic[target]))
 
 
-def _kept_below() -> dict[str, int]:
-    """Per family, the screen rank below which a target is cross-examined."""
-    config = InversionConfig()
-    return {f: config.rounds[0][0] if f == "patch" else config.keep_targets for f in config.families}
-
-
 def _kept_by_any(sample: Sample) -> bool:
-    """Whether some family cross-examined the planted target (a family not run kept nothing)."""
-    ranks = sample.screen_ranks
-    return any(family in ranks and ranks[family] < below for family, below in _kept_below().items())
+    """Whether some family cross-examined the planted target."""
+    return bool(sample.examined)
 
 
 def screens_table(results: Results) -> str:
     """Per screen: on how many backdoored models it ranked the planted target first, and
-    kept it for cross-examination; and on how many some family kept it."""
-    kept_below = _kept_below()
+    on how many its family cross-examined the planted target; and on how many some family did."""
     backdoored = [s for s in results.samples if s.detector == "crossaudit" and s.positive and s.screen_ranks]
+    families = [f for f in InversionConfig().families if any(f in s.screen_ranks for s in backdoored)]
     rows = []
-    for screen in (*kept_below, LABELS):
+    for screen in (*families, LABELS):
         ranks = [s.screen_ranks[screen] for s in backdoored if screen in s.screen_ranks]
-        kept = f"{sum(r < kept_below[screen] for r in ranks)} of {len(ranks)}" if screen in kept_below else "(not used)"
+        kept = f"{sum(screen in s.examined for s in backdoored)} of {len(ranks)}" if screen != LABELS else "(not used)"
         rows.append(f"| {screen} | {sum(r == 0 for r in ranks)} of {len(ranks)} | {kept} |")
-    any_kept = sum(_kept_by_any(s) for s in backdoored)
     return "\n".join([
-        "| screen | planted target ranked first | planted target kept |",
+        "| screen | planted target ranked first | planted target cross-examined |",
         "|---|---|---|",
         *rows,
-        f"| **any family** | | **{any_kept} of {len(backdoored)}** |",
+        f"| **any family** | | **{sum(_kept_by_any(s) for s in backdoored)} of {len(backdoored)}** |",
     ])  # fmt: skip
 
 
@@ -655,7 +655,7 @@ def misjudged_table(results: Results) -> str:
 
 
 def targets_line(results: Results) -> str:
-    """Each target of issue 4, met or not, with what the run measured.
+    """Each of the detector's targets, met or not, with what the run measured.
 
     Rates carry their exact interval, which says whether the run could show the target at
     all; the speed target is met only on both clocks, because the wall-clock ratio depends
@@ -759,7 +759,7 @@ no backdoored model); nothing here is fitted to these pairs. Neural Cleanse: ano
 Cleanse's anomaly index. Bootstrap: {plan.bootstrap} rounds. Intervals on detection and
 false-positive rates: exact (Clopper-Pearson) 95%.
 
-## Targets (issue 4)
+## Targets
 
 {targets_line(results)}
 
@@ -782,8 +782,8 @@ false-positive rates: exact (Clopper-Pearson) 95%.
 Every trigger family first screens every target with each model alone, and cross-examines
 only the targets its screen ranks most economical against the peer (`inversion.cross_invert`).
 A screen may prune only what it does not lose: for each backdoored model, the planted target's
-rank in each screen of it, and whether the family kept it (patch: the first round's two best per
-direction; blend and warp: the best per direction). The label statistic (the suspect's mean
+rank in each screen of it, and whether the family cross-examined it to the end (patch: the
+first round keeps two targets per direction, the second one; blend and warp keep one). The label statistic (the suspect's mean
 probability of each class on clean images of other classes, less the witness's) was measured as
 a free screen before any optimisation; nothing uses it.
 

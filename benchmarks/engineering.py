@@ -29,7 +29,7 @@ from crossaudit.models import load_model
 from crossaudit.zoo.datasets import load_dataset
 from crossaudit.zoo.train import config_for, export_onnx, train
 
-BATCH = 120  # a screen step's batch: 12 samples for each of 10 targets
+BATCH = 120  # a step of the blend and warp screens on 10 targets is 80; the patch rounds' up to 48
 STEPS = 30
 REPEATS = 3
 

@@ -159,7 +159,7 @@ def section(results: dict[str, Samples], seeds: tuple[int, ...], seconds: float)
         )
     attacks = ", ".join(IMAGE_ATTACKS)
     return f"""{BEGIN}
-## Paradigms (issue 7)
+## Paradigms
 
 Command: `python -m benchmarks.paradigms` (part of `make bench`), seeds {", ".join(map(str, seeds))},
 {seconds / 60:.1f} min. Images: digits, semi-supervised (FixMatch-style, 10% labels) and

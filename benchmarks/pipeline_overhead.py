@@ -14,7 +14,7 @@ local MLflow server. Three timings:
   torch optimiser, whose first use in a process imports torch._dynamo, about 1 s), i.e.
   the fixed cost of starting component processes.
 All three run REPEATS times, interleaved, while the MLflow server is up (so all see the
-same machine load); the medians are compared. The target (issue 5): pipeline <= 1.10 x
+same machine load); the medians are compared. The target: pipeline <= 1.10 x
 direct + startup. Writes docs/pipeline_overhead.md.
 """
 

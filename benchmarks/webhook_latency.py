@@ -1,4 +1,4 @@
-"""Webhook-to-pipeline-start latency of `crossaudit serve` (issue 6 target: <= 2 s).
+"""Webhook-to-pipeline-start latency of `crossaudit serve` (target: <= 2 s).
 
 A real MLflow server and a real receiver on loopback, the webhook installed as a user
 would. Versions of one digits model are registered one at a time, alternating two

@@ -1,4 +1,4 @@
-"""A bounded burst of webhook deliveries against a real receiver on loopback (issue 8).
+"""A bounded burst of webhook deliveries against a real receiver on loopback.
 
 1000 deliveries from 16 concurrent senders: genuine registrations, re-deliveries of the
 same registrations under new ids, replays of already-sent ids, forged signatures and stale

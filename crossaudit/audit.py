@@ -60,9 +60,10 @@ log = logging.getLogger(__name__)
 # A captioner's parity check runs on this many images (each with its true caption).
 PARITY_SAMPLES = 256
 # A trigger moves a captioner's whole caption through its decoder, and the search gets
-# there more slowly: on a zoo captioner no target had any success after the classifiers'
-# 30 search steps, and the planted target led after 90 (a search budget; the captioner
-# thresholds are calibrated on clean pairs with it).
+# there more slowly: on a zoo captioner no target had any success after 30 steps of the
+# blend and warp search, and the planted target led after 90. So a captioner's blend and
+# warp screens run this many steps (a search budget; the captioner thresholds are
+# calibrated on clean pairs with it).
 CAPTIONER_SEARCH_STEPS = 90
 # Success rates are measured on held-out samples that both models get right: with fewer
 # than this many, one sample moves a rate by over 2 points and a clean verdict would rest

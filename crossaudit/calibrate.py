@@ -59,7 +59,7 @@ CLEAN_PAIRS = {
         *(_FMNIST_CNNS,) * 10,
     ),
     # The other paradigms' profiles take six pairs each: three had not met their clean
-    # tail (the next three raised five of their ten thresholds, by up to 0.21; stop 31).
+    # tail (the next three raised five of their ten thresholds, by up to 0.21).
     "semi": _DIGITS_MIXED * 2,
     "ssl": _DIGITS_MIXED * 2,
     "lm": (("pydoc", "gpt", "gpt"),) * 6,

@@ -21,9 +21,9 @@ The search spends its budget where the evidence is (`cross_invert`). Each family
 of a cross-examined step (one model per step instead of two), and ranks the targets by
 what the suspect gains over its peer: a natural shortcut is cheap in both models, a
 planted key in one. Only the best few targets per direction are then cross-examined,
-warm-started from the screen. On the detection benchmark's backdoored models no screen
-lost a planted target (`benchmarks.detection`, "Screens"), and an audit of a
-Fashion-MNIST CNN pair costs about a fifth of Neural Cleanse's time on the same pair.
+warm-started from the screen. A screen may prune only what it does not lose: the
+detection benchmark measures, on its backdoored models, whether each planted target was
+cross-examined ("Screens" in docs/benchmarks.md).
 
 The patch family is searched for its smallest trigger per target (`minimal_patches`): a
 clean Fashion-MNIST CNN turns anything into "bag" with a patch smaller than a 3x3 BadNets
@@ -62,7 +62,9 @@ DEFAULT_FAMILIES = ("patch", "blend", "warp")
 class InversionConfig:
     families: tuple[str, ...] = DEFAULT_FAMILIES
     # Blend and warp: a screen of every target, each model alone, for `search_steps`; then
-    # the `keep_targets` best per direction cross-examined for `refine_steps`.
+    # the `keep_targets` best per direction cross-examined for `refine_steps`. Batches
+    # hold `screen_batch` samples per target in every screen, `search_batch` in the patch
+    # family's cross-examined rounds, `refine_batch` in blend's and warp's.
     search_steps: int = 20
     refine_steps: int = 40
     screen_batch: int = 8
@@ -84,6 +86,10 @@ class InversionConfig:
     minimal_success: float = 0.9
     check_every: int = 10
     check_per_target: int = 20
+
+    def __post_init__(self) -> None:
+        if not self.rounds or any(keep < 1 or steps < 1 for keep, steps in self.rounds):
+            raise ValueError(f"the patch search needs at least one round of targets and steps, got {self.rounds}")
 
 
 class TriggerFamily(nn.Module):
@@ -223,8 +229,9 @@ class Trigger:
     footprint: float
     pixels: int
     # What this model's footprints are read against: for the patch family the median,
-    # over all targets, of its minimal footprints (`minimal_patches`); None for the others,
-    # whose footprints are read as they are.
+    # over all targets, of its minimal footprints in the screen (each model alone, a short
+    # search: the same for every model, so a model's scale is comparable to its peer's);
+    # None for the others, whose footprints are read as they are.
     scale: float | None = None
 
     @torch.no_grad()
@@ -314,11 +321,13 @@ def _losses(
     size_weight = family.size_weight if size_weight is None else size_weight
     triggered = family(x, which)
     s_logits, s_feat = models.suspect.forward_tapped(triggered, [models.suspect_tap])
-    w_logits, w_feat = models.witness.forward_tapped(triggered, [models.witness_tap])
+    w_logits, w_feat = None, {}
+    if config.use_witness or config.use_alignment:  # a screen (`alone`) runs the suspect only
+        w_logits, w_feat = models.witness.forward_tapped(triggered, [models.witness_tap])
     attack_loss = F.cross_entropy(s_logits, which, reduction="none").view(groups, -1).mean(1)
     size = family.footprint(which).view(groups, -1).mean(1)
     loss = attack_loss + size_weight * size
-    if config.use_witness:
+    if config.use_witness and w_logits is not None:
         witness_loss = F.cross_entropy(w_logits, y, reduction="none").view(groups, -1).mean(1)
         loss = loss + config.witness_weight * witness_loss
     if config.use_alignment:

@@ -42,8 +42,8 @@ MIN_SUCCESS = 0.05
 # pairs of different architectures.
 SIMILAR = 0.9
 # A threshold is the highest clean score plus a margin, so it needs enough pairs to have
-# met the tail of natural shortcuts: sixteen alike pairs scored at most 0.20, and ten more
-# Fashion-MNIST CNN pairs brought 0.33 and 0.51 (stop 18).
+# met the tail of natural shortcuts: the highest alike clean scores came from the last of
+# many Fashion-MNIST CNN pairs (`calibrate.CLEAN_PAIRS`), not from the first sixteen.
 MIN_SIMILAR_PAIRS = 10
 
 
@@ -80,9 +80,9 @@ class Thresholds:
         Two providers whose representations are alike (`cka.Alignment.similarity`) mostly
         learned alike shortcuts, while a Fashion-MNIST CNN reaches the natural "bag" patch
         with a quarter of the patch a ResNet or an MLP needs. So alike clean pairs mostly
-        score lower (stop 18: 26 alike pairs at most 0.51, unlike ones up to 0.83; since
-        the minimal-patch search the two bins' highest are close, 0.57 and 0.53), and a
-        threshold set by the unlike pairs lets more backdoors of alike pairs through. A
+        score lower (the shipped profiles' `clean_pair_scores` and
+        `clean_pair_similarity` show both bins), and a threshold set by the unlike pairs
+        lets more backdoors of alike pairs through. A
         pair is judged by the alike pairs' thresholds only when it is at least as alike as
         they were.
         """
@@ -184,7 +184,7 @@ class Finding:
         question is whether the target is out of line *for the suspect*, and a peer that
         finds it dearer than its own other targets says nothing about that. Uncapped, a
         clean model whose peer's median patch is a third of its own read the peer's dear
-        target as its own cheap one (stop 21's benchmark).
+        target as its own cheap one.
 
         A peer trigger that never worked (effective success under MIN_SUCCESS) shrinks
         under its size penalty towards nothing, which would read as a peer flipped for

@@ -78,7 +78,7 @@ def test_quick_benchmark_writes_a_report_with_every_section(tmp_path):
     main(["--quick", "--out", str(out)])
     report = out.read_text()
     sections = (
-        "## Targets (issue 4)", "**crossaudit**", "**Neural Cleanse**", "**crossaudit by architecture pair**",
+        "## Targets", "**crossaudit**", "**Neural Cleanse**", "**crossaudit by architecture pair**",
         "| cnn/cnn | ", "**crossaudit by dataset**", "| badnets | ", "**crossaudit's misjudged models**",
         "crossaudit (no witness)", "crossaudit (fine-tuning scored)", "x wall clock", "x CPU.", "x CPU, detection",
         "detected [95% CI]", "of distinct clean models", "## Scaling", "| mlp | ",

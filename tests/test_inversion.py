@@ -103,9 +103,8 @@ def test_both_directions_side_by_side_find_bitwise_what_one_after_the_other_find
 @pytest.mark.slow
 def test_screens_keep_the_planted_target_of_the_quick_plans_backdoors(tmp_path):
     """The screens prune targets before any cross-examination, so they may lose nothing:
-    on each backdoored model of the detection benchmark's quick plan, the planted target
-    is ranked first by the patch screen and cross-examined by every family whose screen
-    kept it."""
+    on each backdoored model of the detection benchmark's quick plan (BadNets), the patch
+    screen ranks the planted target first and the patch family cross-examines it."""
     from benchmarks.detection import QUICK, screen_ranks
     from crossaudit.audit import run_audit
     from crossaudit.zoo.datasets import load_dataset
