@@ -109,7 +109,9 @@ class RuntimeGraph(nn.Module):
             providers = ["CPUExecutionProvider"]
             if self.device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
                 providers.insert(0, "CUDAExecutionProvider")
-            self._session = ort.InferenceSession(self.onnx_bytes, providers=providers)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            self._session = ort.InferenceSession(self.onnx_bytes, options, providers=providers)
         return self._session
 
     def run(self, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
