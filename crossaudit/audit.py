@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from crossaudit.errors import (
     TimeBudgetError,
 )
 from crossaudit.features import candidate_taps, extract_features
-from crossaudit.inversion import Examination, InversionConfig, Models, Trigger, cross_invert
+from crossaudit.inversion import Examination, InversionConfig, Models, Trigger, cross_invert, exhaustive
 from crossaudit.limits import Limits
 from crossaudit.log_probabilities import LogProbabilities, are_probabilities
 from crossaudit.models import LoadedModel, load_model, logits_of, parity_check
@@ -61,10 +61,12 @@ log = logging.getLogger(__name__)
 PARITY_SAMPLES = 256
 # A trigger moves a captioner's whole caption through its decoder, and the search gets
 # there more slowly: on a zoo captioner no target had any success after 30 steps of the
-# blend and warp search, and the planted target led after 90. So a captioner's blend and
-# warp screens run this many steps (a search budget; the captioner thresholds are
-# calibrated on clean pairs with it).
+# blend and warp search, and the planted target led after 90 (a search budget; the captioner
+# thresholds are calibrated on clean pairs with it).
 CAPTIONER_SEARCH_STEPS = 90
+# Paradigms whose models a short screen of each model alone cannot flip, searched in full
+# (`inversion.exhaustive`); their profiles are calibrated with that search.
+EXHAUSTIVE_PARADIGMS = ("semi", "ssl", CAPTIONER)
 # Success rates are measured on held-out samples that both models get right: with fewer
 # than this many, one sample moves a rate by over 2 points and a clean verdict would rest
 # on noise, so the audit is inconclusive instead (an audit set of roughly 120 or more).
@@ -381,8 +383,9 @@ def pair_triggers(pair: Pair, alignment: Alignment, config: AuditConfig, seed: i
     torch.manual_seed(seed)
     x, y = pair.tensors(pair.inversion_idx)
     inversion = config.inversion
-    if pair.paradigm == CAPTIONER:
-        inversion = replace(inversion, search_steps=max(inversion.search_steps, CAPTIONER_SEARCH_STEPS))
+    if pair.paradigm in EXHAUSTIVE_PARADIGMS:
+        steps = CAPTIONER_SEARCH_STEPS if pair.paradigm == CAPTIONER else exhaustive(inversion).search_steps
+        inversion = exhaustive(inversion, steps)
     found = cross_invert(pair.directions(alignment), x, y, pair.num_classes, inversion, seed)
     prove_on_triggers(pair.graphs, pair.feeds, found.triggers, pair.data.x, pair.data.y, seed)
     return found

@@ -126,3 +126,14 @@ def test_screens_keep_the_planted_target_of_the_quick_plans_backdoors(tmp_path):
                 assert ranks["patch"] == 0, (attack, ranks)
                 examined = {t.family_name for t in result.triggers[0] if t.target == target}
                 assert "patch" in examined
+
+
+def test_a_screen_of_each_model_alone_needs_cross_examined_rounds():
+    """Without rounds a screen's footprints would be the suspect's alone, never
+    cross-examined; an exhaustive search screens with both models and needs none."""
+    from crossaudit.inversion import exhaustive
+
+    with pytest.raises(ValueError, match="cross-examined rounds"):
+        InversionConfig(rounds=())
+    full = exhaustive(InversionConfig())
+    assert not full.screen_alone and full.rounds == () and inversion.alone(full) == full
