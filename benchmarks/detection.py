@@ -53,7 +53,7 @@ from crossaudit.audit import AuditConfig, AuditResult, run_audit
 from crossaudit.baselines.neural_cleanse import NeuralCleanseConfig, NeuralCleanseResult, neural_cleanse
 from crossaudit.calibrate import SEED_BLOCKS, CalibrationRun, family_maxima, profile
 from crossaudit.data import read_audit_data, write_parquet
-from crossaudit.inversion import DEFAULT_FAMILIES, InversionConfig
+from crossaudit.inversion import DEFAULT_FAMILIES, InversionConfig, ranked
 from crossaudit.models import load_model
 from crossaudit.verdict import Finding, ModelReport, Thresholds, judge, load_thresholds
 from crossaudit.zoo.attacks import ATTACKS
@@ -288,13 +288,11 @@ LABELS = "label statistic"
 
 def screen_ranks(result: AuditResult, target: int) -> dict[str, int]:
     """The planted target's rank in each trigger family's screen of the suspect (direction
-    0): its place in the order `inversion.most_economical` keeps targets in (highest merit
-    first, ties to the lower class)."""
-    ranks = {}
-    for family, merits in result.screens.items():
-        order = sorted(range(len(merits[0])), key=lambda t: -merits[0][t])
-        ranks[family] = order.index(target)
-    return ranks
+    0): its place in the order the screen keeps targets in (`inversion.ranked`)."""
+    return {
+        family: ranked(merits[0], list(range(len(merits[0])))).index(target)
+        for family, merits in result.screens.items()
+    }
 
 
 def label_statistic_rank(suspect: Path, witness: Path, data: Path, target: int) -> int:

@@ -485,13 +485,17 @@ def exhaustive(config: InversionConfig, search_steps: int = 30) -> InversionConf
     )  # fmt: skip
 
 
+def ranked(merit: np.ndarray, among: list[int]) -> list[int]:
+    """`among` in the order a screen keeps targets: highest merit first, ties to the lower class."""
+    return sorted(among, key=lambda target: -merit[target])
+
+
 def most_economical(merits: list[np.ndarray], among: list[int], per_direction: int) -> list[int]:
     """The union over directions of each direction's `per_direction` targets, of `among`,
     with the highest merit; each direction's merit is already read against its peer."""
     keep: set[int] = set()
     for merit in merits:
-        ranked = sorted(among, key=lambda target: -merit[target])
-        keep.update(ranked[:per_direction])
+        keep.update(ranked(merit, among)[:per_direction])
     return sorted(keep)
 
 
