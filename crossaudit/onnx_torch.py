@@ -1210,10 +1210,15 @@ def _trial_inputs(graph: onnx.GraphProto, names: Sequence[str], batch: int, free
 
 def _check_per_sample(
     nodes: list[Node], graph: onnx.GraphProto, names: Sequence[str], weights: dict[str, Tensor]
-) -> None:
+) -> dict[str, int]:
     """Refuse a graph whose output for one sample could depend on the other samples of its
     batch or on the batch size (see `Flow`): the audit sees batches, a deployment may
-    serve one request at a time."""
+    serve one request at a time.
+
+    Returns the float values that hold exactly one slice per sample, each with the axis
+    that indexes the samples: the only values an activation tap can be pooled from (a
+    transformer's sequence-first attention values hold the batch on axis 1; shape
+    arithmetic and values merging the batch with heads hold no sample on its own)."""
     failure: Exception | None = None
     declared = {value.name: value.type.tensor_type.shape.dim for value in graph.input}
     open_dims = any(d.dim_value <= 0 for name in names for d in list(declared[name])[1:])
@@ -1229,11 +1234,20 @@ def _check_per_sample(
         try:
             with torch.no_grad():
                 _trace(nodes, scopes, flows)
-            return
         except (UnsupportedOpError, ModelLoadError):
             raise
         except Exception as exc:  # a trial shape the graph does not take: try the next
             failure = exc
+            continue
+        return {
+            name: flow.layout.axis
+            for name, flow in flows[0].items()
+            if flow.layout is not None
+            and flow.layout.inner == 1
+            and isinstance(value := scopes[0].get(name), Tensor)
+            and value.is_floating_point()
+            and value.shape[flow.layout.axis] == TRIAL_BATCHES[0]
+        }
     raise UnsupportedOpError(
         f"the graph did not run on zeros at batch sizes {list(TRIAL_BATCHES)} ({failure}): cannot check that its "
         "output for one sample does not depend on the rest of the batch"
@@ -1338,8 +1352,14 @@ class OnnxModule(nn.Module):
         _check_types(self.nodes, types, from_input)
         self._from_input = frozenset(from_input)
         weights = {name: self.params[key].detach() for name, key in self._keys.items()}
-        _check_per_sample(self.nodes, graph, self.input_names, weights)
-        self.taps = [outputs[0] for op, _, outputs, _ in self.nodes if op in TAP_OPS and outputs[0] != self.output_name]
+        sample_axes = _check_per_sample(self.nodes, graph, self.input_names, weights)
+        self.taps = [
+            outputs[0]
+            for op, _, outputs, _ in self.nodes
+            if op in TAP_OPS and outputs[0] != self.output_name and outputs[0] in sample_axes
+        ]
+        # Taps are handed out batch first, whatever axis the graph keeps its samples on.
+        self._tap_axes = {name: sample_axes[name] for name in self.taps if sample_axes[name] != 0}
         self.tap_ops = {outputs[0]: op for op, _, outputs, _ in self.nodes if outputs and outputs[0] in self.taps}
         self._first_only = self._first_input_only() if len(self.input_names) > 1 else set()
         self._prefix, self._tail, self._frontier = self._split_at_tail()
@@ -1452,7 +1472,7 @@ class OnnxModule(nn.Module):
                 scope.update(zip(outputs, results, strict=False))
                 watch(outputs, results)
                 if outputs[0] in want:
-                    tapped[outputs[0]] = results[0]
+                    tapped[outputs[0]] = results[0].movedim(self._tap_axes.get(outputs[0], 0), 0)
 
         if last_only:
             execute(self._prefix, env)

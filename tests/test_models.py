@@ -40,6 +40,23 @@ def test_resnet_ops_translate(tmp_path):
     assert parity_check(load_model(str(tmp_path / "r.onnx")), example) < 1e-3
 
 
+def test_vit_taps_are_per_sample_activations_handed_out_batch_first(tmp_path):
+    """A transformer's exported attention keeps its samples on axis 1 and does shape
+    arithmetic with Add: each tap must still give one row per sample, from that sample alone."""
+    from crossaudit.features import extract_features
+    from crossaudit.zoo.train import export_onnx
+
+    x = np.random.RandomState(0).rand(5, 3, 16, 16).astype(np.float32)
+    export_onnx(build("vit", 3, 16, 10).eval(), x, tmp_path / "vit.onnx")
+    module = load_model(str(tmp_path / "vit.onnx")).module
+    assert module.taps
+    together = extract_features(module, x, module.taps)
+    alone = extract_features(module, x[2:3], module.taps)
+    for tap in module.taps:
+        assert together[tap].shape[0] == len(x), tap
+        np.testing.assert_allclose(together[tap][2:3], alone[tap], rtol=1e-4, atol=1e-5, err_msg=tap)
+
+
 @pytest.mark.parametrize("window", [(2, 2, 0), (3, 3, 0), (3, 2, 1), (2, 1, 0)])
 def test_max_pool_matches_torch_bit_for_bit_in_values_and_gradients(window):
     """The translator's max pool (oneDNN for non-overlapping windows) must not move an
