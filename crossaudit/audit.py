@@ -35,7 +35,7 @@ from crossaudit.models import LoadedModel, load_model, logits_of, parity_check
 from crossaudit.paradigms import AUTO, CAPTIONER, LM, image_paradigm
 from crossaudit.paradigms.captioning import CaptionScorer, caption_tokens
 from crossaudit.paradigms.embedding import prototype_head
-from crossaudit.parallel import side_by_side
+from crossaudit.parallel import pipelined
 from crossaudit.runtime_parity import AUDIT, NOISE, GraphInputs, RuntimeGraph, deployed, noise_inputs, prove_on_triggers
 from crossaudit.sensitivity import (
     AttackEffect,
@@ -127,24 +127,28 @@ def measure(
     Runtime (`runtime_parity.deployed`): the attack success a finding reports is what the
     deployed model does, and every triggered held-out input is proved against the torch
     translation the search used (a ParityError otherwise). Only the fine-tuned copy, which
-    exists in torch alone, runs in torch. The two directions run side by side
-    (`parallel.side_by_side`); neither depends on the other's results."""
+    exists in torch alone, runs in torch. Both suspects are fine-tuned side by side, and each
+    trigger's effect is measured as soon as its suspect's copy is ready, on whichever core
+    is free (`parallel.pipelined`); no measurement depends on another's result."""
 
-    def direction(index: int) -> dict[tuple[str, int], tuple[Trigger, AttackEffect]]:
-        mine = triggers[index]
-        tuned = fine_tuned_copy(directions[index].suspect, *inversion_set, config.sensitivity, seed)
+    def effects(index: int, tuned: nn.Module) -> list[Callable[[], AttackEffect]]:
         suspect, witness = as_deployed[index], as_deployed[1 - index]
-        return {(t.family_name, t.target): (t, attack_effect(t, suspect, tuned, witness, *held_out)) for t in mine}
+        return [partial(attack_effect, t, suspect, tuned, witness, *held_out) for t in triggers[index]]
 
-    effects = side_by_side([partial(direction, index) for index in range(len(directions))])
+    tuning = [partial(fine_tuned_copy, d.suspect, *inversion_set, config.sensitivity, seed) for d in directions]
+    measured = pipelined(tuning, effects)
+    effects_by_key = [
+        {(t.family_name, t.target): (t, effect) for t, effect in zip(mine, found, strict=True)}
+        for mine, found in zip(triggers, measured, strict=True)
+    ]
 
     def effective(effect: AttackEffect) -> float:
         """Success the witness does not share."""
         return effect.suspect_flip * effect.witness_kept
 
     findings: list[list[Finding]] = []
-    for index, mine in enumerate(effects):
-        peer = effects[1 - index]
+    for index, mine in enumerate(effects_by_key):
+        peer = effects_by_key[1 - index]
         findings.append([])
         for key, (trigger, effect) in mine.items():
             peer_trigger, peer_effect = peer[key]
