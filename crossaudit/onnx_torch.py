@@ -1308,14 +1308,26 @@ def _trace_if(
             scope[output], flow[output] = in_scope[source], in_flow.get(source, STATIC)
 
 
-def _nan_seen(watched: list[tuple[Tensor, Tensor]]) -> bool:
-    """Whether any watched value holds a NaN. Sums are NaN for every value with a NaN, and
-    for a few without one (both infinities, or an overflow of both signs); those few are
-    tested element by element, so the answer is exact."""
-    if not watched:
-        return False
-    suspicious = torch.stack([total for _, total in watched]).isnan().nonzero().flatten().tolist()
-    return any(bool(torch.isnan(watched[i][0]).any()) for i in suspicious)
+NAN_FROM_INPUT = (
+    "the graph computed NaN from its input; expected finite values: torch and ONNX Runtime treat NaN "
+    "differently (max pooling, max and min reductions, comparisons, sign), so the translation cannot stand "
+    "in for the model on these inputs"
+)
+
+
+def _release_after(nodes: list[Node], keep: str) -> list[tuple[str, ...]]:
+    """Per node, the values that no later node reads (all but `keep`): a run drops them once
+    the node has run, so that a forward pass holds what is still to be read rather than
+    every value it made (a transformer's attention values dominate its memory otherwise)."""
+    last: dict[str, int] = {}
+    for index, (op, inputs, outputs, attrs) in enumerate(nodes):
+        for name in (*outputs, *inputs, *(_captured_by_if(attrs) if op == "If" else ())):
+            last[name] = index
+    release: list[list[str]] = [[] for _ in nodes]
+    for name, index in last.items():
+        if name and name != keep:
+            release[index].append(name)
+    return [tuple(names) for names in release]
 
 
 class OnnxModule(nn.Module):
@@ -1363,6 +1375,7 @@ class OnnxModule(nn.Module):
         self.tap_ops = {outputs[0]: op for op, _, outputs, _ in self.nodes if outputs and outputs[0] in self.taps}
         self._first_only = self._first_input_only() if len(self.input_names) > 1 else set()
         self._prefix, self._tail, self._frontier = self._split_at_tail()
+        self._release = _release_after(self.nodes, self.output_name)
 
     def _split_at_tail(self) -> tuple[list[Node], list[Node], list[str]]:
         """The graph as the nodes before its per-position tail (`_per_position_tail`), the
@@ -1418,7 +1431,12 @@ class OnnxModule(nn.Module):
         return {name for name, found in origins.items() if found == {0}}
 
     def _run(
-        self, feeds: tuple[Tensor, ...], want: frozenset[str], broadcast: int = 1, last_only: bool = False
+        self,
+        feeds: tuple[Tensor, ...],
+        want: frozenset[str],
+        broadcast: int = 1,
+        last_only: bool = False,
+        exact: bool = False,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         if len(feeds) != len(self.input_names):
             raise ModelLoadError(f"the graph takes inputs {self.input_names}, given {len(feeds)}")
@@ -1439,21 +1457,26 @@ class OnnxModule(nn.Module):
 
         tapped: dict[str, Tensor] = {}
         device = feeds[0].device
-        watched: list[tuple[Tensor, Tensor]] = []
+        sums: list[Tensor] = []
 
         def watch(names: Sequence[str], values: Sequence[Tensor | None]) -> None:
-            """Note each float value computed from the input, with its sum: one reduction
-            per value, where an exact NaN test per value cost a tenth of an audit. A NaN
-            anywhere makes the sum NaN; only then is the value itself tested (`_nan_seen`)."""
+            """Sum each float value computed from the input: one reduction per value, where
+            an exact NaN test per value cost a tenth of an audit, and no value is held for
+            later. A NaN makes its sum NaN, and so do both infinities or an overflow of both
+            signs; a run with a NaN sum is repeated `exact`ly, testing every value."""
             for name, value in zip(names, values, strict=False):
                 if name in self._from_input and value is not None and value.is_floating_point():
                     detached = value.detach()
-                    watched.append((detached, detached.sum()))
+                    if exact and bool(torch.isnan(detached).any()):
+                        raise ParityError(NAN_FROM_INPUT)
+                    sums.append(detached.sum())
 
         watch(self.input_names, feeds)
 
-        def execute(nodes: list[Node], scope: dict[str, Tensor | None]) -> None:
-            for op, inputs, outputs, attrs in nodes:
+        def execute(
+            nodes: list[Node], scope: dict[str, Tensor | None], release: Sequence[tuple[str, ...]] = ()
+        ) -> None:
+            for index, (op, inputs, outputs, attrs) in enumerate(nodes):
                 if op == "Constant":
                     scope[outputs[0]] = torch.as_tensor(np.array(attrs.get("value")), device=device)
                     continue
@@ -1473,6 +1496,8 @@ class OnnxModule(nn.Module):
                 watch(outputs, results)
                 if outputs[0] in want:
                     tapped[outputs[0]] = results[0].movedim(self._tap_axes.get(outputs[0], 0), 0)
+                for name in release[index] if release else ():
+                    scope.pop(name, None)
 
         if last_only:
             execute(self._prefix, env)
@@ -1483,13 +1508,9 @@ class OnnxModule(nn.Module):
                 env[name] = value[:, -1:]
             execute(self._tail, env)
         else:
-            execute(self.nodes, env)
-        if _nan_seen(watched):
-            raise ParityError(
-                "the graph computed NaN from its input; expected finite values: torch and ONNX Runtime treat "
-                "NaN differently (max pooling, max and min reductions, comparisons, sign), so the translation "
-                "cannot stand in for the model on these inputs"
-            )
+            execute(self.nodes, env, self._release)
+        if not exact and sums and bool(torch.stack(sums).isnan().any()):
+            return self._run(feeds, want, broadcast, last_only, exact=True)
         return env[self.output_name], tapped
 
     def forward(self, *inputs: Tensor) -> Tensor:

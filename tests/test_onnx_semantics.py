@@ -615,6 +615,22 @@ def test_nan_computed_from_the_input_stops_the_translation():
         module(torch.full((2, 4), 0.1))
 
 
+def test_values_whose_sums_overflow_without_a_nan_are_not_mistaken_for_one():
+    """The NaN guard sums each value; a value holding both infinities (an overflow of both
+    signs) sums to NaN, so the run is repeated testing every value, and goes through."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["image", "big"], ["logits"])],
+        "g",
+        [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["n", 4])],
+        [onnx.numpy_helper.from_array(np.float32(1e38), "big")],
+    )
+    module = OnnxModule(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    x = torch.tensor([[4.0, -4.0, 1.0, 0.0]])
+    assert bool(torch.isnan((x * 1e38).sum()))
+    assert torch.equal(module(x), x * torch.tensor(1e38))
+
+
 # -- a sample's output must not depend on the rest of its batch ---------------------------
 
 
