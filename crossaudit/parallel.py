@@ -11,8 +11,9 @@ once the smaller is done, which is why that benchmark reports CPU seconds too.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -21,16 +22,23 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 
-def side_by_side(jobs: list[Callable[[], T]]) -> list[T]:
-    """Every job's result, in order; the jobs run at the same time, the threads split between them."""
+@contextmanager
+def _workers(count: int) -> Iterator[ThreadPoolExecutor]:
+    """A pool of `count` workers, torch's threads split between them while it lasts."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // len(jobs)))
+    torch.set_num_threads(max(1, threads // count))
     try:
-        with ThreadPoolExecutor(len(jobs)) as pool:
-            futures = [pool.submit(job) for job in jobs]
-            return [future.result() for future in futures]
+        with ThreadPoolExecutor(count) as pool:
+            yield pool
     finally:
         torch.set_num_threads(threads)
+
+
+def side_by_side(jobs: list[Callable[[], T]]) -> list[T]:
+    """Every job's result, in order; the jobs run at the same time, the threads split between them."""
+    with _workers(len(jobs)) as pool:
+        futures = [pool.submit(job) for job in jobs]
+        return [future.result() for future in futures]
 
 
 def pipelined(first: list[Callable[[], T]], then: Callable[[int, T], list[Callable[[], U]]]) -> list[list[U]]:
@@ -41,15 +49,10 @@ def pipelined(first: list[Callable[[], T]], then: Callable[[int, T], list[Callab
     first job's follow-ups are queued as soon as it is done, so the worker a short job
     frees takes up the long one's follow-ups. Each job is computed as it would be alone.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // len(first)))
-    try:
-        with ThreadPoolExecutor(len(first)) as pool:
-            started = {pool.submit(job): index for index, job in enumerate(first)}
-            followed: list[list[Future[U]]] = [[] for _ in first]
-            for done in as_completed(started):
-                index = started[done]
-                followed[index] = [pool.submit(job) for job in then(index, done.result())]
-            return [[future.result() for future in futures] for futures in followed]
-    finally:
-        torch.set_num_threads(threads)
+    with _workers(len(first)) as pool:
+        started = {pool.submit(job): index for index, job in enumerate(first)}
+        followed: list[list[Future[U]]] = [[] for _ in first]
+        for done in as_completed(started):
+            index = started[done]
+            followed[index] = [pool.submit(job) for job in then(index, done.result())]
+        return [[future.result() for future in futures] for futures in followed]
