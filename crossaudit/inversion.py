@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crossaudit.adam import Adam
 from crossaudit.cka import minibatch_cka
 from crossaudit.features import pooled
 from crossaudit.parallel import side_by_side
@@ -357,7 +358,7 @@ def _optimise(
     family: TriggerFamily, models: Models, data: tuple[Tensor, Tensor], plan: BatchPlan, config: InversionConfig
 ) -> np.ndarray:
     """Adam on the plan's active targets' triggers; returns each one's smoothed merit."""
-    optimiser = torch.optim.Adam(family.parameters(), lr=config.lr)
+    optimiser = Adam(family.parameters(), lr=config.lr)
     merit = np.zeros(len(plan.active))
     for indices in plan.steps:
         loss, success = _losses(family, models, config, plan.batch(data, indices))
@@ -429,7 +430,7 @@ def minimal_patches(
     check = plan.batch(data, plan.check)
     weight = search.weight[active]
     kept = [p.detach().clone() for p in family.parameters()]
-    optimiser = torch.optim.Adam(family.parameters(), lr=config.lr)
+    optimiser = Adam(family.parameters(), lr=config.lr)
     for step, indices in enumerate(plan.steps, start=1):
         loss, _ = _losses(family, models, config, plan.batch(data, indices), weight)
         optimiser.zero_grad()

@@ -329,9 +329,18 @@ def _instance_norm(a: Attrs, x: list[Tensor | None]) -> Tensor:
     return F.instance_norm(x[0], weight=x[1], bias=x[2], eps=float(a.get("epsilon", 1e-5)))
 
 
+def _broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
+    """The shape `shapes` broadcast to, as `torch.broadcast_shapes` gives it.
+
+    Why not torch's: its first call imports torch's symbolic-shape machinery (sympy, about
+    0.4 s), which every model load would pay for arithmetic on a few tuples.
+    """
+    return tuple(int(size) for size in np.broadcast_shapes(*(tuple(shape) for shape in shapes)))
+
+
 def _expand(a: Attrs, x: list[Tensor | None]) -> Tensor:
     """ONNX Expand broadcasts both ways: a 1 in the target shape keeps the input's size."""
-    shape = torch.broadcast_shapes(x[0].shape, tuple(int(v) for v in x[1].tolist()))
+    shape = _broadcast_shapes(x[0].shape, tuple(int(v) for v in x[1].tolist()))
     return x[0].expand(_bounded("Expand", shape))
 
 
@@ -473,10 +482,10 @@ def _check_output_size(op: str, a: Attrs, args: list[Tensor | None]) -> None:
     """Bound the outputs of broadcasting ops and matrix products before computing them."""
     shapes = [tuple(t.shape) for t in args if t is not None]
     if op in BROADCASTING_OPS:
-        _bounded(op, torch.broadcast_shapes(*shapes))
+        _bounded(op, _broadcast_shapes(*shapes))
     elif op == "MatMul" and len(shapes[0]) >= 2 and len(shapes[1]) >= 2:
         left, right = shapes[:2]
-        _bounded(op, (*torch.broadcast_shapes(left[:-2], right[:-2]), left[-2], right[-1]))
+        _bounded(op, (*_broadcast_shapes(left[:-2], right[:-2]), left[-2], right[-1]))
     elif op == "Gemm":
         left, right = shapes[:2]
         _bounded(op, (left[1] if a.get("transA", 0) else left[0], right[0] if a.get("transB", 0) else right[1]))
@@ -984,7 +993,7 @@ def _size_flow(op: str, attrs: Attrs, args: list[Tensor | None], flows: list[Flo
     if op == "Mul":
         held = (masks[0] + masks[1]) > 0
     elif op == "Equal":
-        shape = torch.broadcast_shapes(args[0].shape, args[1].shape)
+        shape = _broadcast_shapes(args[0].shape, args[1].shape)
         a, b = (t.expand(shape) for t in args[:2])
         ma, mb = (m.expand(shape) > 0 for m in masks[:2])
         # A product of dimensions and non-negative factors never equals a negative constant.

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crossaudit.adam import Adam
 from crossaudit.inversion import Trigger
 
 
@@ -69,7 +70,7 @@ def fine_tuned_copy(suspect: nn.Module, x: Tensor, y: Tensor, config: Sensitivit
     trainable = [p for p in model.parameters() if p.is_floating_point()]
     for p in trainable:
         p.requires_grad_(True)
-    optimiser = torch.optim.Adam(trainable, lr=config.lr)
+    optimiser = Adam(trainable, lr=config.lr)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(config.steps):
         index = torch.randint(len(x), (config.batch,), generator=generator).to(x.device)

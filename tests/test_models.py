@@ -2,6 +2,8 @@
 
 import hashlib
 import pickle
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -218,3 +220,22 @@ def test_an_environment_that_would_install_the_providers_code_where_it_is_served
     (tmp_path / name).write_text(text)
     with pytest.raises(ModelLoadError, match=r"mlflow\.onnx writes it|asks to install|channels|dependencies must"):
         load_model(str(tmp_path))
+
+
+def test_a_search_step_on_a_loaded_model_imports_neither_sympy_nor_torchs_compiler(digits_zoo):
+    """Each would add most of a second to every command-line audit and pipeline step:
+    torch imports sympy on its first `broadcast_shapes`, and its compiler on an optimiser's first use."""
+    code = (
+        "import sys, torch\n"
+        "from crossaudit.adam import Adam\n"
+        "from crossaudit.models import load_model\n"
+        f"model = load_model({str(digits_zoo.clean_cnn)!r}).module\n"
+        "delta = torch.zeros(1, 1, 16, 16, requires_grad=True)\n"
+        "optimiser = Adam([delta], lr=0.1)\n"
+        "model(torch.rand(4, 1, 16, 16) + delta).sum().backward()\n"
+        "optimiser.step()\n"
+        "print(sorted(m for m in ('sympy', 'torch._dynamo') if m in sys.modules))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

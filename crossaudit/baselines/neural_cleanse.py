@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crossaudit.adam import Adam
 from crossaudit.parallel import side_by_side
 
 MAD_CONSISTENCY = 1.4826
@@ -53,7 +54,7 @@ def _reverse_engineer(
     _, c, h, w = x.shape
     mask_logit = torch.zeros(1, 1, h, w, device=x.device, requires_grad=True)
     pattern_logit = torch.zeros(1, c, h, w, device=x.device, requires_grad=True)
-    optimiser = torch.optim.Adam([mask_logit, pattern_logit], lr=config.lr, betas=(0.5, 0.9))
+    optimiser = Adam([mask_logit, pattern_logit], lr=config.lr, betas=(0.5, 0.9))
     labels = torch.full((config.batch,), target, device=x.device)
     cost, best, last = config.init_cost, float("inf"), float("inf")
     successes = failures = 0

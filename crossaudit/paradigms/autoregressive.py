@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crossaudit.adam import Adam
 from crossaudit.onnx_torch import OnnxModule
 from crossaudit.tokenizer import WordTokenizer, words
 
@@ -254,7 +255,7 @@ def fine_tuned(model: LanguageModel, texts: list[str], config: TextSearchConfig,
     trainable = [p for p in module.parameters() if p.is_floating_point()]
     for p in trainable:
         p.requires_grad_(True)
-    optimiser = torch.optim.Adam(trainable, lr=config.finetune_lr)
+    optimiser = Adam(trainable, lr=config.finetune_lr)
     rows = [model.tokenizer.encode(t) for t in texts]
     length = config.prompt_tokens + config.continuation
     windows = torch.tensor([r[:length] for r in rows if len(r) >= length], dtype=torch.long, device=model.device)
