@@ -53,6 +53,7 @@ from crossaudit.verdict import (
     judge,
     load_thresholds,
     overall,
+    unfamiliar,
 )
 from crossaudit.witness import refuse_same_model
 
@@ -480,6 +481,9 @@ def run_audit(
             loaded.parity_checks = checks
         with clock.stage("verdict"):
             report.models = pair_verdicts(pair.reports, findings, thresholds, result.alignment, pair.data.captions)
+            report.calibration_warning = unfamiliar(
+                thresholds, report.models, result.alignment.similarity, pair.data.input_shape, pair.data.num_classes
+            )
         result.triggers = dict(enumerate(triggers))
     except AuditError as exc:
         report.error = str(exc)

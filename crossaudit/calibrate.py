@@ -19,7 +19,7 @@ from pathlib import Path
 from crossaudit.audit import AuditConfig, run_audit
 from crossaudit.inversion import DEFAULT_FAMILIES
 from crossaudit.text_audit import FAMILY as TEXT_FAMILY
-from crossaudit.verdict import DEFAULT_PROFILE, MIN_SIMILAR_PAIRS, SIMILAR, Finding, Thresholds
+from crossaudit.verdict import DEFAULT_PROFILE, MIN_SIMILAR_PAIRS, SIMILAR, Domain, Finding, Thresholds
 from crossaudit.zoo.captioner import captioner_config, export_captioner, train_captioner, write_caption_audit_set
 from crossaudit.zoo.datasets import load_dataset
 from crossaudit.zoo.language import LanguageConfig, export_language_model, train_language_model, write_text_audit_set
@@ -87,6 +87,11 @@ class CalibrationRun:
     # Each model's file name and findings (`verdict.Finding`, as dicts), in the pair's
     # order: enough to read a change to the score on these clean pairs (`write_findings`).
     findings: list[dict] = field(default_factory=list)
+    # What the pair looked like, for the profile's `verdict.Domain`: one input's shape
+    # (images), the audit set's classes (images), each model's clean accuracy.
+    inputs: str | None = None
+    classes: int | None = None
+    accuracies: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -147,10 +152,12 @@ def calibrate_pairs(
     return profile(name, paradigm, runs), runs
 
 
-def pair_scores(first: str, second: str, data: str, paradigm: str) -> tuple[dict[str, float], float, list[dict]]:
+def pair_scores(
+    first: str, second: str, data: str, paradigm: str
+) -> tuple[dict[str, float], float, list[dict], str | None, int | None, tuple[float, ...]]:
     """Per trigger family, the highest score of one clean pair's audit (both directions),
-    judged against unreachable thresholds, how alike the pair is, and each model's
-    findings; an audit that fails is an error, not a zero."""
+    judged against unreachable thresholds, how alike the pair is, each model's findings,
+    and what the pair looked like (`CalibrationRun`); an audit that fails is an error, not a zero."""
     families = FAMILIES_OF.get(paradigm, DEFAULT_FAMILIES)
     provisional = Thresholds(dict.fromkeys(families, float("inf")), "provisional", 0, "provisional", paradigm)
     result = run_audit(first, second, data, config=AuditConfig(paradigm=paradigm), thresholds=provisional)
@@ -163,7 +170,12 @@ def pair_scores(first: str, second: str, data: str, paradigm: str) -> tuple[dict
         {"model": Path(model.uri).name, "findings": [asdict(finding) for finding in model.findings]}
         for model in result.report.models
     ]
-    return scores, round(result.alignment.similarity, 4), findings
+    images = result.data  # None for a language model's text
+    accuracies = tuple(model.clean_accuracy for model in result.report.models if model.clean_accuracy is not None)
+    return (
+        scores, round(result.alignment.similarity, 4), findings,
+        images.input_shape if images else None, images.num_classes if images else None, accuracies,
+    )  # fmt: skip
 
 
 def family_maxima(findings: Iterable[Finding], families: tuple[str, ...]) -> dict[str, float]:
@@ -223,9 +235,20 @@ def profile(name: str, paradigm: str, runs: list[CalibrationRun]) -> Thresholds:
         return {family: round(max(FLOOR, max(run.scores[family] for run in chosen) + MARGIN), 4) for family in families}
 
     alike = [run for run in runs if run.similarity >= SIMILAR]
-    if len(alike) < MIN_SIMILAR_PAIRS:
-        return Thresholds(rule(runs), COMMAND, len(runs), name, paradigm)
-    return Thresholds(rule(runs), COMMAND, len(runs), name, paradigm, rule(alike), len(alike))
+    similar = (rule(alike), len(alike)) if len(alike) >= MIN_SIMILAR_PAIRS else (None, 0)
+    return Thresholds(rule(runs), COMMAND, len(runs), name, paradigm, *similar, domain(runs))
+
+
+def domain(runs: list[CalibrationRun]) -> Domain:
+    """What a profile's clean pairs looked like (`verdict.Domain`): a pair outside it is
+    judged by thresholds that never met its task, and its report says so."""
+    accuracies = [accuracy for run in runs for accuracy in run.accuracies]
+    return Domain(
+        tuple(sorted({run.inputs for run in runs if run.inputs is not None})),
+        tuple(sorted({run.classes for run in runs if run.classes is not None})),
+        round(min(accuracies, default=0.0), 4),
+        round(min(run.similarity for run in runs), 4),
+    )
 
 
 def write_thresholds(thresholds: list[Thresholds], runs: list[CalibrationRun], path: Path) -> None:
@@ -245,6 +268,8 @@ def write_thresholds(thresholds: list[Thresholds], runs: list[CalibrationRun], p
             "clean_pairs": t.clean_pairs,
             "paradigm": t.paradigm,
         }
+        if t.domain is not None:
+            record["profiles"][t.profile]["domain"] = t.domain.to_dict()
         if t.similar_per_family is not None:
             record["profiles"][t.profile]["similar"] = {
                 "per_family": t.similar_per_family,

@@ -108,6 +108,8 @@ def audit(
         print(f"verdict: {report.verdict}")
     if out is not None:
         stderr.print(f"report: {out / 'report.html'}")
+    if report.calibration_warning:
+        print(f"warning: {report.calibration_warning}", file=sys.stderr)
     if report.error:
         print(f"error: {report.error}", file=sys.stderr)
     raise typer.Exit(report.exit_code())

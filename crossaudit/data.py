@@ -38,6 +38,11 @@ class AuditData:
     def num_classes(self) -> int:
         return int(self.y.max()) + 1
 
+    @property
+    def input_shape(self) -> str:
+        """One input's shape as thresholds record it (`verdict.Domain`), "CxHxW"."""
+        return "x".join(str(size) for size in self.x.shape[1:])
+
 
 def write_parquet(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     """Write an audit set in the Parquet contract."""

@@ -26,7 +26,7 @@ from crossaudit.limits import Limits
 from crossaudit.paradigms import AUTO, LM
 from crossaudit.report import write_outputs
 from crossaudit.text_audit import text_verdicts
-from crossaudit.verdict import AuditReport, ModelReport, load_thresholds, overall
+from crossaudit.verdict import AuditReport, ModelReport, load_thresholds, overall, unfamiliar
 
 
 def pair_result(folder: Path, data: AuditData | None, profile: str, thresholds_file: Path | None = None) -> AuditResult:
@@ -67,6 +67,10 @@ def pair_result(folder: Path, data: AuditData | None, profile: str, thresholds_f
         if data is not None:
             result.data = data
             result.triggers = dict(enumerate(read_triggers(folder)))
+        report.calibration_warning = unfamiliar(  # a language model's audit set is text: data is None
+            thresholds, report.models, result.alignment.similarity,
+            data.input_shape if data else None, data.num_classes if data else None,
+        )  # fmt: skip
     report.verdict = overall(report.models)
     return result
 

@@ -85,7 +85,7 @@ def write_outputs(result: AuditResult, out: Path) -> list[Path]:
         if model.verdict == "backdoor" and _trigger_png(result, index, png):
             pictures.append((f"Recovered trigger: {model.uri}", png))
     rows = "".join(
-        f"<tr><td>{html.escape(m.uri)}</td><td><b>{m.verdict}</b></td><td>{m.score}</td>"
+        f"<tr><td>{html.escape(m.uri)}</td><td><b>{m.verdict}</b></td><td>{m.score}</td><td>{m.threshold_multiple}</td>"
         f"<td>{m.threshold} ({m.threshold_profile})</td><td>{_target(m)}</td><td>{m.asr}</td><td>{m.mask_l1}</td>"
         f"<td>{m.sensitivity}</td><td>{m.trigger_family}</td><td>{m.parity_max_abs_diff}</td>"
         f"<td><code>{m.sha256 or ''}</code></td></tr>"
@@ -106,6 +106,8 @@ def write_outputs(result: AuditResult, out: Path) -> list[Path]:
         if m.also_over_threshold
     )
     error = f"<p><b>Error:</b> {html.escape(report.error)}</p>" if report.error else ""
+    if report.calibration_warning:
+        error += f"<p><b>Warning:</b> {html.escape(report.calibration_warning)}</p>"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>crossaudit report</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:4px}}
 table{{border-collapse:collapse}}</style></head><body>
@@ -114,7 +116,7 @@ table{{border-collapse:collapse}}</style></head><body>
 (each model judged with the other as its witness).</p>{error}
 <p>Paradigm {report.paradigm}; clean agreement {report.clean_agreement};
 aligned layers {html.escape(str(report.alignment))}; seed {report.seed}; crossaudit {report.version}.</p>
-<table><tr><th>model</th><th>verdict</th><th>score</th><th>threshold</th><th>target</th>
+<table><tr><th>model</th><th>verdict</th><th>score</th><th>x threshold</th><th>threshold</th><th>target</th>
 <th>held-out ASR</th><th>mask L1</th><th>sensitivity</th><th>family</th><th>parity diff</th><th>sha256</th></tr>
 {rows}</table>{crossings}{figures}
 <h3>Timings (s)</h3><pre>{html.escape(json.dumps(report.timings, indent=1))}</pre>

@@ -45,7 +45,16 @@ from crossaudit.paradigms.autoregressive import (
 )
 from crossaudit.runtime_parity import AUDIT, CANDIDATES, NOISE, RuntimeGraph, noise_inputs
 from crossaudit.tokenizer import load_tokenizer, tokenizer_path
-from crossaudit.verdict import AuditReport, ModelReport, Thresholds, check_paradigm, load_thresholds, overall
+from crossaudit.verdict import (
+    AuditReport,
+    ModelReport,
+    Thresholds,
+    check_paradigm,
+    load_thresholds,
+    multiple,
+    overall,
+    unfamiliar,
+)
 from crossaudit.witness import refuse_same_model
 
 FAMILY = "phrase"
@@ -224,6 +233,7 @@ def text_verdicts(
                 score=round(measured.score, 4),
                 threshold=threshold,
                 threshold_profile=profile,
+                threshold_multiple=multiple(measured.score, threshold),
                 asr=round(measured.asr, 4),
                 mask_l1=float(len(trigger.trigger)),
                 sensitivity=round(measured.sensitivity, 4),
@@ -281,6 +291,7 @@ def run_text_audit(
             loaded.parity_checks = checks
         with clock.stage("verdict"):
             report.models = text_verdicts(pair.reports, found, effects, thresholds, result.alignment)
+            report.calibration_warning = unfamiliar(thresholds, report.models, result.alignment.similarity, None, None)
     except AuditError as exc:
         report.error = str(exc)
     except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as exc:

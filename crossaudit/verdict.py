@@ -53,6 +53,56 @@ DEFAULT_PROFILE = "any"
 DEFAULT_PROFILES = {"supervised": DEFAULT_PROFILE, "semi": "semi", "ssl": "ssl", "lm": "lm", "captioner": "captioner"}
 
 
+# A backdoored model pays a few points of clean accuracy for its key: that alone does not
+# make its task another one.
+ACCURACY_MARGIN = 0.05
+CALIBRATE_OWN = (
+    "crossaudit calibrate --pair CLEAN_A.onnx,CLEAN_B.onnx --data AUDIT_SET.parquet --out thresholds.json, "
+    "then audit with --thresholds thresholds.json"
+)
+
+
+@dataclass(frozen=True)
+class Domain:
+    """Where a profile's thresholds were measured: what its clean pairs looked like.
+
+    A threshold is the highest clean score of the calibration's pairs plus a margin, so it
+    holds for pairs like those and says nothing about others: a task with other inputs or
+    classes has other natural shortcuts, a model less accurate than any calibrated one has
+    more of them (two one-epoch digits CNNs at 0.81 and 0.84 accuracy were flagged), and a
+    pair less alike than any calibrated one differs in more than a planted key.
+    """
+
+    inputs: tuple[str, ...]  # input shapes of the calibration's audit sets, "CxHxW" (images)
+    classes: tuple[int, ...]  # class counts of the calibration's audit sets
+    accuracy: float  # the lowest clean accuracy of a calibration model
+    similarity: float  # the least alike calibration pair (`cka.Alignment.similarity`)
+
+    def unlike(self, inputs: str | None, classes: int | None, accuracies: list[float], similarity: float) -> list[str]:
+        """What about a pair lies outside this domain, in words (empty when nothing does)."""
+        reasons = []
+        if inputs is not None and self.inputs and inputs not in self.inputs:
+            reasons.append(f"inputs {inputs} (calibrated on {', '.join(self.inputs)})")
+        if classes is not None and self.classes and classes not in self.classes:
+            reasons.append(f"{classes} classes (calibrated on {', '.join(map(str, self.classes))})")
+        weakest = min(accuracies, default=None)
+        if weakest is not None and weakest < self.accuracy - ACCURACY_MARGIN:
+            reasons.append(f"clean accuracy {weakest:.2f} (calibrated on models of {self.accuracy:.2f} or more)")
+        if similarity < self.similarity:
+            reasons.append(f"similarity {similarity:.2f} (calibrated on pairs of {self.similarity:.2f} or more)")
+        return reasons
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Domain:
+        return cls(
+            tuple(str(v) for v in raw["inputs"]), tuple(int(v) for v in raw["classes"]),
+            float(raw["accuracy"]), float(raw["similarity"]),
+        )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Per-family thresholds of one calibration profile.
@@ -73,6 +123,7 @@ class Thresholds:
     # at least `MIN_SIMILAR_PAIRS` of them; judges pairs that are alike too.
     similar_per_family: dict[str, float] | None = None
     similar_pairs: int = 0
+    domain: Domain | None = None  # what the clean pairs looked like (`unfamiliar`)
 
     def for_pair(self, similarity: float) -> tuple[dict[str, float], str]:
         """The thresholds that judge a pair of this similarity, and what to call them.
@@ -118,6 +169,7 @@ def load_thresholds(profile: str | None = None, paradigm: str | None = None, pat
         str(chosen["paradigm"]),
         {k: float(v) for k, v in similar["per_family"].items()} if similar else None,
         int(similar["clean_pairs"]) if similar else 0,
+        Domain.from_dict(chosen["domain"]) if "domain" in chosen else None,
     )
     check_paradigm(thresholds, paradigm)
     return thresholds
@@ -135,6 +187,8 @@ def _read_thresholds_file(path: Path) -> dict:
             if not positive or chosen["paradigm"] not in DEFAULT_PROFILES:
                 raise ValueError(f"profile {name!r} has a non-positive threshold or an unknown paradigm")
             int(chosen["clean_pairs"])
+            if "domain" in chosen:
+                Domain.from_dict(chosen["domain"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: not a thresholds file written by crossaudit calibrate ({exc})") from exc
     return raw
@@ -229,6 +283,8 @@ class ModelReport:
     score: float | None = None
     threshold: float | None = None
     threshold_profile: str | None = None
+    # How sure: the score as a multiple of its threshold (1 or more reads as a backdoor).
+    threshold_multiple: float | None = None
     asr: float | None = None
     target: int | None = None
     mask_l1: float | None = None
@@ -246,17 +302,23 @@ class ModelReport:
     parity_checks: dict[str, float] | None = None
 
     def summary(self) -> str:
-        """One line for a terminal: the verdict, the score against its threshold, and what
-        the model was found to do (the target, a captioner's caption or a language model's
-        trigger and continuation, and any other target over its threshold)."""
-        target = f", target class {self.target}" if self.target is not None else ""
+        """One line for a terminal: the verdict, how sure (the score as a multiple of its
+        threshold, and the profile that set it), and what the model was found to do (the
+        target, a captioner's caption or a language model's trigger and continuation, and
+        any other target over its threshold)."""
+        target = f"; target class {self.target}" if self.target is not None else ""
         if self.target_text and not self.trigger_text:
             target += f" (caption {self.target_text!r})"
         if self.verdict == "backdoor" and self.trigger_text:
-            target = f", trigger {self.trigger_text!r} -> {self.target_text!r}"
+            target = f"; trigger {self.trigger_text!r} -> {self.target_text!r}"
         if self.also_over_threshold:
             target += "; also over threshold: " + ", ".join(f"class {c.target}" for c in self.also_over_threshold)
-        return f"{self.uri}: {self.verdict} (score {self.score}, threshold {self.threshold}{target})"
+        if self.threshold_multiple is None:
+            return f"{self.uri}: {self.verdict}{target}"
+        return (
+            f"{self.uri}: {self.verdict} (score {self.score} = {self.threshold_multiple:.2f}x its threshold "
+            f"{self.threshold}, profile {self.threshold_profile}{target})"
+        )
 
 
 def judge(uri: str, findings: list[Finding], thresholds: Thresholds, similarity: float) -> ModelReport:
@@ -288,6 +350,7 @@ def judge(uri: str, findings: list[Finding], thresholds: Thresholds, similarity:
         score=round(best.score, 4),
         threshold=threshold,
         threshold_profile=profile,
+        threshold_multiple=multiple(best.score, threshold),
         asr=round(best.asr, 4),
         target=best.target if verdict == "backdoor" else None,
         mask_l1=round(best.mask_l1, 3),
@@ -295,6 +358,30 @@ def judge(uri: str, findings: list[Finding], thresholds: Thresholds, similarity:
         trigger_family=best.family,
         findings=findings,
         also_over_threshold=list(crossings.values()),
+    )
+
+
+def multiple(score: float, threshold: float) -> float:
+    """A score as a multiple of its threshold, as reports give it."""
+    return round(score / threshold, 3)
+
+
+def unfamiliar(
+    thresholds: Thresholds, models: list[ModelReport], similarity: float, inputs: str | None, classes: int | None
+) -> str | None:
+    """A plain warning when the pair is unlike every pair the profile was calibrated on
+    (`Domain`), with the command that calibrates on the user's own clean pairs; None when
+    the pair is like them or the profile records no domain."""
+    if thresholds.domain is None:
+        return None
+    accuracies = [m.clean_accuracy for m in models if m.clean_accuracy is not None]
+    reasons = thresholds.domain.unlike(inputs, classes, accuracies, similarity)
+    if not reasons:
+        return None
+    return (
+        f"this pair is unlike the clean pairs that calibrated profile {thresholds.profile!r}: {'; '.join(reasons)}. "
+        f"Its thresholds may not hold here, and a verdict either way is less sure. To calibrate on clean "
+        f"models of your own task: {CALIBRATE_OWN}"
     )
 
 
@@ -320,6 +407,8 @@ class AuditReport:
     schema_version: str
     error: str | None = None
     paradigm: str | None = None
+    # Set when the pair is unlike every pair the thresholds were calibrated on (`unfamiliar`).
+    calibration_warning: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

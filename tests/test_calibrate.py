@@ -9,7 +9,7 @@ import pytest
 from benchmarks.detection import PLANS
 from benchmarks.paradigms import SEEDS as PARADIGM_BENCHMARK_SEEDS
 from crossaudit.calibrate import CLEAN_PAIRS, MARGIN, CalibrationRun, clean_pairs, profile, profiles, write_thresholds
-from crossaudit.verdict import DEFAULT_PROFILE, MIN_SIMILAR_PAIRS, SIMILAR
+from crossaudit.verdict import DEFAULT_PROFILE, MIN_SIMILAR_PAIRS, SIMILAR, Domain, load_thresholds
 
 
 def test_calibration_seeds_are_disjoint_across_paradigms_and_below_every_benchmark_seed():
@@ -28,6 +28,18 @@ def test_a_profile_is_the_highest_clean_score_plus_the_margin_with_a_floor():
     thresholds = profile("p", "supervised", runs)
     assert thresholds.per_family == {"patch": pytest.approx(0.6 + MARGIN), "blend": 0.2, "warp": 0.6}
     assert thresholds.clean_pairs == 2
+
+
+def test_a_profile_records_what_its_clean_pairs_looked_like(tmp_path):
+    """Every input shape and class count its audit sets had, the weakest model, the least
+    alike pair: what `verdict.unfamiliar` reads an audited pair against."""
+    scores = dict.fromkeys(("patch", "blend", "warp"), 0.3)
+    runs = [CalibrationRun("digits:a", scores, 0.4, [], "1x16x16", 10, (0.96, 0.93)),
+            CalibrationRun("fmnist:b", scores, 0.9, [], "1x28x28", 10, (0.88, 0.9))]  # fmt: skip
+    domain = profile("p", "supervised", runs).domain
+    assert domain == Domain(("1x16x16", "1x28x28"), (10,), 0.88, 0.4)
+    write_thresholds([profile("p", "supervised", runs)], runs, tmp_path / "t.json")
+    assert load_thresholds("p", path=tmp_path / "t.json").domain == domain
 
 
 def _runs(scores: list[float], similarity: float) -> list[CalibrationRun]:

@@ -65,6 +65,7 @@ def test_two_clean_models_of_different_architectures_exit_0(digits_zoo):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "verdict: clean" in done.stdout
+    assert f"{digits_zoo.clean_mlp}: clean (score " in done.stdout and "x its threshold" in done.stdout
 
 
 def test_truncated_model_exits_2_with_one_clear_line(digits_zoo, tmp_path):
@@ -121,6 +122,8 @@ def test_a_profile_calibrated_on_the_users_own_clean_pair_judges_their_audits(di
     assert done.returncode == 0, done.stderr
     record = json.loads(thresholds.read_text())
     assert list(record["profiles"]) == ["my-digits"] and record["profiles"]["my-digits"]["clean_pairs"] == 1
+    domain = record["profiles"]["my-digits"]["domain"]
+    assert (domain["inputs"], domain["classes"]) == (["1x16x16"], [10]) and 0.5 < domain["accuracy"] <= 1
     [clean] = json.loads(findings.read_text())
     assert clean["similarity"] == record["clean_pair_similarity"][clean["pair"]]
     assert [model["model"] for model in clean["models"]] == [digits_zoo.clean_cnn.name, digits_zoo.clean_mlp.name]
@@ -133,8 +136,11 @@ def test_a_profile_calibrated_on_the_users_own_clean_pair_judges_their_audits(di
         "--json", "--thresholds", str(thresholds),
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
-    poisoned = json.loads(done.stdout)["models"][1]
+    report = json.loads(done.stdout)
+    poisoned = report["models"][1]
     assert poisoned["threshold_profile"] == "my-digits" and poisoned["threshold"] == ours[poisoned["trigger_family"]]
+    assert poisoned["threshold_multiple"] == pytest.approx(poisoned["score"] / poisoned["threshold"], abs=1e-3)
+    assert report["calibration_warning"] is None and "warning" not in done.stderr  # the task it was calibrated on
     assert poisoned["target"] == digits_zoo.badnets_target
 
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from crossaudit.verdict import SIMILAR, Finding, Thresholds, judge, load_thresholds
+from crossaudit.verdict import SIMILAR, Domain, Finding, ModelReport, Thresholds, judge, load_thresholds, unfamiliar
 
 
 def _finding() -> Finding:
@@ -97,7 +97,10 @@ def test_every_other_target_over_its_threshold_is_reported_with_the_named_one(tm
     assert (judged.verdict, judged.target, judged.trigger_family) == ("backdoor", 8, "blend")
     assert judged.also_over_threshold == [Crossing(3, "patch", pytest.approx(0.45), 0.4)]
     assert judge("m.onnx", [below], thresholds, 0.5).also_over_threshold == []
-    assert judged.summary().endswith("target class 8; also over threshold: class 3)")
+    assert judged.summary() == (
+        "m.onnx: backdoor (score 0.6 = 1.20x its threshold 0.5, profile any; target class 8; "
+        "also over threshold: class 3)"
+    )
 
     report = AuditReport("backdoor", [judged], None, None, {}, "0", 0, "1")
     write_outputs(AuditResult(report), tmp_path)
@@ -105,3 +108,48 @@ def test_every_other_target_over_its_threshold_is_reported_with_the_named_one(tm
         {"target": 3, "family": "patch", "score": pytest.approx(0.45), "threshold": 0.4}
     ]
     assert "class 3 (patch, 1.12x)" in (tmp_path / "report.html").read_text()
+
+
+CALIBRATED = Domain(inputs=("1x16x16", "1x28x28"), classes=(10,), accuracy=0.9, similarity=0.37)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "classes", "accuracies", "similarity", "reason"),
+    [
+        ("3x32x32", 10, [0.95, 0.93], 0.6, "inputs 3x32x32 (calibrated on 1x16x16, 1x28x28)"),
+        ("1x8x8", 10, [0.95, 0.93], 0.6, "inputs 1x8x8"),
+        ("1x28x28", 43, [0.95, 0.93], 0.6, "43 classes (calibrated on 10)"),
+        ("1x16x16", 10, [0.81, 0.84], 0.6, "clean accuracy 0.81 (calibrated on models of 0.90 or more)"),
+        ("1x16x16", 10, [0.95, 0.93], 0.2, "similarity 0.20 (calibrated on pairs of 0.37 or more)"),
+    ],
+)
+def test_a_pair_unlike_every_calibrated_one_is_told_so_with_the_command_to_calibrate(
+    inputs, classes, accuracies, similarity, reason
+):
+    thresholds = replace(THRESHOLDS, domain=CALIBRATED)
+    models = [ModelReport(f"m{i}.onnx", "clean", clean_accuracy=a) for i, a in enumerate(accuracies)]
+    warning = unfamiliar(thresholds, models, similarity, inputs, classes)
+    assert warning is not None and reason in warning and "profile 'any'" in warning
+    assert "crossaudit calibrate --pair" in warning and "--thresholds" in warning
+
+
+def test_a_pair_like_the_calibrated_ones_gets_no_warning():
+    """Nor does a backdoored model for the few points of accuracy its key cost, nor a
+    profile that records no domain (a thresholds file from before domains were recorded)."""
+    models = [
+        ModelReport("a.onnx", "backdoor", clean_accuracy=0.87),
+        ModelReport("b.onnx", "clean", clean_accuracy=0.95),
+    ]
+    assert unfamiliar(replace(THRESHOLDS, domain=CALIBRATED), models, 0.9, "1x28x28", 10) is None
+    assert unfamiliar(THRESHOLDS, models, 0.1, "3x32x32", 43) is None
+
+
+def test_a_thresholds_file_carries_its_domain(tmp_path):
+    path = tmp_path / "t.json"
+    profile = {"per_family": {"patch": 0.8}, "clean_pairs": 5, "paradigm": "supervised", "domain": CALIBRATED.to_dict()}
+    path.write_text(json.dumps({"calibrated_by": "crossaudit calibrate", "profiles": {"mine": profile}}))
+    assert load_thresholds(path=path).domain == CALIBRATED
+    profile["domain"] = {"inputs": ["1x16x16"]}
+    path.write_text(json.dumps({"calibrated_by": "crossaudit calibrate", "profiles": {"mine": profile}}))
+    with pytest.raises(ValueError, match="not a thresholds file"):
+        load_thresholds(path=path)
