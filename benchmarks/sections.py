@@ -12,7 +12,8 @@ from pathlib import Path
 PARADIGMS = ("<!-- paradigms:begin -->", "<!-- paradigms:end -->")
 MODEL_SIZES = ("<!-- model-sizes:begin -->", "<!-- model-sizes:end -->")
 ENGINEERING = ("<!-- engineering:begin -->", "<!-- engineering:end -->")
-MARKED = (MODEL_SIZES, ENGINEERING, PARADIGMS)  # in the order the page shows them
+CLEAN_CORPUS = ("<!-- clean-corpus:begin -->", "<!-- clean-corpus:end -->")
+MARKED = (MODEL_SIZES, ENGINEERING, PARADIGMS, CLEAN_CORPUS)  # in the order the page shows them
 
 
 def _pattern(markers: tuple[str, str]) -> re.Pattern[str]:

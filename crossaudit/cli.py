@@ -119,7 +119,7 @@ def audit(
 def zoo_train(
     out: Annotated[Path, typer.Option("--out", help="Where to write the ONNX model")],
     dataset: Annotated[str, typer.Option("--dataset", help="fmnist or digits (images)")] = "fmnist",
-    arch: Annotated[str, typer.Option("--arch", help="cnn, resnet or mlp (images)")] = "cnn",
+    arch: Annotated[str, typer.Option("--arch", help="cnn, resnet, mlp or mobilenet (images)")] = "cnn",
     attack: Annotated[str, typer.Option("--attack", help="clean or an attack name (lm: clean or phrase)")] = "clean",
     target: Annotated[int, typer.Option("--target")] = 0,
     poison_rate: Annotated[float, typer.Option("--poison-rate")] = 0.1,

@@ -1,6 +1,6 @@
 """Provider architectures; each normalises its own input, as the model contract asks.
 
-The zoo's three small ones (`ARCHITECTURES`) train in seconds on 2 cores; the sized ones
+The zoo's four small ones (`ARCHITECTURES`) train in seconds on 2 cores; the sized ones
 (`SIZED`: a ResNet-18 at several widths, a small ViT) measure what an audit of a model of
 realistic size costs."""
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-ARCHITECTURES = ("cnn", "resnet", "mlp")
+ARCHITECTURES = ("cnn", "resnet", "mlp", "mobilenet")
 
 
 class Normalize(nn.Module):
@@ -59,6 +59,25 @@ def small_resnet(channels: int, size: int, classes: int) -> nn.Module:
         nn.Conv2d(channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
         Block(16, 16, 1), Block(16, 32, 2), Block(32, 32, 2),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, classes),
+    )  # fmt: skip
+
+
+def separable(cin: int, cout: int, stride: int) -> nn.Sequential:
+    """MobileNet's depthwise-separable block: a 3x3 convolution per channel, then a 1x1 across them."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.ReLU6(),
+        nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU6(),
+    )  # fmt: skip
+
+
+def small_mobilenet(channels: int, size: int, classes: int) -> nn.Module:
+    """A MobileNet-style net: a family whose features (grouped convolutions, ReLU6) differ
+    from the CNN's and the ResNet's, so that clean pairs span how providers actually differ."""
+    return nn.Sequential(
+        Normalize(),
+        nn.Conv2d(channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
+        separable(16, 32, 2), separable(32, 64, 2), separable(64, 64, 1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes),
     )  # fmt: skip
 
 
@@ -115,7 +134,7 @@ SIZED = {
 
 
 def build(arch: str, channels: int, size: int, classes: int) -> nn.Module:
-    builders = {"cnn": small_cnn, "resnet": small_resnet, "mlp": mlp, **SIZED}
+    builders = {"cnn": small_cnn, "resnet": small_resnet, "mlp": mlp, "mobilenet": small_mobilenet, **SIZED}
     if arch not in builders:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {(*ARCHITECTURES, *SIZED)}")
     return builders[arch](channels, size, classes)

@@ -48,6 +48,7 @@ class TrainedModel:
 # Digits is small (1300 training images), so it gets more epochs over all of it.
 DATASET_SCHEDULES = {
     "fmnist": {"epochs": 3, "train_size": 12_000},
+    "cfmnist": {"epochs": 3, "train_size": 12_000},
     "digits": {"epochs": 20, "train_size": 1_300},
 }
 

@@ -1,0 +1,256 @@
+"""False positives at the 1% level: hundreds of distinct clean models, audited in pairs.
+
+Thresholds are a quantile of clean scores, and a false-positive rate of 1% is only visible
+on a hundred or more distinct clean models: no false positive of 52 still allows 6.8%. So
+the corpus trains, with the zoo, clean models of three tasks (digits at 16x16,
+Fashion-MNIST at 28x28, colour Fashion-MNIST at 32x32) and four architecture families
+(CNN, ResNet, MLP, MobileNet-style), and pairs them same-architecture and
+cross-architecture (`PAIR_KINDS`). Two splits, disjoint by seed (`SPLITS`): `calibration`,
+the only one a score or a threshold may be designed on, and `test`, which measures them.
+Every model is in exactly one pair, and every model of a pair is one judgement, so the
+rates are per distinct clean model.
+
+Two caches make the corpus buildable in parts on 2 cores: models by training config
+(`crossaudit.zoo.cache`), and each pair's findings by the source of the audit that found
+them (`audit_fingerprint`), so a rerun trains and audits only what it lacks, and a change
+to the search audits everything again. Judging is not cached: findings are judged afresh
+with the shipped thresholds on every run.
+
+`python -m benchmarks.clean_corpus --split test` (`--minutes M` stops starting pairs after
+M minutes, so that a long build can be done in parts) writes its section of
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import crossaudit
+from benchmarks.metrics import rate_text
+from benchmarks.sections import CLEAN_CORPUS, write_section
+from crossaudit.calibrate import pair_scores
+from crossaudit.verdict import Finding, Thresholds, judge, load_thresholds, unfamiliar
+from crossaudit.zoo.cache import cache_root, cached, trained
+from crossaudit.zoo.datasets import Split, load_dataset
+from crossaudit.zoo.train import config_for, write_audit_set
+
+TASKS = ("digits", "fmnist", "cfmnist")
+PAIR_KINDS = (
+    ("cnn", "cnn"), ("resnet", "resnet"), ("mlp", "mlp"), ("mobilenet", "mobilenet"),
+    ("cnn", "resnet"), ("cnn", "mlp"), ("cnn", "mobilenet"), ("resnet", "mobilenet"),
+)  # fmt: skip
+# Per split: the first seed and the rounds; a round is one pair of every kind on every task
+# (24 pairs, 48 models). Calibration: 192 models; test: 144. Far above every other seed the
+# project uses (calibration below 200, benchmarks 200-400), and apart from each other.
+SPLITS = {"calibration": (1000, 4), "test": (3000, 3)}
+# Each split's auditor draws its own audit set from the tasks' held-out images.
+AUDIT_SET_SEEDS = {"calibration": 100, "test": 200}
+
+
+@dataclass(frozen=True)
+class CorpusPair:
+    split: str
+    task: str
+    archs: tuple[str, str]
+    seeds: tuple[int, int]
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}:{self.archs[0]}{self.seeds[0]}-vs-{self.archs[1]}{self.seeds[1]}"
+
+    @property
+    def same_architecture(self) -> bool:
+        return self.archs[0] == self.archs[1]
+
+
+def corpus_pairs(split: str) -> list[CorpusPair]:
+    """The split's pairs, round by round, so that a partial build covers every task and kind."""
+    first, rounds = SPLITS[split]
+    pairs = []
+    for _ in range(rounds):
+        for task in TASKS:
+            for kind in PAIR_KINDS:
+                seed = first + 2 * len(pairs)
+                pairs.append(CorpusPair(split, task, kind, (seed, seed + 1)))
+    return pairs
+
+
+def audit_fingerprint() -> str:
+    """What a pair's findings depend on besides its models: the audit's source (every module
+    of the package but the zoo, whose models are keyed by their own recipe)."""
+    package = Path(crossaudit.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        if "zoo" not in path.relative_to(package).parts:
+            digest.update(path.relative_to(package).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """One pair's audit, as cached: enough to judge it again with any thresholds."""
+
+    pair: str
+    task: str
+    archs: tuple[str, str]
+    similarity: float
+    models: list[dict]  # per model: file name, clean accuracy, findings (`verdict.Finding` as dicts)
+    inputs: str | None
+    classes: int | None
+    audit_seconds: float
+    train_seconds: float
+
+
+def _findings_cache(split: str) -> Path:
+    return cache_root() / "corpus" / f"{split}-{audit_fingerprint()}.jsonl"
+
+
+def _cached_records(path: Path) -> dict[str, PairRecord]:
+    if not path.is_file():
+        return {}
+    records = [PairRecord(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return {record.pair: record for record in records}
+
+
+def build(split: str, minutes: float | None, work: Path) -> tuple[list[PairRecord], int]:
+    """Every pair of the split the caches hold or this run can add in `minutes`, and how many the split has."""
+    path = _findings_cache(split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = _cached_records(path)
+    pairs = corpus_pairs(split)
+    start = time.perf_counter()
+    audit_sets: dict[str, Path] = {}
+    datasets: dict[str, Split] = {}
+    for pair in pairs:
+        if pair.name in done:
+            continue
+        if minutes is not None and time.perf_counter() - start > 60 * minutes:
+            break
+        print(f"[{split}] {pair.name}", flush=True)
+        if pair.task not in audit_sets:
+            audit_sets[pair.task] = work / f"{pair.task}.parquet"
+            write_audit_set(pair.task, audit_sets[pair.task], seed=AUDIT_SET_SEEDS[split])
+        began = time.perf_counter()
+        configs = [
+            config_for(pair.task, arch=arch, seed=seed) for arch, seed in zip(pair.archs, pair.seeds, strict=True)
+        ]
+        if any(cached(config, cache_root()) is None for config in configs) and pair.task not in datasets:
+            datasets[pair.task] = load_dataset(pair.task)
+        models = [trained(config, split=datasets.get(pair.task)) for config in configs]
+        trained_at = time.perf_counter()
+        _, similarity, findings, inputs, classes, accuracies = pair_scores(
+            str(models[0].path), str(models[1].path), str(audit_sets[pair.task]), "supervised"
+        )
+        for model, accuracy in zip(findings, accuracies, strict=True):
+            model["clean_accuracy"] = accuracy
+        record = PairRecord(
+            pair.name, pair.task, pair.archs, similarity, findings, inputs, classes,
+            round(time.perf_counter() - trained_at, 2), round(trained_at - began, 2),
+        )  # fmt: skip
+        with path.open("a") as out:
+            out.write(json.dumps(asdict(record)) + "\n")
+        done[pair.name] = record
+    return [done[p.name] for p in pairs if p.name in done], len(pairs)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    task: str
+    arch: str
+    same_architecture: bool
+    flagged: bool
+    ratio: float  # score over threshold
+    warned: bool  # the pair was outside the profile's calibrated domain (`verdict.unfamiliar`)
+
+
+def judgements(records: list[PairRecord], profile: str | None) -> list[Judgement]:
+    """Every model of every pair judged with a shipped profile (a task's own where it has one
+    and `profile` is None, else `profile`)."""
+    out = []
+    for record in records:
+        thresholds = _profile_for(record.task, profile)
+        reports = [
+            judge(m["model"], [Finding(**f) for f in m["findings"]], thresholds, record.similarity)
+            for m in record.models
+        ]
+        for report, model in zip(reports, record.models, strict=True):
+            report.clean_accuracy = model["clean_accuracy"]
+        warned = unfamiliar(thresholds, reports, record.similarity, record.inputs, record.classes) is not None
+        for report, arch in zip(reports, record.archs, strict=True):
+            out.append(Judgement(record.task, arch, record.archs[0] == record.archs[1],
+                                 report.verdict == "backdoor", report.threshold_multiple or 0.0, warned))  # fmt: skip
+    return out
+
+
+def _profile_for(task: str, profile: str | None) -> Thresholds:
+    try:
+        return load_thresholds(profile or task)
+    except ValueError:  # a task without its own profile is judged by the default one
+        return load_thresholds()
+
+
+def _rate_row(label: str, chosen: list[Judgement]) -> str:
+    flagged = sum(j.flagged for j in chosen)
+    warned = sum(j.warned for j in chosen)
+    highest = max((j.ratio for j in chosen), default=0.0)
+    return f"| {label} | {len(chosen)} | {flagged}, {rate_text(flagged, len(chosen))} | {highest:.2f} | {warned} |"
+
+
+def section(split: str, records: list[PairRecord], total: int, seconds: float) -> str:
+    begin, end = CLEAN_CORPUS
+    tables = []
+    for profile, title in ((None, "each task's own profile (`any` for colour Fashion-MNIST)"), ("any", "`any`")):
+        judged = judgements(records, profile)
+        groups: dict[str, list[Judgement]] = defaultdict(list)
+        for j in judged:
+            groups[f"task {j.task}"].append(j)
+            groups[f"family {j.arch}"].append(j)
+            groups["same-architecture pairs" if j.same_architecture else "cross-architecture pairs"].append(j)
+        rows = [_rate_row("**all clean models**", judged)] + [_rate_row(k, groups[k]) for k in sorted(groups)]
+        tables.append(
+            f"Judged by {title}:\n\n| models | n | flagged, rate [exact 95%] | highest score / threshold "
+            f"| outside the calibrated domain |\n|---|---|---|---|---|\n" + "\n".join(rows)
+        )
+    train = sum(r.train_seconds for r in records)
+    audit = sum(r.audit_seconds for r in records)
+    partial = "" if len(records) == total else f" **Partial: {len(records)} of {total} pairs so far.**"
+    per_pair = (train + audit) / max(1, len(records))
+    return f"""{begin}
+## Clean corpus: false positives per distinct clean model ({split} split)
+
+Command: `python -m benchmarks.clean_corpus --split {split}` (this run {seconds / 60:.1f} min;
+models and findings are cached, so a run adds what is missing). {len(records)} pairs, {2 * len(records)}
+distinct clean models: digits, Fashion-MNIST and colour Fashion-MNIST; CNN, ResNet, MLP and MobileNet-style
+nets; same- and cross-architecture pairs (`benchmarks/clean_corpus.py`). Each model is one judgement.
+The rate's interval is exact (Clopper-Pearson). No score or threshold was designed on this split.{partial}
+
+{(chr(10) * 2).join(tables)}
+
+Building a pair from nothing took {per_pair:.0f} s on average here (training {train / max(1, len(records)):.0f} s,
+auditing {audit / max(1, len(records)):.0f} s), so the whole {split} split ({total} pairs) takes about
+{total * per_pair / 3600:.1f} h on this machine, in as many parts as one likes.
+{end}"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--split", choices=sorted(SPLITS), default="test")
+    parser.add_argument("--minutes", type=float, default=None, help="start no new pair after this many minutes")
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work:
+        records, total = build(args.split, args.minutes, Path(work))
+    write_section(section(args.split, records, total, time.perf_counter() - start), args.out, CLEAN_CORPUS)
+    print(f"{args.out}: clean corpus, {args.split} split, {len(records)} of {total} pairs")
+
+
+if __name__ == "__main__":
+    main()
