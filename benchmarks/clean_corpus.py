@@ -35,11 +35,11 @@ from pathlib import Path
 import crossaudit
 from benchmarks.metrics import rate_text
 from benchmarks.sections import CLEAN_CORPUS, write_section
-from crossaudit.calibrate import pair_scores
+from crossaudit.calibrate import CalibrationRun, pair_scores
 from crossaudit.verdict import Finding, Thresholds, judge, load_thresholds, unfamiliar
-from crossaudit.zoo.cache import cache_root, cached, trained
+from crossaudit.zoo.cache import cache_root, cached, config_key, trained
 from crossaudit.zoo.datasets import Split, load_dataset
-from crossaudit.zoo.train import config_for, write_audit_set
+from crossaudit.zoo.train import TrainConfig, config_for, write_audit_set
 
 TASKS = ("digits", "fmnist", "cfmnist")
 PAIR_KINDS = (
@@ -95,15 +95,14 @@ def audit_fingerprint() -> str:
 
 @dataclass(frozen=True)
 class PairRecord:
-    """One pair's audit, as cached: enough to judge it again with any thresholds."""
+    """One pair's audit, as cached: enough to judge it again with any thresholds, and what
+    it was made from, so that a record of other models or another audit set is not reused."""
 
-    pair: str
+    run: CalibrationRun
     task: str
     archs: tuple[str, str]
-    similarity: float
-    models: list[dict]  # per model: file name, clean accuracy, findings (`verdict.Finding` as dicts)
-    inputs: str | None
-    classes: int | None
+    model_keys: tuple[str, str]  # `zoo.cache.config_key` of each model
+    audit_set_seed: int
     audit_seconds: float
     train_seconds: float
 
@@ -113,18 +112,39 @@ def _findings_cache(split: str) -> Path:
 
 
 def _cached_records(path: Path) -> dict[str, PairRecord]:
+    """The cache's records by pair name; a later line for a pair replaces an earlier one."""
     if not path.is_file():
         return {}
-    records = [PairRecord(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
-    return {record.pair: record for record in records}
+    records = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            raw = json.loads(line)
+            record = PairRecord(**{**raw, "run": CalibrationRun(**raw["run"])})
+            records[record.run.pair] = record
+    return records
+
+
+def _configs(pair: CorpusPair) -> list[TrainConfig]:
+    return [config_for(pair.task, arch=arch, seed=seed) for arch, seed in zip(pair.archs, pair.seeds, strict=True)]
+
+
+def _current(record: PairRecord, pair: CorpusPair) -> bool:
+    """Whether a cached record audited this pair's models, as the zoo trains them now, on this split's audit set."""
+    keys = tuple(config_key(config) for config in _configs(pair))
+    return tuple(record.model_keys) == keys and record.audit_set_seed == AUDIT_SET_SEEDS[pair.split]
 
 
 def build(split: str, minutes: float | None, work: Path) -> tuple[list[PairRecord], int]:
     """Every pair of the split the caches hold or this run can add in `minutes`, and how many the split has."""
     path = _findings_cache(split)
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = _cached_records(path)
+    cached_records = _cached_records(path)
     pairs = corpus_pairs(split)
+    done = {
+        p.name: cached_records[p.name]
+        for p in pairs
+        if p.name in cached_records and _current(cached_records[p.name], p)
+    }
     start = time.perf_counter()
     audit_sets: dict[str, Path] = {}
     datasets: dict[str, Split] = {}
@@ -138,20 +158,14 @@ def build(split: str, minutes: float | None, work: Path) -> tuple[list[PairRecor
             audit_sets[pair.task] = work / f"{pair.task}.parquet"
             write_audit_set(pair.task, audit_sets[pair.task], seed=AUDIT_SET_SEEDS[split])
         began = time.perf_counter()
-        configs = [
-            config_for(pair.task, arch=arch, seed=seed) for arch, seed in zip(pair.archs, pair.seeds, strict=True)
-        ]
+        configs = _configs(pair)
         if any(cached(config, cache_root()) is None for config in configs) and pair.task not in datasets:
             datasets[pair.task] = load_dataset(pair.task)
         models = [trained(config, split=datasets.get(pair.task)) for config in configs]
         trained_at = time.perf_counter()
-        _, similarity, findings, inputs, classes, accuracies = pair_scores(
-            str(models[0].path), str(models[1].path), str(audit_sets[pair.task]), "supervised"
-        )
-        for model, accuracy in zip(findings, accuracies, strict=True):
-            model["clean_accuracy"] = accuracy
+        run = pair_scores(pair.name, str(models[0].path), str(models[1].path), str(audit_sets[pair.task]), "supervised")
         record = PairRecord(
-            pair.name, pair.task, pair.archs, similarity, findings, inputs, classes,
+            run, pair.task, pair.archs, tuple(config_key(config) for config in configs), AUDIT_SET_SEEDS[split],
             round(time.perf_counter() - trained_at, 2), round(trained_at - began, 2),
         )  # fmt: skip
         with path.open("a") as out:
@@ -170,22 +184,24 @@ class Judgement:
     warned: bool  # the pair was outside the profile's calibrated domain (`verdict.unfamiliar`)
 
 
-def judgements(records: list[PairRecord], profile: str | None) -> list[Judgement]:
-    """Every model of every pair judged with a shipped profile (a task's own where it has one
+def judgements(records: list[PairRecord], profile: str | None) -> list[list[Judgement]]:
+    """Per pair, each model judged with a shipped profile (a task's own where it has one
     and `profile` is None, else `profile`)."""
     out = []
     for record in records:
+        run = record.run
         thresholds = _profile_for(record.task, profile)
         reports = [
-            judge(m["model"], [Finding(**f) for f in m["findings"]], thresholds, record.similarity)
-            for m in record.models
+            judge(m["model"], [Finding(**f) for f in m["findings"]], thresholds, run.similarity) for m in run.findings
         ]
-        for report, model in zip(reports, record.models, strict=True):
+        for report, model in zip(reports, run.findings, strict=True):
             report.clean_accuracy = model["clean_accuracy"]
-        warned = unfamiliar(thresholds, reports, record.similarity, record.inputs, record.classes) is not None
-        for report, arch in zip(reports, record.archs, strict=True):
-            out.append(Judgement(record.task, arch, record.archs[0] == record.archs[1],
-                                 report.verdict == "backdoor", report.threshold_multiple or 0.0, warned))  # fmt: skip
+        warned = unfamiliar(thresholds, reports, run.similarity, run.inputs, run.classes) is not None
+        out.append([
+            Judgement(record.task, arch, record.archs[0] == record.archs[1], report.verdict == "backdoor",
+                      report.threshold_multiple or 0.0, warned)
+            for report, arch in zip(reports, record.archs, strict=True)
+        ])  # fmt: skip
     return out
 
 
@@ -196,27 +212,35 @@ def _profile_for(task: str, profile: str | None) -> Thresholds:
         return load_thresholds()
 
 
-def _rate_row(label: str, chosen: list[Judgement]) -> str:
-    flagged = sum(j.flagged for j in chosen)
-    warned = sum(j.warned for j in chosen)
-    highest = max((j.ratio for j in chosen), default=0.0)
-    return f"| {label} | {len(chosen)} | {flagged}, {rate_text(flagged, len(chosen))} | {highest:.2f} | {warned} |"
+def _rate_row(label: str, pairs: list[list[Judgement]]) -> str:
+    models = [j for pair in pairs for j in pair]
+    flagged = sum(j.flagged for j in models)
+    flagged_pairs = sum(any(j.flagged for j in pair) for pair in pairs)
+    warned = sum(j.warned for j in models)
+    highest = max((j.ratio for j in models), default=0.0)
+    return (
+        f"| {label} | {len(models)} | {flagged}, {rate_text(flagged, len(models))} "
+        f"| {flagged_pairs} of {len(pairs)}, {rate_text(flagged_pairs, len(pairs))} | {highest:.2f} | {warned} |"
+    )
 
 
 def section(split: str, records: list[PairRecord], total: int, seconds: float) -> str:
-    begin, end = CLEAN_CORPUS
+    begin, end = CLEAN_CORPUS[split]
     tables = []
     for profile, title in ((None, "each task's own profile (`any` for colour Fashion-MNIST)"), ("any", "`any`")):
         judged = judgements(records, profile)
-        groups: dict[str, list[Judgement]] = defaultdict(list)
-        for j in judged:
-            groups[f"task {j.task}"].append(j)
-            groups[f"family {j.arch}"].append(j)
-            groups["same-architecture pairs" if j.same_architecture else "cross-architecture pairs"].append(j)
+        groups: dict[str, list[list[Judgement]]] = defaultdict(list)
+        for pair in judged:
+            first = pair[0]
+            groups[f"task {first.task}"].append(pair)
+            groups["same-architecture pairs" if first.same_architecture else "cross-architecture pairs"].append(pair)
+            for arch in sorted({j.arch for j in pair}):
+                groups[f"pairs with a {arch}"].append(pair)
         rows = [_rate_row("**all clean models**", judged)] + [_rate_row(k, groups[k]) for k in sorted(groups)]
         tables.append(
-            f"Judged by {title}:\n\n| models | n | flagged, rate [exact 95%] | highest score / threshold "
-            f"| outside the calibrated domain |\n|---|---|---|---|---|\n" + "\n".join(rows)
+            f"Judged by {title}:\n\n| clean models | n | flagged, rate [exact 95%] | pairs with a model flagged "
+            f"| highest score / threshold | outside the calibrated domain |\n|---|---|---|---|---|---|\n"
+            + "\n".join(rows)
         )
     train = sum(r.train_seconds for r in records)
     audit = sum(r.audit_seconds for r in records)
@@ -229,7 +253,11 @@ Command: `python -m benchmarks.clean_corpus --split {split}` (this run {seconds 
 models and findings are cached, so a run adds what is missing). {len(records)} pairs, {2 * len(records)}
 distinct clean models: digits, Fashion-MNIST and colour Fashion-MNIST; CNN, ResNet, MLP and MobileNet-style
 nets; same- and cross-architecture pairs (`benchmarks/clean_corpus.py`). Each model is one judgement.
-The rate's interval is exact (Clopper-Pearson). No score or threshold was designed on this split.{partial}
+Intervals are exact (Clopper-Pearson) and treat the judgements as independent, which the
+two models of one pair are not (each is the other's witness): the per-pair column is the
+conservative reading. With no false positive among n models the upper bound is about 3.7 / n
+(2.5% at 144 models); showing 1% takes about 370. No score or threshold was designed on this
+split.{partial}
 
 {(chr(10) * 2).join(tables)}
 
@@ -248,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
         records, total = build(args.split, args.minutes, Path(work))
-    write_section(section(args.split, records, total, time.perf_counter() - start), args.out, CLEAN_CORPUS)
+    write_section(section(args.split, records, total, time.perf_counter() - start), args.out, CLEAN_CORPUS[args.split])
     print(f"{args.out}: clean corpus, {args.split} split, {len(records)} of {total} pairs")
 
 

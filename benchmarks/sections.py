@@ -12,8 +12,10 @@ from pathlib import Path
 PARADIGMS = ("<!-- paradigms:begin -->", "<!-- paradigms:end -->")
 MODEL_SIZES = ("<!-- model-sizes:begin -->", "<!-- model-sizes:end -->")
 ENGINEERING = ("<!-- engineering:begin -->", "<!-- engineering:end -->")
-CLEAN_CORPUS = ("<!-- clean-corpus:begin -->", "<!-- clean-corpus:end -->")
-MARKED = (MODEL_SIZES, ENGINEERING, PARADIGMS, CLEAN_CORPUS)  # in the order the page shows them
+# One section per split of the clean corpus (`benchmarks.clean_corpus`).
+CLEAN_CORPUS = {split: (f"<!-- clean-corpus-{split}:begin -->", f"<!-- clean-corpus-{split}:end -->")
+                for split in ("calibration", "test")}  # fmt: skip
+MARKED = (MODEL_SIZES, ENGINEERING, PARADIGMS, *CLEAN_CORPUS.values())  # in the order the page shows them
 
 
 def _pattern(markers: tuple[str, str]) -> re.Pattern[str]:

@@ -84,14 +84,18 @@ class CalibrationRun:
     pair: str
     scores: dict[str, float]
     similarity: float  # `cka.Alignment.similarity` of the pair
-    # Each model's file name and findings (`verdict.Finding`, as dicts), in the pair's
-    # order: enough to read a change to the score on these clean pairs (`write_findings`).
+    # Each model's file name, clean accuracy and findings (`verdict.Finding`, as dicts), in
+    # the pair's order: enough to read a change to the score on these clean pairs
+    # (`write_findings`).
     findings: list[dict] = field(default_factory=list)
-    # What the pair looked like, for the profile's `verdict.Domain`: one input's shape
-    # (images), the audit set's classes (images), each model's clean accuracy.
+    # What the pair looked like, for the profile's `verdict.Domain`: one input's shape and
+    # the audit set's classes (images; None for text).
     inputs: str | None = None
     classes: int | None = None
-    accuracies: tuple[float, ...] = ()
+
+    @property
+    def accuracies(self) -> list[float]:
+        return [m["clean_accuracy"] for m in self.findings if m.get("clean_accuracy") is not None]
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,7 @@ def calibrate(paradigm: str = "supervised") -> tuple[list[Thresholds], list[Cali
         work = Path(tmp)
         for pair in clean_pairs(paradigm):
             data, paths = _clean_pair(paradigm, pair.dataset, pair.archs, pair.seeds, work)
-            runs.append(CalibrationRun(pair.name, *pair_scores(str(paths[0]), str(paths[1]), str(data), paradigm)))
+            runs.append(pair_scores(pair.name, str(paths[0]), str(paths[1]), str(data), paradigm))
     return profiles(paradigm, runs), runs
 
 
@@ -145,19 +149,14 @@ def calibrate_pairs(
     if not pairs:
         raise ValueError("at least one clean pair is needed")
     prefix = name if paradigm == "supervised" else f"{paradigm}:{name}"  # as `CleanPair.name`
-    runs = [
-        CalibrationRun(f"{prefix}:{Path(a).name}-vs-{Path(b).name}", *pair_scores(a, b, data, paradigm))
-        for a, b in pairs
-    ]
+    runs = [pair_scores(f"{prefix}:{Path(a).name}-vs-{Path(b).name}", a, b, data, paradigm) for a, b in pairs]
     return profile(name, paradigm, runs), runs
 
 
-def pair_scores(
-    first: str, second: str, data: str, paradigm: str
-) -> tuple[dict[str, float], float, list[dict], str | None, int | None, tuple[float, ...]]:
-    """Per trigger family, the highest score of one clean pair's audit (both directions),
-    judged against unreachable thresholds, how alike the pair is, each model's findings,
-    and what the pair looked like (`CalibrationRun`); an audit that fails is an error, not a zero."""
+def pair_scores(name: str, first: str, second: str, data: str, paradigm: str) -> CalibrationRun:
+    """One clean pair's audit (both directions), judged against unreachable thresholds: per
+    trigger family its highest score, how alike the pair is, each model's findings, and
+    what the pair looked like; an audit that fails is an error, not a zero."""
     families = FAMILIES_OF.get(paradigm, DEFAULT_FAMILIES)
     provisional = Thresholds(dict.fromkeys(families, float("inf")), "provisional", 0, "provisional", paradigm)
     result = run_audit(first, second, data, config=AuditConfig(paradigm=paradigm), thresholds=provisional)
@@ -167,14 +166,14 @@ def pair_scores(
     if paradigm == "lm":
         scores[TEXT_FAMILY] = max([scores[TEXT_FAMILY]] + [model.score or 0.0 for model in result.report.models])
     findings = [
-        {"model": Path(model.uri).name, "findings": [asdict(finding) for finding in model.findings]}
+        {"model": Path(model.uri).name, "clean_accuracy": model.clean_accuracy,
+         "findings": [asdict(finding) for finding in model.findings]}
         for model in result.report.models
-    ]
+    ]  # fmt: skip
     images = result.data  # None for a language model's text
-    accuracies = tuple(model.clean_accuracy for model in result.report.models if model.clean_accuracy is not None)
-    return (
-        scores, round(result.alignment.similarity, 4), findings,
-        images.input_shape if images else None, images.num_classes if images else None, accuracies,
+    return CalibrationRun(
+        name, scores, round(result.alignment.similarity, 4), findings,
+        images.input_shape if images else None, images.num_classes if images else None,
     )  # fmt: skip
 
 
@@ -246,8 +245,8 @@ def domain(runs: list[CalibrationRun]) -> Domain:
     return Domain(
         tuple(sorted({run.inputs for run in runs if run.inputs is not None})),
         tuple(sorted({run.classes for run in runs if run.classes is not None})),
-        round(min(accuracies, default=0.0), 4),
-        round(min(run.similarity for run in runs), 4),
+        min(accuracies) if accuracies else None,
+        min(run.similarity for run in runs),
     )
 
 
@@ -287,7 +286,11 @@ def write_findings(runs: list[CalibrationRun], path: Path) -> None:
     is where it may be designed) before a recalibration (40 min for the supervised
     pairs), never on a benchmark's test pairs. `verdict.judge(model, [Finding(**f) ...],
     thresholds, similarity)` judges a model again."""
-    records = [{"pair": run.pair, "similarity": run.similarity, "models": run.findings} for run in runs]
+    records = [
+        {"pair": run.pair, "similarity": run.similarity, "inputs": run.inputs, "classes": run.classes,
+         "models": run.findings}
+        for run in runs
+    ]  # fmt: skip
     path.write_text(json.dumps(records, indent=1) + "\n")
 
 

@@ -181,9 +181,13 @@ def gate_step(
         },
     )  # fmt: skip
     why = f" ({held})" if held else ""
+    # A verdict on a task unlike the calibration's says so where the registry's users look.
+    warnings = sorted({r.report.calibration_warning for r in results if r.report.calibration_warning})
     registry.append_description(
-        mlflow_client, ref, f"**crossaudit: {status}**{why} ([audit run]({registry.run_link(mlflow_client, run_id)}))"
-    )
+        mlflow_client, ref,
+        f"**crossaudit: {status}**{why} ([audit run]({registry.run_link(mlflow_client, run_id)}))"
+        + "".join(f" Warning: {warning}" for warning in warnings),
+    )  # fmt: skip
     promoted = promotion.gate(mlflow_client, ref, key.public_key(), alias)
     if status != "passed":
         promotion.revoke(mlflow_client, ref, alias)

@@ -333,9 +333,18 @@ def _broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
     """The shape `shapes` broadcast to, as `torch.broadcast_shapes` gives it.
 
     Why not torch's: its first call imports torch's symbolic-shape machinery (sympy, about
-    0.4 s), which every model load would pay for arithmetic on a few tuples.
+    0.4 s), which every model load would pay for arithmetic on a few tuples. In Python's
+    integers, so that a hostile shape too large for int64 still reaches `_bounded`.
     """
-    return tuple(int(size) for size in np.broadcast_shapes(*(tuple(shape) for shape in shapes)))
+    rank = max((len(shape) for shape in shapes), default=0)
+    padded = [(1,) * (rank - len(shape)) + tuple(int(size) for size in shape) for shape in shapes]
+    out = []
+    for sizes in zip(*padded, strict=True):
+        others = {size for size in sizes if size != 1}
+        if len(others) > 1:
+            raise RuntimeError(f"shapes {[list(shape) for shape in shapes]} do not broadcast together")
+        out.append(others.pop() if others else 1)
+    return tuple(out)
 
 
 def _expand(a: Attrs, x: list[Tensor | None]) -> Tensor:

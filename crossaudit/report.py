@@ -105,15 +105,15 @@ def write_outputs(result: AuditResult, out: Path) -> list[Path]:
         for m in report.models
         if m.also_over_threshold
     )
-    error = f"<p><b>Error:</b> {html.escape(report.error)}</p>" if report.error else ""
+    notices = f"<p><b>Error:</b> {html.escape(report.error)}</p>" if report.error else ""
     if report.calibration_warning:
-        error += f"<p><b>Warning:</b> {html.escape(report.calibration_warning)}</p>"
+        notices += f"<p><b>Warning:</b> {html.escape(report.calibration_warning)}</p>"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>crossaudit report</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:4px}}
 table{{border-collapse:collapse}}</style></head><body>
 <h1>crossaudit: {report.verdict}</h1>
 <p>{"; ".join(f"{html.escape(m.uri)}: <b>{m.verdict}</b>" for m in report.models)}
-(each model judged with the other as its witness).</p>{error}
+(each model judged with the other as its witness).</p>{notices}
 <p>Paradigm {report.paradigm}; clean agreement {report.clean_agreement};
 aligned layers {html.escape(str(report.alignment))}; seed {report.seed}; crossaudit {report.version}.</p>
 <table><tr><th>model</th><th>verdict</th><th>score</th><th>x threshold</th><th>threshold</th><th>target</th>

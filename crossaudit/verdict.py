@@ -24,6 +24,7 @@ alike pairs is judged by their thresholds (`Thresholds.for_pair`).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -56,10 +57,6 @@ DEFAULT_PROFILES = {"supervised": DEFAULT_PROFILE, "semi": "semi", "ssl": "ssl",
 # A backdoored model pays a few points of clean accuracy for its key: that alone does not
 # make its task another one.
 ACCURACY_MARGIN = 0.05
-CALIBRATE_OWN = (
-    "crossaudit calibrate --pair CLEAN_A.onnx,CLEAN_B.onnx --data AUDIT_SET.parquet --out thresholds.json, "
-    "then audit with --thresholds thresholds.json"
-)
 
 
 @dataclass(frozen=True)
@@ -68,27 +65,28 @@ class Domain:
 
     A threshold is the highest clean score of the calibration's pairs plus a margin, so it
     holds for pairs like those and says nothing about others: a task with other inputs or
-    classes has other natural shortcuts, a model less accurate than any calibrated one has
-    more of them (two one-epoch digits CNNs at 0.81 and 0.84 accuracy were flagged), and a
+    classes has other natural shortcuts; an undertrained model, less accurate than any
+    calibrated one, has more of them, cheap enough in one model to read as a key; and a
     pair less alike than any calibrated one differs in more than a planted key.
     """
 
     inputs: tuple[str, ...]  # input shapes of the calibration's audit sets, "CxHxW" (images)
-    classes: tuple[int, ...]  # class counts of the calibration's audit sets
-    accuracy: float  # the lowest clean accuracy of a calibration model
-    similarity: float  # the least alike calibration pair (`cka.Alignment.similarity`)
+    classes: tuple[int, ...]  # class counts of the calibration's audit sets (images)
+    accuracy: float | None  # the lowest clean accuracy of a calibration model, where measured
+    similarity: float  # the least alike calibration pair (`cka.Alignment.similarity`, 4 decimals)
 
     def unlike(self, inputs: str | None, classes: int | None, accuracies: list[float], similarity: float) -> list[str]:
-        """What about a pair lies outside this domain, in words (empty when nothing does)."""
+        """What about a pair lies outside this domain, in words (empty when nothing does).
+        Similarity is read to the calibration's 4 decimals, so a calibration pair itself is inside."""
         reasons = []
         if inputs is not None and self.inputs and inputs not in self.inputs:
             reasons.append(f"inputs {inputs} (calibrated on {', '.join(self.inputs)})")
         if classes is not None and self.classes and classes not in self.classes:
             reasons.append(f"{classes} classes (calibrated on {', '.join(map(str, self.classes))})")
         weakest = min(accuracies, default=None)
-        if weakest is not None and weakest < self.accuracy - ACCURACY_MARGIN:
+        if weakest is not None and self.accuracy is not None and weakest < self.accuracy - ACCURACY_MARGIN:
             reasons.append(f"clean accuracy {weakest:.2f} (calibrated on models of {self.accuracy:.2f} or more)")
-        if similarity < self.similarity:
+        if round(similarity, 4) < self.similarity:
             reasons.append(f"similarity {similarity:.2f} (calibrated on pairs of {self.similarity:.2f} or more)")
         return reasons
 
@@ -97,9 +95,12 @@ class Domain:
 
     @classmethod
     def from_dict(cls, raw: dict) -> Domain:
+        if not isinstance(raw["inputs"], list) or not isinstance(raw["classes"], list):
+            raise ValueError("a domain's inputs and classes are lists")
+        accuracy = raw["accuracy"]
         return cls(
             tuple(str(v) for v in raw["inputs"]), tuple(int(v) for v in raw["classes"]),
-            float(raw["accuracy"]), float(raw["similarity"]),
+            None if accuracy is None else float(accuracy), float(raw["similarity"]),
         )  # fmt: skip
 
 
@@ -315,9 +316,10 @@ class ModelReport:
             target += "; also over threshold: " + ", ".join(f"class {c.target}" for c in self.also_over_threshold)
         if self.threshold_multiple is None:
             return f"{self.uri}: {self.verdict}{target}"
+        shown = math.floor(100 * self.threshold_multiple + 1e-6) / 100  # rounded down, as `multiple`
         return (
-            f"{self.uri}: {self.verdict} (score {self.score} = {self.threshold_multiple:.2f}x its threshold "
-            f"{self.threshold}, profile {self.threshold_profile}{target})"
+            f"{self.uri}: {self.verdict} (score {self.score} = {shown:.2f}x its threshold {self.threshold}, "
+            f"profile {self.threshold_profile}{target})"
         )
 
 
@@ -362,8 +364,10 @@ def judge(uri: str, findings: list[Finding], thresholds: Thresholds, similarity:
 
 
 def multiple(score: float, threshold: float) -> float:
-    """A score as a multiple of its threshold, as reports give it."""
-    return round(score / threshold, 3)
+    """A score as a multiple of its threshold, as reports give it: rounded down, so that
+    a score under its threshold never reads as 1 (`judge` flags at 1 or more)."""
+    ratio = math.floor(1000 * score / threshold + 1e-6) / 1000  # 1e-6: 1.2 is not 1.19999...
+    return ratio if score >= threshold else min(ratio, 0.999)
 
 
 def unfamiliar(
@@ -378,10 +382,12 @@ def unfamiliar(
     reasons = thresholds.domain.unlike(inputs, classes, accuracies, similarity)
     if not reasons:
         return None
+    paradigm = "" if thresholds.paradigm == "supervised" else f" --paradigm {thresholds.paradigm}"
     return (
         f"this pair is unlike the clean pairs that calibrated profile {thresholds.profile!r}: {'; '.join(reasons)}. "
-        f"Its thresholds may not hold here, and a verdict either way is less sure. To calibrate on clean "
-        f"models of your own task: {CALIBRATE_OWN}"
+        "Its thresholds may not hold here, and a verdict either way is less sure. To calibrate on clean models "
+        f"of your own task: crossaudit calibrate{paradigm} --pair CLEAN_A,CLEAN_B --data AUDIT_SET "
+        "--out thresholds.json, then audit with --thresholds thresholds.json"
     )
 
 

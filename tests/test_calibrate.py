@@ -34,8 +34,11 @@ def test_a_profile_records_what_its_clean_pairs_looked_like(tmp_path):
     """Every input shape and class count its audit sets had, the weakest model, the least
     alike pair: what `verdict.unfamiliar` reads an audited pair against."""
     scores = dict.fromkeys(("patch", "blend", "warp"), 0.3)
-    runs = [CalibrationRun("digits:a", scores, 0.4, [], "1x16x16", 10, (0.96, 0.93)),
-            CalibrationRun("fmnist:b", scores, 0.9, [], "1x28x28", 10, (0.88, 0.9))]  # fmt: skip
+    models = [
+        [{"model": "m", "clean_accuracy": a, "findings": []} for a in pair] for pair in ((0.96, 0.93), (0.88, 0.9))
+    ]
+    runs = [CalibrationRun("digits:a", scores, 0.4, models[0], "1x16x16", 10),
+            CalibrationRun("fmnist:b", scores, 0.9, models[1], "1x28x28", 10)]  # fmt: skip
     domain = profile("p", "supervised", runs).domain
     assert domain == Domain(("1x16x16", "1x28x28"), (10,), 0.88, 0.4)
     write_thresholds([profile("p", "supervised", runs)], runs, tmp_path / "t.json")

@@ -140,7 +140,8 @@ def test_a_profile_calibrated_on_the_users_own_clean_pair_judges_their_audits(di
     poisoned = report["models"][1]
     assert poisoned["threshold_profile"] == "my-digits" and poisoned["threshold"] == ours[poisoned["trigger_family"]]
     assert poisoned["threshold_multiple"] == pytest.approx(poisoned["score"] / poisoned["threshold"], abs=1e-3)
-    assert report["calibration_warning"] is None and "warning" not in done.stderr  # the task it was calibrated on
+    assert report["calibration_warning"] is None  # the task it was calibrated on
+    assert "warning: this pair" not in done.stderr
     assert poisoned["target"] == digits_zoo.badnets_target
 
 

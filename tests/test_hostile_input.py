@@ -254,6 +254,8 @@ HUGE_OUTPUTS = {
     "Tile": ([("Tile", ["image", "repeats"], ["big"], {})], {"repeats": np.array([1, HUGE])}),
     "Expand": ([("Unsqueeze", ["image", "zero"], ["row"], {}), ("Expand", ["row", "shape"], ["big"], {})],
                {"zero": np.array([0]), "shape": np.array([1 << 26, 1, 4])}),
+    "Expand past int64": ([("Unsqueeze", ["image", "zero"], ["row"], {}), ("Expand", ["row", "shape"], ["big"], {})],
+                          {"zero": np.array([0]), "shape": np.array([1 << 62, 1 << 62, 1, 4])}),
     "Resize": ([("Reshape", ["image", "square"], ["pixels"], {}),
                 ("Resize", ["pixels", "", "scales"], ["big"], NEAREST)],
                {"square": np.array([-1, 1, 2, 2]), "scales": np.array([1, 1, 1 << 13, 1 << 13], np.float32)}),

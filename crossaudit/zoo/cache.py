@@ -13,6 +13,7 @@ recipe is taken for one of the new.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -49,6 +50,11 @@ def config_key(config: TrainConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+def _file_name(config: TrainConfig) -> str:
+    """A readable name, so that an audit's report tells a pair's two cached models apart."""
+    return f"{config.dataset}_{config.arch}_{config.attack}_{config.seed}.onnx"
+
+
 def cached(config: TrainConfig, root: Path) -> CachedModel | None:
     """The cache's model for this config, or None when it has none."""
     folder = root / config_key(config)
@@ -57,7 +63,7 @@ def cached(config: TrainConfig, root: Path) -> CachedModel | None:
         same = TrainConfig(**record["config"]) == config
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    onnx_path = folder / "model.onnx"
+    onnx_path = folder / _file_name(config)
     if not same or not onnx_path.is_file():
         return None
     return CachedModel(onnx_path, float(record["clean_accuracy"]), record["attack_success"], config)
@@ -65,7 +71,12 @@ def cached(config: TrainConfig, root: Path) -> CachedModel | None:
 
 def trained(config: TrainConfig, root: Path | None = None, split: Split | None = None) -> CachedModel:
     """The model this config trains: from the cache when it holds it, else trained now,
-    exported to ONNX and cached."""
+    exported to ONNX and cached. `split` is `load_dataset(config.dataset)` when the caller
+    already has it in memory.
+
+    Two processes may train the same config at once: the first to land its entry wins, and
+    the other takes that entry and drops its own; an entry is never deleted once it has its
+    record, since another process may be auditing it."""
     root = root or cache_root()
     found = cached(config, root)
     if found is not None:
@@ -74,13 +85,19 @@ def trained(config: TrainConfig, root: Path | None = None, split: Split | None =
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".training-"))
     try:
-        export_onnx(model.model, model.example, staging / "model.onnx")
+        export_onnx(model.model, model.example, staging / _file_name(config))
         record = {"config": asdict(config), "recipe": RECIPE, "clean_accuracy": model.clean_accuracy,
                   "attack_success": model.attack_success}  # fmt: skip
         (staging / "model.json").write_text(json.dumps(record, indent=1) + "\n")
         folder = root / config_key(config)
-        shutil.rmtree(folder, ignore_errors=True)  # an entry cut short, whose record never landed
-        staging.rename(folder)
+        if cached(config, root) is None:
+            if folder.exists() and not (folder / "model.json").exists():  # cut short: nobody uses it
+                shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):  # another process landed the same entry first
+                staging.rename(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return CachedModel(folder / "model.onnx", model.clean_accuracy, model.attack_success, config)
+    found = cached(config, root)
+    if found is None:
+        raise OSError(f"{root}: could not cache the model of {config}")
+    return found
