@@ -38,7 +38,7 @@ def test_a_run_judges_what_it_built_and_a_rerun_builds_nothing(tmp_path, monkeyp
     from crossaudit.zoo import cache
 
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
-    pair = clean_corpus.CorpusPair("test", "digits", ("mlp", "mobilenet"), (3000, 3001))
+    pair = clean_corpus.CorpusPair("test", "digits", ("cnn", "mlp"), (3000, 3001))
     monkeypatch.setattr(clean_corpus, "corpus_pairs", lambda split: [pair])
     monkeypatch.setattr(clean_corpus, "config_for", lambda task, **kw: config_for(task, epochs=2, **kw))
     page = tmp_path / "benchmarks.md"
