@@ -39,7 +39,7 @@ AUDIT_WAIT_S = 900
 def _train_providers(dataset: str, out: Path) -> dict[str, Path]:
     split = load_dataset(dataset)
     providers = {
-        "acme": config_for(dataset, arch="mlp", seed=11),
+        "acme": config_for(dataset, arch="cnn", seed=11),
         "globex": config_for(dataset, arch="cnn", attack="badnets", target=3, seed=12),
     }
     paths = {}
