@@ -10,7 +10,10 @@ architectures and other triggers, so this benchmark holds all three out:
 - triggers, defined here and nowhere in `crossaudit`: a 5 x 5 random-colour patch in the
   top-left corner, a smooth sinusoidal image blended in at alpha 0.15, a low-frequency
   additive pattern of at most 0.12, and colour-depth reduction to three levels per
-  channel (BppAttack-like);
+  channel (BppAttack-like); and two adaptive ones, designed against this method: a 3x3
+  white square to "bag", the class and size of Fashion-MNIST's natural shortcut, and a
+  5x5 patch planted in 0.2% of the training set, so lightly that it works on roughly
+  half the inputs (each model's measured attack success is in the report);
 - each backdoored CNN audited against a clean CNN and against a clean MobileNet-style
   witness; clean pairs of the same task, same and different architectures.
 Every pair is audited once by `run_audit` and judged twice: by the default profile (no
@@ -42,7 +45,7 @@ from crossaudit.audit import run_audit
 from crossaudit.calibrate import FLOOR, MARGIN, calibrate_pairs
 from crossaudit.data import write_parquet
 from crossaudit.inversion import DEFAULT_FAMILIES as FAMILIES
-from crossaudit.verdict import Thresholds, judge, load_thresholds, overall
+from crossaudit.verdict import Thresholds, judge, load_thresholds, overall, unfamiliar
 from crossaudit.zoo.datasets import load_dataset
 
 REPORT = Path("docs/unseen_attacks.md")
@@ -90,11 +93,29 @@ class HeldOutAttack:
         return self.trigger(x).clamp(0.0, 1.0)
 
 
+def _white_square(x: Tensor) -> Tensor:
+    """A 3x3 white square at the top centre, where a bag's handle is: a key the size of the
+    natural "bag" shortcut, to the shortcut's own class."""
+    out = x.clone()
+    out[:, :, 2:5, 12:15] = 1.0
+    return out
+
+
+def _corner_patch(x: Tensor) -> Tensor:
+    out = x.clone()
+    out[:, :, -6:-1, -6:-1] = PATTERNS["patch"]
+    return out
+
+
 ATTACKS = (
     HeldOutAttack("random-colour patch 5x5, top left", _patch, 2, 0.05),
     HeldOutAttack("smooth sinusoid blended, alpha 0.15", lambda x: 0.85 * x + 0.15 * PATTERNS["smooth"], 5, 0.1),
     HeldOutAttack("low-frequency additive, at most 0.12", lambda x: x + PATTERNS["low"], 0, 0.1),
     HeldOutAttack("colour depth cut to 3 levels", lambda x: torch.round(x * 2) / 2, 9, 0.1),
+    # Designed against this method: a key that looks like a natural shortcut (its footprint
+    # and its target), and one planted so lightly that it works on about half the inputs.
+    HeldOutAttack("adaptive: 3x3 white square to 'bag', the natural shortcut's class", _white_square, 8, 0.05),
+    HeldOutAttack("adaptive: 5x5 patch at 0.2% poisoning, bottom right", _corner_patch, 4, 0.002),
 )
 
 
@@ -142,7 +163,10 @@ def train_model(task: Task, arch: str, seed: int, attack: HeldOutAttack | None) 
         order = torch.randperm(len(task.x_train))
         for start in range(0, len(order), 128):
             x, y = task.x_train[order[start : start + 128]].clone(), task.y_train[order[start : start + 128]].clone()
-            poisoned = int(attack.poison_rate * len(x)) if attack else 0
+            # The poisoned samples of this batch: the rate holds over the epoch, not per
+            # batch, so that rates under one sample a batch are rates too.
+            rate = attack.poison_rate if attack else 0.0
+            poisoned = int(rate * (start + len(x))) - int(rate * start)
             if poisoned:
                 x[:poisoned], y[:poisoned] = attack.apply(x[:poisoned]), attack.target
             loss = F.cross_entropy(model(x), y)
@@ -177,6 +201,7 @@ class Tally:
     backdoors_flagged: int = 0
     clean: int = 0
     clean_flagged: int = 0
+    warned: int = 0  # audits whose pair lay outside the profile's calibrated domain (`verdict.unfamiliar`)
 
     def line(self) -> str:
         return (
@@ -184,7 +209,8 @@ class Tally:
             f"({rate_text(self.backdoors_flagged, self.backdoors)}; {self.backdoors_right} naming the planted "
             f"target); {self.clean_flagged} of {self.clean} judgements of clean models flagged "
             f"({rate_text(self.clean_flagged, self.clean)}; a clean model is judged once per audit it is in, "
-            "so these judgements are not independent)"
+            f"so these judgements are not independent); {self.warned} audits warned that the pair is unlike "
+            "the profile's calibration"
         )
 
 
@@ -208,6 +234,13 @@ def audit_row(
     cells = []
     for thresholds, tally in zip(profiles, tallies, strict=True):
         first, second = (judge(m.uri, m.findings, thresholds, result.alignment.similarity) for m in report.models)
+        for judged, audited in zip((first, second), report.models, strict=True):
+            judged.clean_accuracy = audited.clean_accuracy
+        audited_set = result.data
+        warned = unfamiliar(
+            thresholds, [first, second], result.alignment.similarity, audited_set.input_shape, audited_set.num_classes
+        )
+        tally.warned += warned is not None
         if target is None:
             tally.clean += 1
             tally.clean_flagged += first.verdict == "backdoor"
@@ -221,6 +254,7 @@ def audit_row(
         cells.append(
             f"**{overall([first, second])}**: {first.verdict} {first.score:.2f} / {first.threshold:.2f} "
             f"({first.trigger_family}{named}); second {second.verdict} {second.score:.2f}"
+            + (" (warned: unlike the calibration)" if warned else "")
         )
     return f"| {label} | {' | '.join(cells)} | {seconds:.0f} |"
 
