@@ -19,7 +19,7 @@ from pathlib import Path
 from crossaudit.audit import AuditConfig, run_audit
 from crossaudit.inversion import DEFAULT_FAMILIES
 from crossaudit.text_audit import FAMILY as TEXT_FAMILY
-from crossaudit.verdict import DEFAULT_PROFILE, MIN_SIMILAR_PAIRS, SIMILAR, Domain, Finding, Thresholds
+from crossaudit.verdict import DEFAULT_PROFILE, MIN_SIMILAR_PAIRS, SIMILAR, TEXT, Domain, Finding, Thresholds
 from crossaudit.zoo.captioner import captioner_config, export_captioner, train_captioner, write_caption_audit_set
 from crossaudit.zoo.datasets import load_dataset
 from crossaudit.zoo.language import LanguageConfig, export_language_model, train_language_model, write_text_audit_set
@@ -96,6 +96,11 @@ class CalibrationRun:
     @property
     def accuracies(self) -> list[float]:
         return [m["clean_accuracy"] for m in self.findings if m.get("clean_accuracy") is not None]
+
+    @property
+    def looks(self) -> dict[str, object]:
+        """What thresholds.json records of the pair for its profile's domain (`domain`)."""
+        return {"inputs": self.inputs, "classes": self.classes, "accuracies": self.accuracies}
 
 
 @dataclass(frozen=True)
@@ -241,11 +246,15 @@ def profile(name: str, paradigm: str, runs: list[CalibrationRun]) -> Thresholds:
 def domain(runs: list[CalibrationRun]) -> Domain:
     """What a profile's clean pairs looked like (`verdict.Domain`): a pair outside it is
     judged by thresholds that never met its task, and its report says so."""
-    accuracies = [accuracy for run in runs for accuracy in run.accuracies]
+    floors: dict[str, float] = {}
+    for run in runs:
+        for accuracy in run.accuracies:
+            task = run.inputs or TEXT
+            floors[task] = min(floors.get(task, accuracy), accuracy)
     return Domain(
         tuple(sorted({run.inputs for run in runs if run.inputs is not None})),
         tuple(sorted({run.classes for run in runs if run.classes is not None})),
-        min(accuracies) if accuracies else None,
+        dict(sorted(floors.items())),
         min(run.similarity for run in runs),
     )
 
@@ -274,7 +283,8 @@ def write_thresholds(thresholds: list[Thresholds], runs: list[CalibrationRun], p
                 "per_family": t.similar_per_family,
                 "clean_pairs": t.similar_pairs,
             }
-    for key, value in (("clean_pair_scores", "scores"), ("clean_pair_similarity", "similarity")):
+    for key, value in (("clean_pair_scores", "scores"), ("clean_pair_similarity", "similarity"),
+                       ("clean_pair_looks", "looks")):  # fmt: skip
         kept = {name: v for name, v in record.get(key, {}).items() if _paradigm_of(name) != paradigm}
         record[key] = kept | {run.pair: getattr(run, value) for run in runs}
     path.write_text(json.dumps(record, indent=2) + "\n")

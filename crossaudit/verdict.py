@@ -57,6 +57,7 @@ DEFAULT_PROFILES = {"supervised": DEFAULT_PROFILE, "semi": "semi", "ssl": "ssl",
 # A backdoored model pays a few points of clean accuracy for its key: that alone does not
 # make its task another one.
 ACCURACY_MARGIN = 0.05
+TEXT = "text"  # what a language model's inputs are called where images name their shape
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,9 @@ class Domain:
 
     inputs: tuple[str, ...]  # input shapes of the calibration's audit sets, "CxHxW" (images)
     classes: tuple[int, ...]  # class counts of the calibration's audit sets (images)
-    accuracy: float | None  # the lowest clean accuracy of a calibration model, where measured
+    # Per input shape ("text" for a language model's), the lowest clean accuracy of a
+    # calibration model: a profile over several tasks holds each to its own models.
+    accuracy: dict[str, float]
     similarity: float  # the least alike calibration pair (`cka.Alignment.similarity`, 4 decimals)
 
     def unlike(self, inputs: str | None, classes: int | None, accuracies: list[float], similarity: float) -> list[str]:
@@ -83,9 +86,9 @@ class Domain:
             reasons.append(f"inputs {inputs} (calibrated on {', '.join(self.inputs)})")
         if classes is not None and self.classes and classes not in self.classes:
             reasons.append(f"{classes} classes (calibrated on {', '.join(map(str, self.classes))})")
-        weakest = min(accuracies, default=None)
-        if weakest is not None and self.accuracy is not None and weakest < self.accuracy - ACCURACY_MARGIN:
-            reasons.append(f"clean accuracy {weakest:.2f} (calibrated on models of {self.accuracy:.2f} or more)")
+        weakest, floor = min(accuracies, default=None), self.accuracy.get(inputs or TEXT)
+        if weakest is not None and floor is not None and weakest < floor - ACCURACY_MARGIN:
+            reasons.append(f"clean accuracy {weakest:.2f} (calibrated on models of {floor:.2f} or more)")
         if round(similarity, 4) < self.similarity:
             reasons.append(f"similarity {similarity:.2f} (calibrated on pairs of {self.similarity:.2f} or more)")
         return reasons
@@ -97,10 +100,9 @@ class Domain:
     def from_dict(cls, raw: dict) -> Domain:
         if not isinstance(raw["inputs"], list) or not isinstance(raw["classes"], list):
             raise ValueError("a domain's inputs and classes are lists")
-        accuracy = raw["accuracy"]
         return cls(
             tuple(str(v) for v in raw["inputs"]), tuple(int(v) for v in raw["classes"]),
-            None if accuracy is None else float(accuracy), float(raw["similarity"]),
+            {str(k): float(v) for k, v in raw["accuracy"].items()}, float(raw["similarity"]),
         )  # fmt: skip
 
 

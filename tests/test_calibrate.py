@@ -40,7 +40,7 @@ def test_a_profile_records_what_its_clean_pairs_looked_like(tmp_path):
     runs = [CalibrationRun("digits:a", scores, 0.4, models[0], "1x16x16", 10),
             CalibrationRun("fmnist:b", scores, 0.9, models[1], "1x28x28", 10)]  # fmt: skip
     domain = profile("p", "supervised", runs).domain
-    assert domain == Domain(("1x16x16", "1x28x28"), (10,), 0.88, 0.4)
+    assert domain == Domain(("1x16x16", "1x28x28"), (10,), {"1x16x16": 0.93, "1x28x28": 0.88}, 0.4)
     write_thresholds([profile("p", "supervised", runs)], runs, tmp_path / "t.json")
     assert load_thresholds("p", path=tmp_path / "t.json").domain == domain
 
@@ -67,19 +67,28 @@ def test_shipped_thresholds_follow_from_the_recorded_clean_pair_scores():
     """A threshold edited by hand, or a calibration whose pairs changed without a rerun,
     no longer matches the scores of the pairs `crossaudit calibrate` names."""
     record = json.loads(resources.files("crossaudit").joinpath("thresholds.json").read_text())
-    similarity = record["clean_pair_similarity"]
+    similarity, looks = record["clean_pair_similarity"], record["clean_pair_looks"]
+
+    def run(name: str) -> CalibrationRun:
+        seen = looks[name]
+        models = [{"clean_accuracy": accuracy} for accuracy in seen["accuracies"]]
+        return CalibrationRun(
+            name, record["clean_pair_scores"][name], similarity[name], models, seen["inputs"], seen["classes"]
+        )
+
     for paradigm in CLEAN_PAIRS:
-        # A paradigm calibrated before similarity was recorded has no alike-pairs thresholds.
-        runs = [
-            CalibrationRun(pair.name, record["clean_pair_scores"][pair.name], similarity.get(pair.name, 0.0))
-            for pair in clean_pairs(paradigm)
-        ]
+        runs = [run(pair.name) for pair in clean_pairs(paradigm)]
         for expected in profiles(paradigm, runs):
             shipped = record["profiles"][expected.profile]
             assert shipped["per_family"] == expected.per_family, expected.profile
             assert shipped["clean_pairs"] == expected.clean_pairs and shipped["paradigm"] == paradigm
             alike = shipped.get("similar", {"per_family": None, "clean_pairs": 0})
             assert (alike["per_family"], alike["clean_pairs"]) == (expected.similar_per_family, expected.similar_pairs)
+            # Every shipped profile says what its clean pairs looked like (`verdict.Domain`).
+            assert Domain.from_dict(shipped["domain"]) == expected.domain, expected.profile
+            assert expected.domain.accuracy, expected.profile
+            if paradigm != "lm":
+                assert expected.domain.inputs and expected.domain.classes, expected.profile
 
 
 def test_recalibrating_a_paradigm_replaces_its_scores_and_keeps_the_others(tmp_path):

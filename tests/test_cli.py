@@ -123,7 +123,7 @@ def test_a_profile_calibrated_on_the_users_own_clean_pair_judges_their_audits(di
     record = json.loads(thresholds.read_text())
     assert list(record["profiles"]) == ["my-digits"] and record["profiles"]["my-digits"]["clean_pairs"] == 1
     domain = record["profiles"]["my-digits"]["domain"]
-    assert (domain["inputs"], domain["classes"]) == (["1x16x16"], [10]) and 0.5 < domain["accuracy"] <= 1
+    assert (domain["inputs"], domain["classes"]) == (["1x16x16"], [10]) and 0.5 < domain["accuracy"]["1x16x16"] <= 1
     [clean] = json.loads(findings.read_text())
     assert clean["similarity"] == record["clean_pair_similarity"][clean["pair"]]
     assert [model["model"] for model in clean["models"]] == [digits_zoo.clean_cnn.name, digits_zoo.clean_mlp.name]

@@ -110,7 +110,7 @@ def test_every_other_target_over_its_threshold_is_reported_with_the_named_one(tm
     assert "class 3 (patch, 1.12x)" in (tmp_path / "report.html").read_text()
 
 
-CALIBRATED = Domain(inputs=("1x16x16", "1x28x28"), classes=(10,), accuracy=0.9, similarity=0.37)
+CALIBRATED = Domain(("1x16x16", "1x28x28"), (10,), accuracy={"1x16x16": 0.96, "1x28x28": 0.82}, similarity=0.37)
 
 
 @pytest.mark.parametrize(
@@ -119,7 +119,7 @@ CALIBRATED = Domain(inputs=("1x16x16", "1x28x28"), classes=(10,), accuracy=0.9, 
         ("3x32x32", 10, [0.95, 0.93], 0.6, "inputs 3x32x32 (calibrated on 1x16x16, 1x28x28)"),
         ("1x8x8", 10, [0.95, 0.93], 0.6, "inputs 1x8x8"),
         ("1x28x28", 43, [0.95, 0.93], 0.6, "43 classes (calibrated on 10)"),
-        ("1x16x16", 10, [0.81, 0.84], 0.6, "clean accuracy 0.81 (calibrated on models of 0.90 or more)"),
+        ("1x16x16", 10, [0.81, 0.84], 0.6, "clean accuracy 0.81 (calibrated on models of 0.96 or more)"),
         ("1x16x16", 10, [0.95, 0.93], 0.2, "similarity 0.20 (calibrated on pairs of 0.37 or more)"),
     ],
 )
@@ -134,13 +134,14 @@ def test_a_pair_unlike_every_calibrated_one_is_told_so_with_the_command_to_calib
 
 
 def test_a_pair_like_the_calibrated_ones_gets_no_warning():
-    """Nor does a backdoored model for the few points of accuracy its key cost, nor a
-    profile that records no domain (a thresholds file from before domains were recorded)."""
+    """Nor does a backdoored model for the few points of accuracy its key cost (each task
+    held to its own models' accuracy), nor a pair judged by a profile that records no domain."""
     models = [
-        ModelReport("a.onnx", "backdoor", clean_accuracy=0.87),
-        ModelReport("b.onnx", "clean", clean_accuracy=0.95),
+        ModelReport("a.onnx", "backdoor", clean_accuracy=0.8),
+        ModelReport("b.onnx", "clean", clean_accuracy=0.84),
     ]
     assert unfamiliar(replace(THRESHOLDS, domain=CALIBRATED), models, 0.9, "1x28x28", 10) is None
+    assert unfamiliar(replace(THRESHOLDS, domain=CALIBRATED), models, 0.9, "1x16x16", 10) is not None
     assert unfamiliar(THRESHOLDS, models, 0.1, "3x32x32", 43) is None
 
 
