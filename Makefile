@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install demo test bench lint fmnist chromium clean
+.PHONY: install demo test bench corpus lint fmnist chromium clean
 
 $(BIN)/crossaudit: pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (crossaudit needs Python 3.11)"; exit 2; }
@@ -42,6 +42,11 @@ bench: install fmnist
 	$(BIN)/python -m benchmarks.model_sizes
 	$(BIN)/python -m benchmarks.engineering
 	$(BIN)/python -m benchmarks.paradigms
+
+# The clean corpus (hours on 2 cores; models and findings are cached, so it can be built in
+# parts: CORPUS_ARGS=--minutes 30 stops starting pairs after half an hour).
+corpus: install fmnist
+	$(BIN)/python -m benchmarks.clean_corpus --split test $(CORPUS_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
