@@ -35,7 +35,7 @@ from pathlib import Path
 import crossaudit
 from benchmarks.metrics import rate_text
 from benchmarks.sections import CLEAN_CORPUS, write_section
-from crossaudit.calibrate import CalibrationRun, pair_scores
+from crossaudit.calibrate import CalibrationRun, CleanPair, pair_scores
 from crossaudit.verdict import Finding, Thresholds, judge, load_thresholds, unfamiliar
 from crossaudit.zoo.cache import cache_root, cached, config_key, trained
 from crossaudit.zoo.datasets import Split, load_dataset
@@ -63,7 +63,8 @@ class CorpusPair:
 
     @property
     def name(self) -> str:
-        return f"{self.task}:{self.archs[0]}{self.seeds[0]}-vs-{self.archs[1]}{self.seeds[1]}"
+        """Named as the calibration names its clean pairs (`calibrate.CleanPair.name`)."""
+        return CleanPair("supervised", self.task, self.archs, self.seeds).name
 
     @property
     def same_architecture(self) -> bool:
@@ -188,9 +189,10 @@ def judgements(records: list[PairRecord], profile: str | None) -> list[list[Judg
     """Per pair, each model judged with a shipped profile (a task's own where it has one
     and `profile` is None, else `profile`)."""
     out = []
+    by_task = {task: _profile_for(task, profile) for task in {record.task for record in records}}
     for record in records:
         run = record.run
-        thresholds = _profile_for(record.task, profile)
+        thresholds = by_task[record.task]
         reports = [
             judge(m["model"], [Finding(**f) for f in m["findings"]], thresholds, run.similarity) for m in run.findings
         ]
