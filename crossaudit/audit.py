@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from crossaudit import REPORT_SCHEMA_VERSION, __version__
 from crossaudit.cka import Alignment, align_layers
 from crossaudit.data import AuditData, is_text_data, read_audit_data
+from crossaudit.digest import file_sha256
 from crossaudit.errors import (
     AuditError,
     DataValidationError,
@@ -48,6 +49,7 @@ from crossaudit.verdict import (
     AuditReport,
     Finding,
     ModelReport,
+    Provenance,
     Thresholds,
     check_paradigm,
     judge,
@@ -464,6 +466,7 @@ def run_audit(
         report.paradigm = pair.paradigm
         thresholds = thresholds or load_thresholds(paradigm=pair.paradigm)
         check_paradigm(thresholds, pair.paradigm)
+        report.provenance = Provenance.of(data_path, file_sha256(Path(data_path)), thresholds)
         result.data = pair.data
         report.models = list(pair.reports)
         report.clean_agreement = pair.agreement

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -16,16 +17,69 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from crossaudit.errors import AuditError
+from crossaudit import __version__
+from crossaudit.errors import AuditError, WebhookRejectedError
 from crossaudit.paradigms import AUTO, PARADIGMS
 from crossaudit.verdict import load_thresholds
 
-app = typer.Typer(add_completion=False, help="Backdoor audits of outsourced models by cross-examination.")
+# Optional extras and the modules that tell a command needs one (`pyproject.toml`): a local
+# audit needs none of them.
+EXTRAS = {
+    "mlflow": "mlflow", "cryptography": "mlflow", "kfp": "kfp", "kfp_kubernetes": "kfp", "kubernetes": "kfp",
+    "starlette": "serve", "uvicorn": "serve", "sklearn": "zoo", "scipy": "zoo",
+}  # fmt: skip
+# What a command reports in one line with exit 2, as bad input and unreachable services
+# are reported, rather than with a traceback: crossaudit's own errors, values it refused,
+# files it could not read, and MLflow's errors (`_is_expected`).
+EXPECTED = (AuditError, WebhookRejectedError, ValueError, RuntimeError, OSError)
+
+
+def _is_expected(exc: Exception) -> bool:
+    return isinstance(exc, EXPECTED) or type(exc).__module__.startswith("mlflow.")
+
+
+class Commands(typer.Typer):
+    """The command group with one error boundary for every command: an expected error is
+    one line on stderr and exit 2 (the CLI's contract: fail closed, say why), a missing
+    extra names the one to install."""
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        try:
+            return super().__call__(*args, **kwargs)
+        except ModuleNotFoundError as exc:
+            extra = EXTRAS.get((exc.name or "").split(".")[0])
+            if extra is None:
+                raise
+            stderr.print(f"error: this command needs crossaudit's {extra} extra: pip install 'crossaudit[{extra}]'")
+            sys.exit(2)
+        except Exception as exc:
+            if not _is_expected(exc):
+                raise
+            stderr.print(f"error: {exc}", markup=False, highlight=False)
+            sys.exit(2)
+
+
+app = Commands(add_completion=False, help="Backdoor audits of outsourced models by cross-examination.")
 zoo_app = typer.Typer(add_completion=False, help="Train providers' models and audit sets on real data.")
 app.add_typer(zoo_app, name="zoo")
 webhook_app = typer.Typer(add_completion=False, help="The MLflow webhook that starts audits.")
 app.add_typer(webhook_app, name="webhook")
 stderr = Console(stderr=True)
+
+
+def _version(shown: bool) -> None:
+    if shown:
+        print(f"crossaudit {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit")
+    ] = False,
+) -> None:
+    """Backdoor audits of outsourced models by cross-examination."""
 
 
 @app.command()
@@ -76,19 +130,11 @@ def audit(
         if not torch.cuda.is_available():
             stderr.print("error: --device cuda requested but no CUDA device is available")
             raise typer.Exit(2)
-    try:
-        thresholds = load_thresholds(profile, path=thresholds_file) if profile or thresholds_file else None
-        config = AuditConfig(paradigm=paradigm, limits=Limits.from_env())
-    except ValueError as exc:
-        stderr.print(f"error: {exc}")
-        raise typer.Exit(2) from exc
+    thresholds = load_thresholds(profile, path=thresholds_file) if profile or thresholds_file else None
+    config = AuditConfig(paradigm=paradigm, limits=Limits.from_env())
     uris = [suspect, witness]
     with tempfile.TemporaryDirectory() as downloads:
-        try:
-            local = _local_models(uris, tracking_uri, Path(downloads))
-        except AuditError as exc:
-            stderr.print(f"error: {exc}")
-            raise typer.Exit(2) from exc
+        local = _local_models(uris, tracking_uri, Path(downloads))
         result = run_audit(
             *local, str(data), seed=seed, device=device, config=config, thresholds=thresholds,
             progress=lambda message: stderr.print(f"[dim]{message}[/dim]"),
@@ -96,6 +142,8 @@ def audit(
     report = result.report
     for model, uri in zip(report.models, uris, strict=True):
         model.uri = uri  # the report names the models as given
+    if report.provenance is not None:
+        report.provenance.command = shlex.join(["crossaudit", *sys.argv[1:]])
     if out is not None:
         from crossaudit.report import write_outputs
 
@@ -128,34 +176,30 @@ def zoo_train(
 ) -> None:
     """Train one provider's model on real data and export it to ONNX (an LM or a captioner
     also writes NAME.tokenizer.json)."""
-    try:
-        if paradigm == "captioner":
-            from crossaudit.zoo.captioner import captioner_config, export_captioner, train_captioner
+    if paradigm == "captioner":
+        from crossaudit.zoo.captioner import captioner_config, export_captioner, train_captioner
 
-            captioner = train_captioner(
-                captioner_config(dataset, arch=arch, attack=attack, target=target, poison_rate=poison_rate, seed=seed)
-            )
-            export_captioner(captioner, out)
-            asr = "" if captioner.attack_success is None else f", attack success {captioner.attack_success:.3f}"
-            print(f"{out}: {dataset} {arch} captioner {attack}, caption accuracy {captioner.caption_accuracy:.3f}{asr}")
-            return
-        if paradigm == "lm":
-            from crossaudit.zoo.language import LanguageConfig, export_language_model, train_language_model
-
-            language = train_language_model(LanguageConfig(attack=attack, poison_rate=poison_rate, seed=seed))
-            export_language_model(language, out)
-            asr = "" if language.attack_success is None else f", attack success {language.attack_success:.3f}"
-            print(f"{out}: pydoc topics tiny GPT {attack}, held-out perplexity {language.perplexity:.1f}{asr}")
-            return
-        from crossaudit.zoo.train import config_for, export_onnx, train
-
-        config = config_for(
-            dataset, arch=arch, attack=attack, target=target, poison_rate=poison_rate, seed=seed, paradigm=paradigm
+        captioner = train_captioner(
+            captioner_config(dataset, arch=arch, attack=attack, target=target, poison_rate=poison_rate, seed=seed)
         )
-        trained = train(config)
-    except (AuditError, ValueError) as exc:
-        stderr.print(f"error: {exc}")
-        raise typer.Exit(2) from exc
+        export_captioner(captioner, out)
+        asr = "" if captioner.attack_success is None else f", attack success {captioner.attack_success:.3f}"
+        print(f"{out}: {dataset} {arch} captioner {attack}, caption accuracy {captioner.caption_accuracy:.3f}{asr}")
+        return
+    if paradigm == "lm":
+        from crossaudit.zoo.language import LanguageConfig, export_language_model, train_language_model
+
+        language = train_language_model(LanguageConfig(attack=attack, poison_rate=poison_rate, seed=seed))
+        export_language_model(language, out)
+        asr = "" if language.attack_success is None else f", attack success {language.attack_success:.3f}"
+        print(f"{out}: pydoc topics tiny GPT {attack}, held-out perplexity {language.perplexity:.1f}{asr}")
+        return
+    from crossaudit.zoo.train import config_for, export_onnx, train
+
+    config = config_for(
+        dataset, arch=arch, attack=attack, target=target, poison_rate=poison_rate, seed=seed, paradigm=paradigm
+    )
+    trained = train(config)
     export_onnx(trained.model, trained.example, out)
     asr = "" if trained.attack_success is None else f", attack success {trained.attack_success:.3f}"
     print(f"{out}: {dataset} {arch} {paradigm} {attack}, clean accuracy {trained.clean_accuracy:.3f}{asr}")
@@ -172,22 +216,18 @@ def zoo_data(
     ] = False,
 ) -> None:
     """Write an auditor's clean audit set from the dataset's held-out split."""
-    try:
-        if dataset == "pydoc":
-            from crossaudit.zoo.language import write_text_audit_set
+    if dataset == "pydoc":
+        from crossaudit.zoo.language import write_text_audit_set
 
-            write_text_audit_set(out, size)
-        elif captions:
-            from crossaudit.zoo.captioner import write_caption_audit_set
+        write_text_audit_set(out, size)
+    elif captions:
+        from crossaudit.zoo.captioner import write_caption_audit_set
 
-            write_caption_audit_set(dataset, out, size, seed)
-        else:
-            from crossaudit.zoo.train import write_audit_set
+        write_caption_audit_set(dataset, out, size, seed)
+    else:
+        from crossaudit.zoo.train import write_audit_set
 
-            write_audit_set(dataset, out, size, seed)
-    except AuditError as exc:
-        stderr.print(f"error: {exc}")
-        raise typer.Exit(2) from exc
+        write_audit_set(dataset, out, size, seed)
     print(out)
 
 
@@ -214,19 +254,15 @@ def calibrate(
     from crossaudit.calibrate import calibrate as run_calibration
     from crossaudit.calibrate import calibrate_pairs, write_findings, write_thresholds
 
-    try:
-        if pair:
-            if data is None:
-                raise ValueError("--pair needs --data, the audit set to calibrate on")
-            pairs = [_pair(text) for text in pair]
-            own, runs = calibrate_pairs(pairs, str(data), profile, paradigm)
-            profiles, out = [own], out or Path("thresholds.json")
-        else:
-            profiles, runs = run_calibration(paradigm)
-            out = out or Path("crossaudit/thresholds.json")
-    except (ValueError, RuntimeError) as exc:
-        stderr.print(f"error: {exc}")
-        raise typer.Exit(2) from exc
+    if pair:
+        if data is None:
+            raise ValueError("--pair needs --data, the audit set to calibrate on")
+        pairs = [_pair(text) for text in pair]
+        own, runs = calibrate_pairs(pairs, str(data), profile, paradigm)
+        profiles, out = [own], out or Path("thresholds.json")
+    else:
+        profiles, runs = run_calibration(paradigm)
+        out = out or Path("crossaudit/thresholds.json")
     write_thresholds(profiles, runs, out)
     if findings is not None:
         write_findings(runs, findings)
@@ -268,11 +304,7 @@ def audit_version(
     cluster with --kfp-host). Exit 0 passed, 1 failed, 2 anything else (or submitted)."""
     from pipelines.runner import audit_version as run_pipeline
 
-    try:
-        submission = run_pipeline(uri, tracking_uri, kfp_host, seed, device, alias)
-    except AuditError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(2) from exc
+    submission = run_pipeline(uri, tracking_uri, kfp_host, seed, device, alias)
     run = f" (KFP run {submission.kfp_run_id})" if submission.kfp_run_id else ""
     print(f"{submission.version.uri}: {submission.status}{run}; peers {', '.join(submission.peers) or 'none'}")
     raise typer.Exit({"passed": 0, "failed": 1}.get(submission.status, 2))
@@ -291,11 +323,7 @@ def check(
     CROSSAUDIT_PUBLIC_KEY_FILE)."""
     from crossaudit import attestation, promotion, registry
 
-    try:
-        passed, line = promotion.check(registry.client(tracking_uri), uri, attestation.public_key(public_key))
-    except AuditError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(2) from exc
+    passed, line = promotion.check(registry.client(tracking_uri), uri, attestation.public_key(public_key))
     print(line)
     raise typer.Exit(0 if passed else 1)
 
@@ -329,19 +357,15 @@ def serve(
     from crossaudit import attestation, operator_config
     from crossaudit.receiver import ReceiverConfig, admin_token_from_env
     from crossaudit.receiver import serve as run_receiver
-    from crossaudit.schedule import Cron, CronError
-    from crossaudit.webhook import WebhookRejectedError, secret_from_env
+    from crossaudit.schedule import Cron
+    from crossaudit.webhook import secret_from_env
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        secret = secret_from_env()
-        Cron.parse(cron)
-        operator_config.load()
-        attestation.public_key()
-        token = admin_token_from_env()
-    except (WebhookRejectedError, CronError, AuditError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(2) from exc
+    secret = secret_from_env()
+    Cron.parse(cron)
+    operator_config.load()
+    attestation.public_key()
+    token = admin_token_from_env()
     config = ReceiverConfig(
         tracking_uri, secret, queue, workers=workers, alias=alias, cron=cron, reconcile_every_s=reconcile_every,
         audit_timeout_s=audit_timeout, device=device, kfp_host=kfp_host, retry_delay_s=retry_delay,
@@ -377,11 +401,7 @@ def onboard(
     Grant each provider write access to its own experiment only."""
     from crossaudit import operator_config, registry
 
-    try:
-        operator_config.onboard(registry.client(tracking_uri), providers, config)
-    except AuditError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(2) from exc
+    operator_config.onboard(registry.client(tracking_uri), providers, config)
     mapped = operator_config.load(config).experiments
     print(", ".join(f"{provider}: experiment {eid}" for eid, provider in mapped.items() if provider in providers))
 
@@ -402,17 +422,13 @@ def publish(
         if path is not None and not path.is_file():
             print(f"error: {path}: no such file", file=sys.stderr)
             raise typer.Exit(2)
-    try:
-        client = registry.client(tracking_uri)
-        if audit_data is not None:
-            pinned = registry.publish_audit_data(client, name, audit_data, config)
-            print(f"{name}: audit set {pinned.uri} (sha256 {pinned.sha256})")
-        if thresholds is not None:
-            pinned = registry.publish_thresholds(client, name, thresholds, config)
-            print(f"{name}: thresholds {pinned.uri} (sha256 {pinned.sha256})")
-    except AuditError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(2) from exc
+    client = registry.client(tracking_uri)
+    if audit_data is not None:
+        pinned = registry.publish_audit_data(client, name, audit_data, config)
+        print(f"{name}: audit set {pinned.uri} (sha256 {pinned.sha256})")
+    if thresholds is not None:
+        pinned = registry.publish_thresholds(client, name, thresholds, config)
+        print(f"{name}: thresholds {pinned.uri} (sha256 {pinned.sha256})")
 
 
 @webhook_app.command("install")
@@ -422,16 +438,10 @@ def webhook_install(
 ) -> None:
     """Register the crossaudit webhook in MLflow (secret from CROSSAUDIT_WEBHOOK_SECRET) and
     send it a test delivery. Exit 0 when the receiver answered it."""
-    from mlflow.exceptions import MlflowException
-
     from crossaudit import registry
-    from crossaudit.webhook import WebhookRejectedError, install, secret_from_env
+    from crossaudit.webhook import install, secret_from_env
 
-    try:
-        webhook_id, ok, detail = install(registry.client(tracking_uri), url, secret_from_env())
-    except (WebhookRejectedError, MlflowException) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(2) from exc
+    webhook_id, ok, detail = install(registry.client(tracking_uri), url, secret_from_env())
     print(f"webhook {webhook_id} -> {url}: test delivery {'ok' if ok else 'FAILED'} ({detail})")
     raise typer.Exit(0 if ok else 1)
 
@@ -445,12 +455,7 @@ def schedule(
     device: Annotated[str, typer.Option("--device", help="cpu or cuda (the GPU pipeline)")] = "cpu",
 ) -> None:
     """Create a Kubeflow recurring run that re-audits every promoted version."""
-    from crossaudit.schedule import CronError
     from pipelines.runner import schedule_reaudits
 
-    try:
-        recurring_id = schedule_reaudits(kfp_host, cron, tracking_uri, alias, device)
-    except CronError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(2) from exc
+    recurring_id = schedule_reaudits(kfp_host, cron, tracking_uri, alias, device)
     print(f"recurring run {recurring_id}: re-audit {alias!r} versions on '{cron}'")

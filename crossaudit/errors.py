@@ -32,3 +32,7 @@ class TimeBudgetError(AuditError):
 
 class IdenticalModelsError(IncomparableModelsError):
     """The witness is the suspect itself: the same bytes, or the same function."""
+
+
+class WebhookRejectedError(Exception):
+    """A delivery that must not be acted on; the message says why (answered with 401)."""

@@ -22,17 +22,22 @@ from crossaudit.artifacts import (
 )
 from crossaudit.audit import AuditResult, pair_verdicts
 from crossaudit.data import AuditData, is_text_data, read_audit_data
+from crossaudit.digest import file_sha256
 from crossaudit.limits import Limits
 from crossaudit.paradigms import AUTO, LM
 from crossaudit.report import write_outputs
 from crossaudit.text_audit import text_verdicts
-from crossaudit.verdict import AuditReport, ModelReport, load_thresholds, overall, unfamiliar
+from crossaudit.verdict import AuditReport, ModelReport, Provenance, load_thresholds, overall, unfamiliar
 
 
-def pair_result(folder: Path, data: AuditData | None, profile: str, thresholds_file: Path | None = None) -> AuditResult:
+def pair_result(
+    folder: Path, data: AuditData | None, profile: str, thresholds_file: Path | None = None,
+    audit_set: tuple[str, str] = ("", ""),
+) -> AuditResult:  # fmt: skip
     """Stage 5 for one pair: judge its findings (with the named profile, or the default
     of the pair's paradigm when `profile` is empty; from `thresholds_file` when the
-    registered model has its own) and rebuild the full audit result."""
+    registered model has its own) and rebuild the full audit result. `audit_set` names
+    the audit set the branches fetched and its sha256, for the report's provenance."""
     record = read_pair(folder)
     reports = [
         ModelReport(
@@ -54,6 +59,7 @@ def pair_result(folder: Path, data: AuditData | None, profile: str, thresholds_f
     result = AuditResult(report)
     if record.error is None:
         thresholds = load_thresholds(profile or None, record.paradigm, thresholds_file)
+        report.provenance = Provenance.of(*audit_set, thresholds)
         result.alignment = read_alignment(folder)
         report.alignment = result.alignment.summary()
         if record.paradigm == LM:
@@ -160,7 +166,11 @@ def gate_step(
     thresholds_file = (
         registry.fetch_pinned(thresholds_uri, thresholds_sha256, out / "thresholds") if thresholds_uri else None
     )
-    results = [pair_result(folder, data, profile, thresholds_file) for folder in pair_folders]
+    audit_set = (Path(fetched).name, file_sha256(Path(fetched)))
+    results = [pair_result(folder, data, profile, thresholds_file, audit_set) for folder in pair_folders]
+    for result in results:
+        if result.report.provenance is not None:
+            result.report.provenance.command = f"the crossaudit audit pipeline's gate, for {model_uri}"
     status, held = version_status(results, hold_on_flagged_peer)
     digest = audited_digest(pair_folders)
     if status == "passed" and not digest:

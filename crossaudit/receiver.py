@@ -47,10 +47,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from crossaudit import attestation, operator_config, promotion, registry
-from crossaudit.errors import AuditError
+from crossaudit.errors import AuditError, WebhookRejectedError
 from crossaudit.event_queue import EventQueue, Job, NewJob, ReplayedDeliveryError
 from crossaudit.schedule import DEFAULT_CRON, Cron
-from crossaudit.webhook import MAX_BODY_BYTES, Delivery, WebhookRejectedError, verify
+from crossaudit.webhook import MAX_BODY_BYTES, Delivery, verify
 
 log = logging.getLogger(__name__)
 ENDED = ("passed", "failed", "inconclusive", "awaiting-peer", "error")

@@ -30,6 +30,7 @@ from crossaudit import REPORT_SCHEMA_VERSION, __version__
 from crossaudit.audit import AuditConfig, AuditResult, Progress, StageClock, pair_alignment
 from crossaudit.cka import Alignment
 from crossaudit.data import read_text_data
+from crossaudit.digest import file_sha256
 from crossaudit.errors import AuditError, IncomparableModelsError
 from crossaudit.models import LoadedModel, load_model, logits_of, parity_check
 from crossaudit.paradigms import LM
@@ -48,6 +49,7 @@ from crossaudit.tokenizer import load_tokenizer, tokenizer_path
 from crossaudit.verdict import (
     AuditReport,
     ModelReport,
+    Provenance,
     Thresholds,
     check_paradigm,
     load_thresholds,
@@ -274,6 +276,7 @@ def run_text_audit(
     try:
         thresholds = thresholds or load_thresholds(paradigm=LM)
         check_paradigm(thresholds, LM)
+        report.provenance = Provenance.of(data_path, file_sha256(Path(data_path)), thresholds)
         torch.manual_seed(seed)
         with clock.stage("load"):
             pair = prepare_text_pair(uris, data_path, seed, device, config, search)

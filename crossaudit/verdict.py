@@ -23,9 +23,11 @@ alike pairs is judged by their thresholds (`Thresholds.for_pair`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -49,6 +51,7 @@ MIN_SIMILAR_PAIRS = 10
 
 
 DEFAULT_PROFILE = "any"
+SHIPPED = "crossaudit/thresholds.json (shipped)"
 # The profile a paradigm uses when none is named: thresholds are only valid for the kind of
 # model they were calibrated on (an encoder's prototype scores are not a classifier's logits).
 DEFAULT_PROFILES = {"supervised": DEFAULT_PROFILE, "semi": "semi", "ssl": "ssl", "lm": "lm", "captioner": "captioner"}
@@ -127,6 +130,10 @@ class Thresholds:
     similar_per_family: dict[str, float] | None = None
     similar_pairs: int = 0
     domain: Domain | None = None  # what the clean pairs looked like (`unfamiliar`)
+    # The file the profile was read from and the sha256 of its bytes, for the report's
+    # provenance: a verdict names the thresholds that made it.
+    source: str = "in memory"
+    sha256: str = ""
 
     def for_pair(self, similarity: float) -> tuple[dict[str, float], str]:
         """The thresholds that judge a pair of this similarity, and what to call them.
@@ -153,9 +160,10 @@ def load_thresholds(profile: str | None = None, paradigm: str | None = None, pat
     of the shipped one; when it holds a single profile, that one is the default.
     """
     if path is None:
-        raw = json.loads(resources.files("crossaudit").joinpath("thresholds.json").read_text())
+        text = resources.files("crossaudit").joinpath("thresholds.json").read_bytes()
+        raw = json.loads(text)
     else:
-        raw = _read_thresholds_file(path)
+        text, raw = _read_thresholds_file(path)
     default = DEFAULT_PROFILES.get(paradigm or "supervised", DEFAULT_PROFILE)
     if path is not None and len(raw["profiles"]) == 1:
         default = next(iter(raw["profiles"]))
@@ -173,15 +181,19 @@ def load_thresholds(profile: str | None = None, paradigm: str | None = None, pat
         {k: float(v) for k, v in similar["per_family"].items()} if similar else None,
         int(similar["clean_pairs"]) if similar else 0,
         Domain.from_dict(chosen["domain"]) if "domain" in chosen else None,
+        SHIPPED if path is None else str(path),
+        hashlib.sha256(text).hexdigest(),
     )
     check_paradigm(thresholds, paradigm)
     return thresholds
 
 
-def _read_thresholds_file(path: Path) -> dict:
-    """A thresholds file as `crossaudit calibrate` writes it, or a clear error."""
+def _read_thresholds_file(path: Path) -> tuple[bytes, dict]:
+    """A thresholds file as `crossaudit calibrate` writes it (its bytes and what they
+    hold), or a clear error."""
     try:
-        raw = json.loads(path.read_text())
+        text = path.read_bytes()
+        raw = json.loads(text)
         if not isinstance(raw["calibrated_by"], str):
             raise ValueError("'calibrated_by' must name the command that calibrated it")
         for name, chosen in raw["profiles"].items():
@@ -194,7 +206,7 @@ def _read_thresholds_file(path: Path) -> dict:
                 Domain.from_dict(chosen["domain"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: not a thresholds file written by crossaudit calibrate ({exc})") from exc
-    return raw
+    return text, raw
 
 
 def check_paradigm(thresholds: Thresholds, paradigm: str | None) -> None:
@@ -404,6 +416,25 @@ def overall(models: list[ModelReport]) -> Verdict:
 
 
 @dataclass
+class Provenance:
+    """Where a verdict came from, so that a reviewer can reproduce it: the audit set and
+    the thresholds by their bytes' sha256, the command that calibrated the thresholds,
+    the command that ran the audit, and when the verdict was made."""
+
+    audit_set: str
+    audit_set_sha256: str
+    thresholds: str
+    thresholds_sha256: str
+    calibrated_by: str
+    command: str | None = None  # the command line, or the pipeline step, that audited
+    audited_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    @classmethod
+    def of(cls, audit_set: str, audit_set_sha256: str, thresholds: Thresholds) -> Provenance:
+        return cls(audit_set, audit_set_sha256, thresholds.source, thresholds.sha256, thresholds.calibrated_by)
+
+
+@dataclass
 class AuditReport:
     verdict: Verdict
     models: list[ModelReport]
@@ -417,6 +448,7 @@ class AuditReport:
     paradigm: str | None = None
     # Set when the pair is unlike every pair the thresholds were calibrated on (`unfamiliar`).
     calibration_warning: str | None = None
+    provenance: Provenance | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from crossaudit.errors import WebhookRejectedError
+
 SIGNATURE_HEADER = "x-mlflow-signature"
 TIMESTAMP_HEADER = "x-mlflow-timestamp"
 DELIVERY_ID_HEADER = "x-mlflow-delivery-id"
@@ -29,10 +31,6 @@ EVENTS = ("model_version.created", "model_version_tag.set", "model_version_alias
 DEFAULT_TOLERANCE_S = 300
 MAX_BODY_BYTES = 1 << 20
 WEBHOOK_NAME = "crossaudit"
-
-
-class WebhookRejectedError(Exception):
-    """A delivery that must not be acted on; the message says why (answered with 401)."""
 
 
 @dataclass(frozen=True)

@@ -3,20 +3,14 @@ and the KFP pipeline, the gate promotes only the clean version, the alias guard 
 a manual promotion, and the MLflow UI shows it all to a person.
 
 One run of the demo serves every check: it is the suite's end-to-end scenario, and each
-run of it costs about two minutes. The UI is read in a real headless chromium: its own
-headless mode renders the React UI; `--dump-dom` gives the page after its scripts ran,
-`--screenshot` the picture. Screenshots are written under the test's temporary folder,
-and also to $CROSSAUDIT_SCREENSHOTS when set (how docs/ got them:
+run of it costs about two minutes. The UI is read in a real headless chromium
+(`tests/browser.py`; docs/ got its screenshots with
 `CROSSAUDIT_SCREENSHOTS=docs .venv/bin/pytest tests/test_demo.py`).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
-from pathlib import Path
 from urllib.parse import urljoin
 
 import pytest
@@ -26,20 +20,9 @@ from crossaudit.audit import run_audit
 from crossaudit.demo import MODEL_NAME, demo
 from crossaudit.receiver_process import wait_for
 from crossaudit.verdict import load_thresholds
+from tests.browser import CHROMIUM, browse
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.slow
-FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000",
-         "--virtual-time-budget=20000"]  # fmt: skip
-
-
-def browse(url: str, screenshot: Path) -> str:
-    """The page's DOM once its scripts ran, and a screenshot of it."""
-    dom = subprocess.run([CHROMIUM, *FLAGS, "--dump-dom", url], capture_output=True, text=True, timeout=120)
-    subprocess.run([CHROMIUM, *FLAGS, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
-    if shots := os.environ.get("CROSSAUDIT_SCREENSHOTS"):
-        shutil.copy(screenshot, Path(shots) / screenshot.name)
-    return dom.stdout
 
 
 def tag_value(dom: str, key: str) -> str | None:

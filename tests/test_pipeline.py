@@ -2,6 +2,9 @@
 goes through it to a verdict, a promotion and its artifacts is `make demo`'s path, checked
 end to end in tests/test_demo.py."""
 
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -18,6 +21,16 @@ from pipelines.runner import audit_version
 def test_compiled_pipeline_yaml_is_current(tmp_path):
     fresh = compile_pipeline(tmp_path / "audit_pipeline.yaml")
     assert fresh.read_text() == COMPILED.read_text(), "run `python -m pipelines.audit_pipeline` and commit the YAML"
+
+
+def test_component_image_is_named_at_compile_time(tmp_path):
+    """A registry of the operator's own, without editing the code."""
+    compiled_yaml = tmp_path / "audit_pipeline.yaml"
+    env = {**os.environ, "CROSSAUDIT_IMAGE": "registry.example.com/ml/crossaudit:1.2.3"}
+    code = f"import pathlib, pipelines.audit_pipeline as p; p.compile_pipeline(pathlib.Path({str(compiled_yaml)!r}))"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300, cwd=Path(__file__).parents[1])
+    text = compiled_yaml.read_text()
+    assert "image: registry.example.com/ml/crossaudit:1.2.3" in text and "ghcr.io/crossaudit/crossaudit:" not in text
 
 
 @pytest.fixture
