@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install demo test bench corpus lint fmnist chromium clean
+.PHONY: install demo test check docs bench corpus lint fmnist chromium clean
 
 $(BIN)/crossaudit: pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (crossaudit needs Python 3.11)"; exit 2; }
@@ -33,6 +33,17 @@ demo: install fmnist
 test: install fmnist chromium
 	$(BIN)/pytest -q -n auto --maxschedchunk 1 --durations=25
 
+# The fast tier: lint and every test not marked slow (nothing that trains a model zoo or
+# runs a pipeline end to end), for the edit-test loop; `make test` runs everything.
+check: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q -n auto -m "not slow" --durations=10
+
+# The documentation site (MkDocs, Material theme) under site/, strict: a broken link fails.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: install fmnist
 	$(BIN)/python -m benchmarks.pipeline_overhead
 	$(BIN)/python -m benchmarks.webhook_latency
@@ -53,4 +64,4 @@ lint: install
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) demo-output .pytest_cache site

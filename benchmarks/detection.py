@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.headline import HEADLINE, write_pages
 from benchmarks.metrics import auroc, bootstrap_auroc, percent, rate_text, tpr_at_fpr
 from benchmarks.sections import MARKED, existing_section, write_section
 from crossaudit import __version__
@@ -848,6 +849,32 @@ def _finetune_thresholds_line(plan: Plan) -> str:
     return "; ".join(lines)
 
 
+def headline(plan: Plan, results: Results) -> dict[str, object]:
+    """The run's headline for README and the docs' home page (`benchmarks.headline`)."""
+    detectors = []
+    for name in ("crossaudit", "Neural Cleanse"):
+        samples = [s for s in results.samples if s.detector == name]
+        positives, negatives = [s for s in samples if s.positive], [s for s in samples if not s.positive]
+        distinct_flagged, distinct = distinct_models_flagged(negatives)
+        scores = np.array([s.score for s in positives]), np.array([s.score for s in negatives])
+        detectors.append({
+            "name": name, "backdoored": len(positives), "detected": sum(s.flagged for s in positives),
+            "clean_judgements": len(negatives), "flagged": sum(s.flagged for s in negatives),
+            "distinct_clean": distinct, "distinct_flagged": distinct_flagged, "auroc": round(auroc(*scores), 3),
+            "wall_s": round(results.mean(name), 1), "cpu_s": round(results.mean(name, "cpu"), 1),
+        })  # fmt: skip
+    attacks = sorted({s.attack for s in results.samples if s.positive})
+    models = len({s.model for s in results.samples if s.detector == "crossaudit" and not s.positive})
+    return {
+        "command": f"python -m benchmarks.detection --plan {plan.name}",
+        "finished": time.strftime("%Y-%m-%d %H:%M"),
+        "cores": torch.get_num_threads(),
+        "zoo": f"{detectors[0]['backdoored']} backdoored and {models} clean models "
+        f"({', '.join(plan.datasets)}; {len(attacks)} attacks)",
+        "detectors": detectors,
+    }
+
+
 def write_findings(results: Results, out: Path) -> None:
     """Every model crossaudit's full audit judged, with its findings and its pair's
     similarity: enough to score the same triggers again (`verdict.Finding.score`,
@@ -875,6 +902,10 @@ def main(argv: list[str] | None = None) -> None:
     plot_scaling(results, plot)
     write_report(plan, results, out, plot, time.perf_counter() - start)
     write_findings(results, out.with_name(out.stem + "_findings.json"))
+    summary = out.with_name(out.stem + "_headline.json")
+    summary.write_text(json.dumps(headline(plan, results), indent=1) + "\n")
+    if summary.resolve() == HEADLINE:  # the run README and the docs' home page quote
+        write_pages()
     print(out.read_text())
 
 

@@ -92,6 +92,13 @@ def test_quick_benchmark_writes_a_report_with_every_section(tmp_path):
         findings = [Finding(**f) for f in record["findings"]]
         again = judge(record["model"], findings, load_thresholds("digits"), record["similarity"])
         assert (again.verdict == "backdoor") == record["flagged"], record["model"]
+    # Its headline is what README's table is generated from (`benchmarks.headline`).
+    from benchmarks.headline import table
+
+    headline = json.loads((tmp_path / "benchmarks-quick_headline.json").read_text())
+    assert [d["name"] for d in headline["detectors"]] == ["crossaudit", "Neural Cleanse"]
+    assert headline["detectors"][0]["backdoored"] == sum(record["positive"] for record in judged)
+    assert "| backdoored models detected |" in table(headline)
 
 
 def test_make_bench_plan_puts_each_architecture_pair_on_its_own_seed_and_target():

@@ -223,6 +223,10 @@ def test_gpu_overlay_submits_audits_to_kubeflow_and_gives_the_receiver_no_gpu(re
     device = by_kind(docs, "ConfigMap", "crossaudit-config")["data"]["DEVICE"]
     assert "--kfp-host=$(KFP_HOST)" in container["args"], "provider models never run in the receiver"
     assert device == ("cuda" if name == "overlays/gpu" else "cpu")
+    assert (
+        "--device=$(DEVICE)" in container["args"]
+        and "--device=$(DEVICE)" in pod_spec(docs, "Job")["containers"][0]["args"]
+    )
     assert container["image"] == "ghcr.io/crossaudit/crossaudit:0.1.0"
     assert "nvidia.com/gpu" not in yaml.safe_dump(spec)
 
