@@ -244,6 +244,21 @@ class Pair:
         return [dict(graph.checks) for graph in self.graphs]
 
 
+def _unlike_outputs(uris: list[str], paradigms: list[str], widths: list[int], classes: int) -> str:
+    """Why two models read as different kinds, in terms of what each returned: under `auto`
+    an output as wide as the audit set's classes (and mostly right) is a classifier's
+    logits, any other width an encoder's embedding."""
+    seen = "; ".join(
+        f"{uri} returns {width} values per input ({'classifier logits' if kind != 'ssl' else 'read as an embedding'})"
+        for uri, width, kind in zip(uris, widths, paradigms, strict=True)
+    )
+    return (
+        f"the two models do not answer the same question: {seen}, for an audit set of {classes} classes. "
+        "Two providers' models of one task must both be classifiers of its classes, or both encoders "
+        "(--paradigm ssl); pass --paradigm when auto cannot tell"
+    )
+
+
 def prepare_pair(
     uris: list[str],
     data_path: str,
@@ -293,9 +308,8 @@ def prepare_pair(
         widths.append(logits.shape[1])
     refuse_same_model(uris, [r.sha256 or "" for r in reports], outputs)
     if paradigms[0] != paradigms[1]:
-        raise IncomparableModelsError(
-            f"the models are of different paradigms ({paradigms[0]} and {paradigms[1]}); pass --paradigm"
-        )
+        raw_widths = [int(noise_outputs.shape[-1]) for _, noise_outputs in outputs]
+        raise IncomparableModelsError(_unlike_outputs(uris, paradigms, raw_widths, data.num_classes))
     agreement = float(np.mean(labels[0] == labels[1]))
     weakest = min(r.clean_accuracy or 0.0 for r in reports)
     if weakest < config.min_accuracy or agreement < config.min_agreement:

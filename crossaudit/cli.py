@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -55,7 +57,7 @@ class Commands(typer.Typer):
         except Exception as exc:
             if not _is_expected(exc):
                 raise
-            stderr.print(f"error: {exc}", markup=False, highlight=False)
+            stderr.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
             sys.exit(2)
 
 
@@ -113,6 +115,13 @@ def audit(
     """Audit two models, each with the other as witness. Exit 0 clean, 1 backdoor, 2 inconclusive.
     A model is a file, an MLflow model directory, or an MLflow URI (models:/NAME/VERSION,
     models:/NAME@ALIAS, runs:/...), downloaded first."""
+    # Paths first, so that a typo costs no torch import.
+    from crossaudit.data import check_audit_path
+
+    check_audit_path(data)
+    for uri in (suspect, witness):
+        if ":/" not in uri and not Path(uri).exists():
+            raise ValueError(f"{uri}: no such file or directory")
     # Here, not at the top: torch stays out of the start-up of audit-version and serve.
     from crossaudit.audit import AuditConfig, run_audit
     from crossaudit.limits import Limits
@@ -251,6 +260,9 @@ def calibrate(
 ) -> None:
     """Recompute verdict thresholds on clean pairs only: the zoo's freshly trained ones for
     a paradigm, or, with --pair and --data, clean models of your own task."""
+    out = _writable(out or Path("thresholds.json" if pair else "crossaudit/thresholds.json"))
+    if findings is not None:
+        _writable(findings)
     from crossaudit.calibrate import calibrate as run_calibration
     from crossaudit.calibrate import calibrate_pairs, write_findings, write_thresholds
 
@@ -259,10 +271,9 @@ def calibrate(
             raise ValueError("--pair needs --data, the audit set to calibrate on")
         pairs = [_pair(text) for text in pair]
         own, runs = calibrate_pairs(pairs, str(data), profile, paradigm)
-        profiles, out = [own], out or Path("thresholds.json")
+        profiles = [own]
     else:
         profiles, runs = run_calibration(paradigm)
-        out = out or Path("crossaudit/thresholds.json")
     write_thresholds(profiles, runs, out)
     if findings is not None:
         write_findings(runs, findings)
@@ -272,6 +283,29 @@ def calibrate(
         print(f"{out}: profile {thresholds.profile}: {thresholds.per_family}")
         if thresholds.similar_per_family is not None:
             print(f"{out}: profile {thresholds.profile}, alike pairs: {thresholds.similar_per_family}")
+
+
+def _writable(out: Path) -> Path:
+    """`out`, once it is sure to be writable, so that a calibration of many minutes does not
+    end in an error; never a file inside an installed crossaudit package, which an upgrade
+    replaces (a source checkout's `crossaudit/thresholds.json` is where the shipped profiles
+    are made)."""
+    import crossaudit
+
+    package = Path(crossaudit.__file__).resolve().parent
+    installed = any(package.is_relative_to(Path(p).resolve()) for p in sysconfig.get_paths().values())
+    if installed and out.resolve().is_relative_to(package):
+        raise ValueError(
+            f"{out}: inside the installed crossaudit package; write your profile elsewhere "
+            "and audit with --thresholds FILE"
+        )
+    if out.is_dir():
+        raise ValueError(f"{out}: a directory; --out names the JSON file to write")
+    if not out.parent.is_dir():
+        raise ValueError(f"{out}: no directory {out.parent} to write it in")
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ValueError(f"{out}: not writable")
+    return out
 
 
 def _local_models(uris: list[str], tracking_uri: str | None, dest: Path) -> list[str]:

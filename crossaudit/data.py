@@ -236,14 +236,22 @@ def validate(
     return AuditData(x, y, captions)
 
 
+def check_audit_path(path: str | Path) -> Path:
+    """The audit set's path, once it names a file (before anything heavy is imported)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataValidationError(f"{path}: a directory; --data takes one audit set file (.parquet or .npz)")
+    if not path.is_file():
+        raise DataValidationError(f"{path}: no such audit data file")
+    return path
+
+
 def read_audit_data(
     path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES, max_bytes: int = DEFAULT_MAX_AUDIT_BYTES
 ) -> AuditData:
     """The one reader of audit data, by file suffix. Rows and sizes are checked against
     `max_samples` and `max_bytes` before the data is read."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataValidationError(f"{path}: no such audit data file")
+    path = check_audit_path(path)
     if path.suffix == ".parquet":
         x, y, captions = _read_parquet(path, max_samples, max_bytes)
         return validate(x, y, max_samples, ("image", "caption" if captions else "label"), captions)

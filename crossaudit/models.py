@@ -161,13 +161,28 @@ def _check_batch(model: onnx.ModelProto, uri: str) -> None:
             )
 
 
+# The first bytes of what a renamed PyTorch file holds: a pickle (protocol 2 or later starts
+# with PROTO, 0x80) or torch.save's zip archive (and pt2's).
+_PICKLE, _ZIP = b"\x80", b"PK\x03\x04"
+
+
+def _looks_like(path: Path) -> str:
+    """What a file that is not ONNX seems to be, when its first bytes say: a pickle or a
+    torch archive renamed .onnx gets the same refusal, and the same way out, as its own name."""
+    with path.open("rb") as stream:
+        head = stream.read(4)
+    if head.startswith(_PICKLE) or head == _ZIP:
+        return f"; its bytes are a pickle or a PyTorch archive, not ONNX. {mlmodel.PYTORCH_REFUSED}"
+    return ""
+
+
 def load_onnx(path: Path, uri: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> LoadedModel:
     """ONNX file -> checked proto -> torch translation."""
     _check_size(path, max_bytes)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types on garbage
-        raise ModelLoadError(f"{uri}: not a readable ONNX file ({type(exc).__name__})") from exc
+        raise ModelLoadError(f"{uri}: not a readable ONNX file ({type(exc).__name__}){_looks_like(path)}") from exc
     _check_external_data(model, path.parent)
     _check_tensor_sizes(model, path.parent, max_bytes)
     try:

@@ -266,8 +266,9 @@ class Receiver:
         that could not be audited is never promoted). Best effort: when MLflow itself is
         the problem, the version keeps its `running` status (which is not promotable
         either) and the failed job stays in the queue (`/jobs`) for an operator."""
-        client, ref = self._client(), registry.VersionRef(job.name, job.version)
+        ref = registry.VersionRef(job.name, job.version)
         try:
+            client = self._client()
             promotion.mark_error(client, ref, reason, self.signing_key)
             if promotion.revoke(client, ref, self.config.alias):
                 log.warning("%s lost the %r alias: %s", job.uri, self.config.alias, reason)

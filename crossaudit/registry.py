@@ -9,10 +9,13 @@ other outcome (failed, inconclusive, error, awaiting a peer) leaves production a
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shutil
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,11 +73,39 @@ class VersionRef:
         return f"models:/{self.name}/{self.version}"
 
 
+# MLflow's own HTTP defaults (7 retries with exponential backoff, a 120 s timeout) make a
+# command against a server that is down wait about four minutes before it says anything.
+# Unless the operator set them, a server gets a few seconds to answer and two retries.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}  # fmt: skip
+REACH_TIMEOUT_S = 5.0
+
+
 def client(tracking_uri: str | None = None) -> MlflowClient:
+    """A client of the tracking server, once it answers: a server that cannot be reached is
+    a one-line error naming it, in seconds, not a retry loop (`HTTP_DEFAULTS`)."""
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
+    _check_reachable(mlflow.get_tracking_uri())
     return MlflowClient()
+
+
+def _check_reachable(tracking_uri: str) -> None:
+    """Raise ConnectionError (an OSError, as every caller already treats an unreachable
+    service) when an HTTP tracking server does not answer its health check."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=REACH_TIMEOUT_S):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered: whatever it thinks of /health, the server is there
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConnectionError(f"MLflow server {tracking_uri} cannot be reached: {reason}") from exc
 
 
 def resolve(mlflow_client: MlflowClient, uri: str) -> ModelVersion:

@@ -244,3 +244,53 @@ def test_a_model_audited_against_a_copy_of_itself_exits_2_not_clean(digits_zoo, 
     assert report["verdict"] == "inconclusive" and message in report["error"]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0]
+
+
+def test_a_server_that_cannot_be_reached_is_named_at_once(tmp_path):
+    """MLflow's own retries would make `check` wait minutes on a closed port."""
+    from crossaudit.tracking_server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    done = crossaudit("check", "models:/task@production", "--tracking-uri", url)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: MLflow server {url} cannot be reached")
+
+
+def test_version_and_paths_are_answered_before_anything_heavy(tmp_path):
+    """`--version`, a directory given as --data and a missing model are told in one line
+    each (checked before torch is imported), and `calibrate` refuses an --out it could not
+    write before its long run."""
+    from crossaudit import __version__
+
+    assert crossaudit("--version").stdout.strip() == f"crossaudit {__version__}"
+    done = crossaudit("audit", "a.onnx", "b.onnx", "--data", str(tmp_path))
+    assert done.returncode == 2 and "a directory; --data takes one audit set file" in done.stderr
+    (tmp_path / "set.parquet").write_bytes(b"")
+    done = crossaudit("audit", str(tmp_path / "gone.onnx"), "b.onnx", "--data", str(tmp_path / "set.parquet"))
+    assert done.returncode == 2 and "gone.onnx: no such file or directory" in done.stderr
+    for out, why in ((tmp_path, "a directory"), (tmp_path / "no" / "t.json", "no directory")):
+        done = crossaudit("calibrate", "--pair", "a.onnx,b.onnx", "--data", "set.parquet", "--out", str(out))
+        assert done.returncode == 2 and why in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+def test_models_that_are_not_what_the_audit_needs_are_named_plainly(digits_zoo, tmp_path):
+    """A pickle renamed .onnx is refused as a pickle, and a model whose output is not its
+    peer's kind (12 values where the peer scores 10 classes) is named with both widths."""
+    import pickle
+
+    import torch
+
+    renamed = tmp_path / "model.onnx"
+    renamed.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    done = crossaudit("audit", str(renamed), str(digits_zoo.clean_cnn), "--data", str(digits_zoo.audit_data))
+    assert done.returncode == 2 and "its bytes are a pickle or a PyTorch archive, not ONNX" in done.stderr
+    wide = tmp_path / "wide.onnx"
+    torch.onnx.export(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 12)).eval(), (torch.rand(2, 1, 16, 16),),
+        str(wide), input_names=["image"], output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+    )  # fmt: skip
+    done = crossaudit("audit", str(wide), str(digits_zoo.clean_cnn), "--data", str(digits_zoo.audit_data))
+    assert done.returncode == 2
+    assert "returns 12 values per input" in done.stderr and "returns 10 values per input" in done.stderr
