@@ -28,7 +28,8 @@ import numpy as np
 
 from benchmarks.metrics import auroc, rate_text
 from benchmarks.sections import PARADIGMS, write_section
-from crossaudit.audit import AuditConfig, run_audit
+from crossaudit.audit import run_audit
+from crossaudit.stages import AuditConfig
 from crossaudit.verdict import load_thresholds
 from crossaudit.zoo.captioner import captioner_config, export_captioner, train_captioner, write_caption_audit_set
 from crossaudit.zoo.datasets import load_dataset

@@ -7,10 +7,8 @@ run, so one pair of models gets one answer whichever way the audit is started.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -19,18 +17,16 @@ import torch
 from torch import Tensor, nn
 
 from crossaudit import REPORT_SCHEMA_VERSION, __version__
-from crossaudit.cka import Alignment, align_layers
+from crossaudit.cka import Alignment
 from crossaudit.data import AuditData, is_text_data, read_audit_data
 from crossaudit.digest import file_sha256
 from crossaudit.errors import (
     AuditError,
     DataValidationError,
     IncomparableModelsError,
-    TimeBudgetError,
 )
 from crossaudit.features import candidate_taps, extract_features
-from crossaudit.inversion import Examination, InversionConfig, Models, Trigger, cross_invert, exhaustive
-from crossaudit.limits import Limits
+from crossaudit.inversion import Examination, Models, Trigger, cross_invert, exhaustive
 from crossaudit.log_probabilities import LogProbabilities, are_probabilities
 from crossaudit.models import LoadedModel, load_model, logits_of, parity_check
 from crossaudit.paradigms import AUTO, CAPTIONER, LM, image_paradigm
@@ -40,10 +36,11 @@ from crossaudit.parallel import pipelined
 from crossaudit.runtime_parity import AUDIT, NOISE, GraphInputs, RuntimeGraph, deployed, noise_inputs, prove_on_triggers
 from crossaudit.sensitivity import (
     AttackEffect,
-    SensitivityConfig,
     attack_effect,
     fine_tuned_copy,
 )
+from crossaudit.stages import MIN_HELD_OUT, AuditConfig, AuditResult, Progress, StageClock, pair_alignment
+from crossaudit.text_audit import run_text_audit
 from crossaudit.tokenizer import load_tokenizer, tokenizer_path
 from crossaudit.verdict import (
     AuditReport,
@@ -70,36 +67,6 @@ CAPTIONER_SEARCH_STEPS = 90
 # Paradigms whose models a short screen of each model alone cannot flip, searched in full
 # (`inversion.exhaustive`); their profiles are calibrated with that search.
 EXHAUSTIVE_PARADIGMS = ("semi", "ssl", CAPTIONER)
-# Success rates are measured on held-out samples that both models get right: with fewer
-# than this many, one sample moves a rate by over 2 points and a clean verdict would rest
-# on noise, so the audit is inconclusive instead (an audit set of roughly 120 or more).
-MIN_HELD_OUT = 50
-Progress = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class AuditConfig:
-    inversion: InversionConfig = field(default_factory=InversionConfig)
-    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
-    holdout_fraction: float = 0.5
-    feature_samples: int = 500
-    min_accuracy: float = 0.5
-    min_agreement: float = 0.6
-    min_cka: float = 0.2
-    paradigm: str = AUTO
-    limits: Limits = field(default_factory=Limits.from_env)
-
-
-@dataclass
-class AuditResult:
-    """The report plus the recovered triggers and the CKA matrix, for pictures."""
-
-    report: AuditReport
-    alignment: Alignment | None = None
-    triggers: dict[int, list[Trigger]] = field(default_factory=dict)
-    data: AuditData | None = None
-    # Per trigger family, each direction's screen merit of every target (`inversion.Examination`).
-    screens: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
 def _split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -173,31 +140,6 @@ def measure(
                 )
             )
     return findings
-
-
-class StageClock:
-    """Stage timings, and the time budget: checked as each stage ends."""
-
-    def __init__(self, progress: Progress, budget_s: float) -> None:
-        self.timings: dict[str, float] = {}
-        self.progress = progress
-        self.budget_s = budget_s
-        self.started = time.perf_counter()
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        self.progress(f"{name}...")
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = round(time.perf_counter() - start, 3)
-        elapsed = time.perf_counter() - self.started
-        if elapsed > self.budget_s:
-            raise TimeBudgetError(
-                f"audit exceeded its time budget of {self.budget_s:g}s ({elapsed:.0f}s after {name}); "
-                "raise CROSSAUDIT_TIME_BUDGET_S to allow more"
-            )
 
 
 @dataclass
@@ -390,14 +332,6 @@ def pair_features(pair: Pair, config: AuditConfig) -> list[dict[str, np.ndarray]
     return [extract_features(m, pair.data.x[sample], candidate_taps(m), pair.device) for m in pair.modules]
 
 
-def pair_alignment(features: list[dict[str, np.ndarray]], config: AuditConfig) -> Alignment:
-    """Stage 2: the best-aligned layer pair; too little alignment is inconclusive."""
-    alignment = align_layers(*features)
-    if alignment.cka < config.min_cka:
-        raise IncomparableModelsError(f"no layer pair aligns: best CKA {alignment.cka:.3f} < {config.min_cka}")
-    return alignment
-
-
 def pair_triggers(pair: Pair, alignment: Alignment, config: AuditConfig, seed: int) -> Examination:
     """Stage 3: cross-examination in both directions, then both models' translations
     proved against ONNX Runtime on the audit images with every candidate stamped."""
@@ -461,9 +395,6 @@ def run_audit(
     models (`paradigm="lm"`, or text audit data under `auto`) take the text audit."""
     config = config or AuditConfig()
     if config.paradigm == LM or (config.paradigm == AUTO and is_text_data(data_path)):
-        # Imported here: the text audit builds on this module's stage clock and result.
-        from crossaudit.text_audit import run_text_audit
-
         return run_text_audit(suspect_uri, witness_uri, data_path, seed, device, config, thresholds, progress)
     clock = StageClock(progress, config.limits.time_budget_s)
     uris = [suspect_uri, witness_uri]

@@ -16,8 +16,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from crossaudit.audit import AuditConfig, run_audit
+from crossaudit.audit import run_audit
 from crossaudit.inversion import DEFAULT_FAMILIES
+from crossaudit.stages import AuditConfig
 from crossaudit.text_audit import FAMILY as TEXT_FAMILY
 from crossaudit.verdict import DEFAULT_PROFILE, MIN_SIMILAR_PAIRS, SIMILAR, TEXT, Domain, Finding, Thresholds
 from crossaudit.zoo.captioner import captioner_config, export_captioner, train_captioner, write_caption_audit_set

@@ -13,6 +13,7 @@ import shlex
 import sys
 import sysconfig
 import tempfile
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated
 
@@ -123,8 +124,9 @@ def audit(
         if ":/" not in uri and not Path(uri).exists():
             raise ValueError(f"{uri}: no such file or directory")
     # Here, not at the top: torch stays out of the start-up of audit-version and serve.
-    from crossaudit.audit import AuditConfig, run_audit
+    from crossaudit.audit import run_audit
     from crossaudit.limits import Limits
+    from crossaudit.stages import AuditConfig
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
     if paradigm not in (AUTO, *PARADIGMS):
@@ -325,25 +327,6 @@ def _pair(text: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-@app.command("audit-version")
-def audit_version(
-    uri: Annotated[str, typer.Argument(help="models:/NAME/VERSION or models:/NAME@ALIAS")],
-    tracking_uri: Annotated[str, typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI")],
-    kfp_host: Annotated[str | None, typer.Option("--kfp-host", help="Submit to this Kubeflow Pipelines host")] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
-    alias: Annotated[str, typer.Option("--alias", help="Promotion alias the gate may set")] = "production",
-) -> None:
-    """Audit a registered version against its peers through the pipeline (kfp.local, or a
-    cluster with --kfp-host). Exit 0 passed, 1 failed, 2 anything else (or submitted)."""
-    from pipelines.runner import audit_version as run_pipeline
-
-    submission = run_pipeline(uri, tracking_uri, kfp_host, seed, device, alias)
-    run = f" (KFP run {submission.kfp_run_id})" if submission.kfp_run_id else ""
-    print(f"{submission.version.uri}: {submission.status}{run}; peers {', '.join(submission.peers) or 'none'}")
-    raise typer.Exit({"passed": 0, "failed": 1}.get(submission.status, 2))
-
-
 @app.command()
 def check(
     uri: Annotated[str, typer.Argument(help="models:/NAME@production or models:/NAME/VERSION")],
@@ -480,16 +463,12 @@ def webhook_install(
     raise typer.Exit(0 if ok else 1)
 
 
-@app.command()
-def schedule(
-    kfp_host: Annotated[str, typer.Option("--kfp-host", help="Kubeflow Pipelines API, reachable from its pods")],
-    tracking_uri: Annotated[str, typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI")],
-    cron: Annotated[str, typer.Option("--cron", help="5-field cron (UTC)")] = "0 3 * * 1",
-    alias: Annotated[str, typer.Option("--alias")] = "production",
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda (the GPU pipeline)")] = "cpu",
-) -> None:
-    """Create a Kubeflow recurring run that re-audits every promoted version."""
-    from pipelines.runner import schedule_reaudits
+def _plugins() -> None:
+    """Commands that packages built on the library add to `crossaudit` through the
+    `crossaudit.commands` entry point (`pyproject.toml`): the KFP layer adds the ones that
+    run its pipelines, so the library never imports it."""
+    for plugin in entry_points(group="crossaudit.commands"):
+        plugin.load()(app)
 
-    recurring_id = schedule_reaudits(kfp_host, cron, tracking_uri, alias, device)
-    print(f"recurring run {recurring_id}: re-audit {alias!r} versions on '{cron}'")
+
+_plugins()

@@ -20,12 +20,13 @@ from crossaudit.artifacts import (
     read_text_triggers,
     read_triggers,
 )
-from crossaudit.audit import AuditResult, pair_verdicts
+from crossaudit.audit import pair_verdicts
 from crossaudit.data import AuditData, is_text_data, read_audit_data
 from crossaudit.digest import file_sha256
 from crossaudit.limits import Limits
 from crossaudit.paradigms import AUTO, LM
 from crossaudit.report import write_outputs
+from crossaudit.stages import AuditResult
 from crossaudit.text_audit import text_verdicts
 from crossaudit.verdict import AuditReport, ModelReport, Provenance, load_thresholds, overall, unfamiliar
 

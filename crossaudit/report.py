@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from matplotlib.patches import Rectangle
 
-from crossaudit.audit import AuditResult
 from crossaudit.inversion import BlendTrigger, GeneratorTrigger, PatchTrigger, Trigger, WarpTrigger
+from crossaudit.stages import AuditResult
 from crossaudit.verdict import AuditReport, ModelReport
 
 _TEMPLATES = jinja2.Environment(

@@ -36,9 +36,7 @@ from crossaudit.artifacts import (
     write_triggers,
 )
 from crossaudit.audit import (
-    AuditConfig,
     Pair,
-    pair_alignment,
     pair_features,
     pair_findings,
     pair_triggers,
@@ -49,6 +47,7 @@ from crossaudit.digest import artifact_digest
 from crossaudit.errors import AuditError, ParityError
 from crossaudit.paradigms import AUTO, LM
 from crossaudit.paradigms.autoregressive import TextSearchConfig
+from crossaudit.stages import AuditConfig, pair_alignment
 from crossaudit.text_audit import TextPair, prepare_text_pair, text_effects, text_features, text_triggers
 from crossaudit.verdict import ModelReport
 

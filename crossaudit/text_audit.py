@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from crossaudit import REPORT_SCHEMA_VERSION, __version__
-from crossaudit.audit import AuditConfig, AuditResult, Progress, StageClock, pair_alignment
 from crossaudit.cka import Alignment
 from crossaudit.data import read_text_data
 from crossaudit.digest import file_sha256
@@ -45,6 +44,7 @@ from crossaudit.paradigms.autoregressive import (
     search_trigger,
 )
 from crossaudit.runtime_parity import AUDIT, CANDIDATES, NOISE, RuntimeGraph, noise_inputs
+from crossaudit.stages import AuditConfig, AuditResult, Progress, StageClock, pair_alignment
 from crossaudit.tokenizer import load_tokenizer, tokenizer_path
 from crossaudit.verdict import (
     AuditReport,

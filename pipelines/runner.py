@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from crossaudit import attestation, operator_config, promotion, registry
+from crossaudit import operator_config, registry
 from crossaudit.schedule import Cron
 from pipelines.audit_pipeline import audit_pipeline, compiled
 
@@ -87,22 +87,6 @@ def audit_version(
         audit_pipeline(**arguments)
     finished = mlflow_client.get_model_version(ref.name, ref.version)
     return Submission(ref, arguments["peer_uris"], registry.status_of(finished) or "error")
-
-
-def reaudit_promoted(
-    tracking_uri: str, alias: str = registry.DEFAULT_ALIAS, kfp_host: str | None = None, seed: int = 0,
-    device: str = "cpu",
-) -> dict[str, str]:  # fmt: skip
-    """Audit again every version holding `alias`; returns each version's status (or, on a
-    cluster, `running` with the child run). A holder without a verified pass loses the
-    alias before anything runs (the guard); a version that fails loses it (gate)."""
-    mlflow_client = registry.client(tracking_uri)
-    promotion.guard_every_alias(mlflow_client, attestation.public_key(), alias)
-    statuses = {}
-    for ref in registry.promoted_versions(mlflow_client, alias):
-        submission = audit_version(ref.uri, tracking_uri, kfp_host, seed, device, alias)
-        statuses[ref.uri] = submission.status
-    return statuses
 
 
 def schedule_reaudits(

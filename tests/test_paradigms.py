@@ -187,7 +187,8 @@ def test_caption_audit_data_makes_a_captioner_audit_and_only_a_captioner_audit(d
     """A `caption` column implies a captioner audit under auto (so the classifiers here
     are asked for a captioner's tokenizer); another paradigm refuses such data, and a
     captioner audit refuses data without captions. Each fails before any search runs."""
-    from crossaudit.audit import AuditConfig, run_audit
+    from crossaudit.audit import run_audit
+    from crossaudit.stages import AuditConfig
 
     data = read_audit_data(str(digits_zoo.audit_data))
     captions = tmp_path / "captions.parquet"

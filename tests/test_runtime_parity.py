@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from crossaudit.audit import AuditConfig, measure
+from crossaudit.audit import measure
 from crossaudit.errors import ParityError
 from crossaudit.inversion import Models, PatchTrigger, Trigger
 from crossaudit.models import LoadedModel, parity_check
@@ -27,6 +27,7 @@ from crossaudit.runtime_parity import (
     prove_on_triggers,
 )
 from crossaudit.sensitivity import SensitivityConfig
+from crossaudit.stages import AuditConfig
 
 SHAPE = (1, 8, 8)
 CLASSES = 4

@@ -83,8 +83,8 @@ def test_every_other_target_over_its_threshold_is_reported_with_the_named_one(tm
     """The named target is the strongest finding's; another target that also reached its
     family's threshold is listed (once, at its strongest family), so a natural shortcut
     that outranks a planted target does not hide it."""
-    from crossaudit.audit import AuditResult
     from crossaudit.report import write_outputs
+    from crossaudit.stages import AuditResult
     from crossaudit.verdict import AuditReport, Crossing
 
     thresholds = Thresholds({"patch": 0.4, "blend": 0.5}, "crossaudit calibrate", 10)

@@ -1,0 +1,88 @@
+"""What every paradigm's audit shares: its configuration, its result, the stage clock and
+the layer alignment. The image audit (`crossaudit.audit`) and the language-model audit
+(`crossaudit.text_audit`) both build on these, so neither imports the other's module for
+them; `audit.run_audit` chooses between the two."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from crossaudit.cka import Alignment, align_layers
+from crossaudit.data import AuditData
+from crossaudit.errors import IncomparableModelsError, TimeBudgetError
+from crossaudit.inversion import InversionConfig, Trigger
+from crossaudit.limits import Limits
+from crossaudit.paradigms import AUTO
+from crossaudit.sensitivity import SensitivityConfig
+from crossaudit.verdict import AuditReport
+
+# Success rates are measured on held-out samples that both models get right: with fewer
+# than this many, one sample moves a rate by over 2 points and a clean verdict would rest
+# on noise, so the audit is inconclusive instead (an audit set of roughly 120 or more).
+MIN_HELD_OUT = 50
+
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+    holdout_fraction: float = 0.5
+    feature_samples: int = 500
+    min_accuracy: float = 0.5
+    min_agreement: float = 0.6
+    min_cka: float = 0.2
+    paradigm: str = AUTO
+    limits: Limits = field(default_factory=Limits.from_env)
+
+
+@dataclass
+class AuditResult:
+    """The report plus the recovered triggers and the CKA matrix, for pictures."""
+
+    report: AuditReport
+    alignment: Alignment | None = None
+    triggers: dict[int, list[Trigger]] = field(default_factory=dict)
+    data: AuditData | None = None
+    # Per trigger family, each direction's screen merit of every target (`inversion.Examination`).
+    screens: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+
+class StageClock:
+    """Stage timings, and the time budget: checked as each stage ends."""
+
+    def __init__(self, progress: Progress, budget_s: float) -> None:
+        self.timings: dict[str, float] = {}
+        self.progress = progress
+        self.budget_s = budget_s
+        self.started = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.progress(f"{name}...")
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.perf_counter() - start, 3)
+        elapsed = time.perf_counter() - self.started
+        if elapsed > self.budget_s:
+            raise TimeBudgetError(
+                f"audit exceeded its time budget of {self.budget_s:g}s ({elapsed:.0f}s after {name}); "
+                "raise CROSSAUDIT_TIME_BUDGET_S to allow more"
+            )
+
+
+def pair_alignment(features: list[dict[str, np.ndarray]], config: AuditConfig) -> Alignment:
+    """Stage 2: the best-aligned layer pair; too little alignment is inconclusive."""
+    alignment = align_layers(*features)
+    if alignment.cka < config.min_cka:
+        raise IncomparableModelsError(f"no layer pair aligns: best CKA {alignment.cka:.3f} < {config.min_cka}")
+    return alignment
