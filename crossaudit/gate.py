@@ -14,20 +14,15 @@ from crossaudit import REPORT_SCHEMA_VERSION, __version__, attestation, promotio
 from crossaudit.artifacts import (
     only_entry,
     read_alignment,
-    read_findings,
     read_pair,
-    read_text_effects,
-    read_text_triggers,
-    read_triggers,
 )
-from crossaudit.audit import pair_verdicts
-from crossaudit.data import AuditData, is_text_data, read_audit_data
+from crossaudit.audit import auditor_for
+from crossaudit.data import AuditData
 from crossaudit.digest import file_sha256
 from crossaudit.limits import Limits
-from crossaudit.paradigms import AUTO, LM
+from crossaudit.paradigms import AUTO
 from crossaudit.report import write_outputs
 from crossaudit.stages import AuditResult
-from crossaudit.text_audit import text_verdicts
 from crossaudit.verdict import AuditReport, ModelReport, Provenance, load_thresholds, overall, unfamiliar
 
 
@@ -59,21 +54,15 @@ def pair_result(
     )  # fmt: skip
     result = AuditResult(report)
     if record.error is None:
+        auditor = auditor_for(record.paradigm)
         thresholds = load_thresholds(profile or None, record.paradigm, thresholds_file)
         report.provenance = Provenance.of(*audit_set, thresholds)
         result.alignment = read_alignment(folder)
         report.alignment = result.alignment.summary()
-        if record.paradigm == LM:
-            report.models = text_verdicts(
-                reports, read_text_triggers(folder), read_text_effects(folder), thresholds, result.alignment
-            )
-        else:
-            report.models = pair_verdicts(
-                reports, read_findings(folder), thresholds, result.alignment, data.captions if data else None
-            )
+        report.models = auditor.judge(reports, auditor.read_measured(folder), thresholds, result.alignment, data)
         if data is not None:
             result.data = data
-            result.triggers = dict(enumerate(read_triggers(folder)))
+            result.triggers, _ = auditor.recovered(auditor.read_triggers(folder, "cpu"))
         report.calibration_warning = unfamiliar(  # a language model's audit set is text: data is None
             thresholds, report.models, result.alignment.similarity,
             data.input_shape if data else None, data.num_classes if data else None,
@@ -163,7 +152,8 @@ def gate_step(
     ref = registry.VersionRef.of(version)
     fetched = only_entry(data_folder)
     limits = Limits.from_env()
-    data = None if is_text_data(fetched) else read_audit_data(fetched, limits.max_audit_samples, limits.max_audit_bytes)
+    # Every pair audited the version against one audit set, so the first says how to read it.
+    data = auditor_for(read_pair(pair_folders[0]).paradigm, fetched).read_data(fetched, limits)
     thresholds_file = (
         registry.fetch_pinned(thresholds_uri, thresholds_sha256, out / "thresholds") if thresholds_uri else None
     )

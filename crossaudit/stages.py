@@ -1,14 +1,16 @@
-"""What every paradigm's audit shares: its configuration, its result, the stage clock and
-the layer alignment. The image audit (`crossaudit.audit`) and the language-model audit
-(`crossaudit.text_audit`) both build on these, so neither imports the other's module for
-them; `audit.run_audit` chooses between the two."""
+"""What every paradigm's audit shares: the interface each paradigm implements
+(`ParadigmAudit`), the configuration, the result, the stage clock and the layer
+alignment. The image audit (`image_audit`) and the language-model audit (`text_audit`)
+build on these and not on each other; `audit.run_audit` runs either."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -19,7 +21,7 @@ from crossaudit.inversion import InversionConfig, Trigger
 from crossaudit.limits import Limits
 from crossaudit.paradigms import AUTO
 from crossaudit.sensitivity import SensitivityConfig
-from crossaudit.verdict import AuditReport
+from crossaudit.verdict import AuditReport, ModelReport, Thresholds
 
 # Success rates are measured on held-out samples that both models get right: with fewer
 # than this many, one sample moves a rate by over 2 points and a clean verdict would rest
@@ -86,3 +88,59 @@ def pair_alignment(features: list[dict[str, np.ndarray]], config: AuditConfig) -
     if alignment.cka < config.min_cka:
         raise IncomparableModelsError(f"no layer pair aligns: best CKA {alignment.cka:.3f} < {config.min_cka}")
     return alignment
+
+
+class PreparedPair(Protocol):
+    """Two loaded, parity-checked, comparable models and the audit data split between the
+    search and held-out measurement: what every stage after loading starts from."""
+
+    reports: list[ModelReport]
+    agreement: float
+
+    @property
+    def paradigm(self) -> str: ...
+
+    @property
+    def data(self) -> AuditData | None: ...  # images; None for text
+
+    def parity_checks(self) -> list[dict[str, float]]: ...
+
+
+class ParadigmAudit(Protocol):
+    """One learning paradigm's way through the five stages: what changes between paradigms
+    is how models are read and attacked, never the order of the stages, how a verdict is
+    reached or what fails closed. `audit.run_audit` runs the stages in one process; the
+    pipeline runs each in its own component, with the stages' results written between them
+    (`write_triggers`, `read_triggers`, `write_measured`, `read_measured`), and the gate
+    judges what the last one wrote. So nothing outside the implementations (`image_audit`,
+    `text_audit`) asks which paradigm a pair is."""
+
+    def prepare(
+        self, uris: list[str], data_path: str, seed: int, device: str, config: AuditConfig,
+        checked: Mapping[str, float | None] | None = None,
+    ) -> Any: ...  # fmt: skip
+
+    def features(self, pair: Any, config: AuditConfig) -> list[dict[str, np.ndarray]]: ...
+
+    def triggers(self, pair: Any, alignment: Alignment, config: AuditConfig, seed: int) -> Any: ...
+
+    def measure(self, pair: Any, alignment: Alignment, found: Any, config: AuditConfig, seed: int) -> Any: ...
+
+    def judge(
+        self, reports: list[ModelReport], measured: Any, thresholds: Thresholds, alignment: Alignment,
+        data: AuditData | None,
+    ) -> list[ModelReport]: ...  # fmt: skip
+
+    def read_data(self, path: Path, limits: Limits) -> AuditData | None: ...
+
+    def write_triggers(self, found: Any, pair: Any, out: Path) -> int: ...
+
+    def read_triggers(self, folder: Path, device: str) -> Any: ...
+
+    def write_measured(self, measured: Any, out: Path) -> int: ...
+
+    def read_measured(self, folder: Path) -> Any: ...
+
+    def recovered(self, found: Any) -> tuple[dict[int, list[Trigger]], dict[str, list[np.ndarray]]]:
+        """The triggers to draw per model, and each family's screen of every target."""
+        ...

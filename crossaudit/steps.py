@@ -1,8 +1,8 @@
 """The audit's compute stages 1-4 as separate steps, one per pipeline component, joined by files.
 
-Each step is the same library call `run_audit` makes in one process (`prepare_pair`,
-`pair_features`, ...), with its inputs read from and its outputs written to folders
-(see `artifacts`). A KFP component is a thin shell over one of these functions, so the
+Each step is the stage `run_audit` runs in one process, by the same implementation of the
+pair's paradigm (`stages.ParadigmAudit`), with its inputs read from and its outputs
+written to folders (see `artifacts`). A KFP component is a thin shell over one of these functions, so the
 pipeline and the CLI give one pair one answer. A pair that cannot be audited (bad model,
 parity failure at any stage, a witness that is the suspect itself, incomparable models)
 is written down as an error and carried to the gate (`crossaudit.gate`), which makes it
@@ -25,42 +25,34 @@ from crossaudit.artifacts import (
     read_alignment,
     read_features,
     read_pair,
-    read_text_triggers,
-    read_triggers,
     write_alignment,
     write_features,
-    write_findings,
     write_pair,
-    write_text_effects,
-    write_text_triggers,
-    write_triggers,
 )
-from crossaudit.audit import (
-    Pair,
-    pair_features,
-    pair_findings,
-    pair_triggers,
-    prepare_pair,
-)
-from crossaudit.data import is_text_data
+from crossaudit.audit import auditor_for
 from crossaudit.digest import artifact_digest
 from crossaudit.errors import AuditError, ParityError
-from crossaudit.paradigms import AUTO, LM
-from crossaudit.paradigms.autoregressive import TextSearchConfig
-from crossaudit.stages import AuditConfig, pair_alignment
-from crossaudit.text_audit import TextPair, prepare_text_pair, text_effects, text_features, text_triggers
+from crossaudit.paradigms import AUTO
+from crossaudit.stages import AuditConfig, ParadigmAudit, PreparedPair, pair_alignment
 from crossaudit.verdict import ModelReport
 
 log = logging.getLogger(__name__)
 
 
-def _pair(record: PairRecord, suspect: Path, witness: Path, data: Path, device: str) -> Pair:
-    """The pair rebuilt from the fetched folders, reported under the URIs it came from."""
+def _rebuilt(
+    record: PairRecord, suspect: Path, witness: Path, data: Path, device: str, paradigm: str | None = None
+) -> tuple[ParadigmAudit, PreparedPair]:
+    """The pair rebuilt from the fetched folders by its paradigm's audit (`paradigm` at
+    stage 1, which resolves `auto`; the recorded one after), reported under the URIs it
+    came from."""
     entries = [str(only_entry(folder)) for folder in (suspect, witness, data)]
-    config = AuditConfig(paradigm=record.paradigm)
-    pair = prepare_pair(entries[:2], entries[2], record.seed, device, config, record.checked())
+    paradigm = paradigm or record.paradigm
+    auditor = auditor_for(paradigm, entries[2])
+    pair = auditor.prepare(
+        entries[:2], entries[2], record.seed, device, AuditConfig(paradigm=paradigm), record.checked()
+    )
     _as_recorded(record, pair.reports)
-    return pair
+    return auditor, pair
 
 
 def _as_recorded(record: PairRecord, reports: list[ModelReport]) -> None:
@@ -72,17 +64,6 @@ def _as_recorded(record: PairRecord, reports: list[ModelReport]) -> None:
         raise AuditError(f"the models changed between stages: sha256 {found} where stage 1 saw {record.model_sha256}")
     for report, uri in zip(reports, record.uris, strict=True):
         report.uri = uri
-
-
-def _text_pair(record: PairRecord, suspect: Path, witness: Path, data: Path, device: str) -> TextPair:
-    """The language-model pair rebuilt from the fetched folders (each model directory
-    holds its `tokenizer.json`), reported under the URIs it came from."""
-    entries = [str(only_entry(folder)) for folder in (suspect, witness, data)]
-    pair = prepare_text_pair(
-        entries[:2], entries[2], record.seed, device, AuditConfig(paradigm=LM), TextSearchConfig(), record.checked()
-    )
-    _as_recorded(record, pair.reports)
-    return pair
 
 
 def _resume(upstream: Path, out: Path) -> PairRecord | None:
@@ -100,15 +81,9 @@ def extract_step(
     record = PairRecord(uris, [None, None], [None, None], None, seed, paradigm=paradigm)
     try:
         record.artifact_sha256 = [artifact_digest(only_entry(folder)) for folder in (suspect, witness)]
-        pair: Pair | TextPair
-        if paradigm == LM or (paradigm == AUTO and is_text_data(only_entry(data))):
-            record.paradigm = LM
-            pair = _text_pair(record, suspect, witness, data, device)
-            features = text_features(pair, AuditConfig())
-        else:
-            pair = _pair(record, suspect, witness, data, device)
-            record.paradigm = pair.paradigm
-            features = pair_features(pair, AuditConfig())
+        auditor, pair = _rebuilt(record, suspect, witness, data, device, paradigm)
+        record.paradigm = pair.paradigm
+        features = auditor.features(pair, AuditConfig())
         record.clean_accuracy = [r.clean_accuracy for r in pair.reports]
         record.parity_max_abs_diff = [r.parity_max_abs_diff for r in pair.reports]
         record.model_sha256 = [r.sha256 for r in pair.reports]
@@ -137,7 +112,7 @@ def alignment_step(features: Path, out: Path) -> float | None:
     return alignment.cka
 
 
-def _proved(record: PairRecord, pair: Pair | TextPair, out: Path) -> None:
+def _proved(record: PairRecord, pair: PreparedPair, out: Path) -> None:
     """Record what this stage proved against ONNX Runtime."""
     record.add_parity_checks(pair.parity_checks())
     write_pair(record, out)
@@ -158,19 +133,13 @@ def inversion_step(alignment: Path, suspect: Path, witness: Path, data: Path, de
     if record is None:
         return 0
     try:
-        if record.paradigm == LM:
-            text_pair = _text_pair(record, suspect, witness, data, device)
-            found = text_triggers(text_pair, TextSearchConfig())
-            write_text_triggers(found, out)
-            _proved(record, text_pair, out)
-            return len(found)
-        pair = _pair(record, suspect, witness, data, device)
-        triggers = pair_triggers(pair, read_alignment(out), AuditConfig(), record.seed).triggers
+        auditor, pair = _rebuilt(record, suspect, witness, data, device)
+        found = auditor.triggers(pair, read_alignment(out), AuditConfig(), record.seed)
     except ParityError as exc:
         return _failed_parity(record, exc, out)
-    write_triggers(triggers, tuple(pair.data.x.shape[1:]), pair.num_classes, out)
+    recovered = auditor.write_triggers(found, pair, out)
     _proved(record, pair, out)
-    return sum(len(found) for found in triggers)
+    return recovered
 
 
 def sensitivity_step(triggers: Path, suspect: Path, witness: Path, data: Path, device: str, out: Path) -> int:
@@ -180,17 +149,11 @@ def sensitivity_step(triggers: Path, suspect: Path, witness: Path, data: Path, d
     if record is None:
         return 0
     try:
-        if record.paradigm == LM:
-            text_pair = _text_pair(record, suspect, witness, data, device)
-            effects = text_effects(text_pair, read_text_triggers(out), TextSearchConfig(), record.seed)
-            write_text_effects(effects, out)
-            _proved(record, text_pair, out)
-            return len(effects)
-        pair = _pair(record, suspect, witness, data, device)
-        found = read_triggers(out, device)
-        findings = pair_findings(pair, read_alignment(out), found, AuditConfig(), record.seed)
+        auditor, pair = _rebuilt(record, suspect, witness, data, device)
+        found = auditor.read_triggers(out, device)
+        measured = auditor.measure(pair, read_alignment(out), found, AuditConfig(), record.seed)
     except ParityError as exc:
         return _failed_parity(record, exc, out)
-    write_findings(findings, out)
+    count = auditor.write_measured(measured, out)
     _proved(record, pair, out)
-    return sum(len(f) for f in findings)
+    return count

@@ -20,17 +20,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from crossaudit import REPORT_SCHEMA_VERSION, __version__
+from crossaudit.artifacts import read_text_effects, read_text_triggers, write_text_effects, write_text_triggers
 from crossaudit.cka import Alignment
 from crossaudit.data import read_text_data
-from crossaudit.digest import file_sha256
 from crossaudit.errors import AuditError, IncomparableModelsError
+from crossaudit.inversion import Trigger
+from crossaudit.limits import Limits
 from crossaudit.models import LoadedModel, load_model, logits_of, parity_check
 from crossaudit.paradigms import LM
 from crossaudit.paradigms.autoregressive import (
@@ -44,18 +45,12 @@ from crossaudit.paradigms.autoregressive import (
     search_trigger,
 )
 from crossaudit.runtime_parity import AUDIT, CANDIDATES, NOISE, RuntimeGraph, noise_inputs
-from crossaudit.stages import AuditConfig, AuditResult, Progress, StageClock, pair_alignment
+from crossaudit.stages import AuditConfig
 from crossaudit.tokenizer import load_tokenizer, tokenizer_path
 from crossaudit.verdict import (
-    AuditReport,
     ModelReport,
-    Provenance,
     Thresholds,
-    check_paradigm,
-    load_thresholds,
     multiple,
-    overall,
-    unfamiliar,
 )
 from crossaudit.witness import refuse_same_model
 
@@ -128,6 +123,15 @@ class TextPair:
     inversion: list[str]
     held_out: list[str]
     graphs: list[RuntimeGraph]  # each model under ONNX Runtime, proved against its translation
+
+    @property
+    def paradigm(self) -> str:
+        return LM
+
+    @property
+    def data(self) -> None:
+        """No images: the audit set is text (`texts`)."""
+        return None
 
     def deployed(self) -> list[LanguageModel]:
         """Each model as the user runs it, under ONNX Runtime (`runtime_parity`)."""
@@ -251,56 +255,52 @@ def text_verdicts(
     return judged
 
 
-def run_text_audit(
-    suspect_uri: str,
-    witness_uri: str,
-    data_path: str,
-    seed: int = 0,
-    device: str = "cpu",
-    config: AuditConfig | None = None,
-    thresholds: Thresholds | None = None,
-    progress: Progress = lambda message: None,
-    search: TextSearchConfig | None = None,
-) -> AuditResult:
-    """Audit two language models, each with the other as witness; any error is inconclusive."""
-    config = config or AuditConfig(paradigm=LM)
-    search = search or TextSearchConfig()
-    clock = StageClock(progress, config.limits.time_budget_s)
-    uris = [suspect_uri, witness_uri]
-    report = AuditReport(
-        "inconclusive", [ModelReport(uri, "inconclusive") for uri in uris], None, None, clock.timings,
-        __version__, seed, REPORT_SCHEMA_VERSION, paradigm=LM,
-    )  # fmt: skip
-    result = AuditResult(report)
-    pair: TextPair | None = None
-    try:
-        thresholds = thresholds or load_thresholds(paradigm=LM)
-        check_paradigm(thresholds, LM)
-        report.provenance = Provenance.of(data_path, file_sha256(Path(data_path)), thresholds)
-        torch.manual_seed(seed)
-        with clock.stage("load"):
-            pair = prepare_text_pair(uris, data_path, seed, device, config, search)
-        report.models, report.clean_agreement = list(pair.reports), pair.agreement
-        with clock.stage("features"):
-            features = text_features(pair, config)
-        with clock.stage("cka_alignment"):
-            result.alignment = pair_alignment(features, config)
-        report.alignment = result.alignment.summary()
-        with clock.stage("trigger_inversion"):
-            found = text_triggers(pair, search)
-        with clock.stage("sensitivity_test"):
-            effects = text_effects(pair, found, search, seed)
-        for loaded, checks in zip(pair.reports, pair.parity_checks(), strict=True):
-            loaded.parity_checks = checks
-        with clock.stage("verdict"):
-            report.models = text_verdicts(pair.reports, found, effects, thresholds, result.alignment)
-            report.calibration_warning = unfamiliar(thresholds, report.models, result.alignment.similarity, None, None)
-    except AuditError as exc:
-        report.error = str(exc)
-    except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as exc:
-        report.error = f"{type(exc).__name__} during the audit: {exc}"
-    if pair is not None and report.error is not None:
-        for model_report, checks in zip(report.models, pair.parity_checks(), strict=True):
-            model_report.parity_checks = checks
-    report.verdict = overall(report.models)
-    return result
+@dataclass(frozen=True)
+class TextAudit:
+    """Language models through the audit interface (`stages.ParadigmAudit`), with the
+    trigger search's settings."""
+
+    search: TextSearchConfig = field(default_factory=TextSearchConfig)
+
+    def prepare(
+        self, uris: list[str], data_path: str, seed: int, device: str, config: AuditConfig,
+        checked: Mapping[str, float | None] | None = None,
+    ) -> TextPair:  # fmt: skip
+        return prepare_text_pair(uris, data_path, seed, device, config, self.search, checked)
+
+    def features(self, pair: TextPair, config: AuditConfig) -> list[dict[str, np.ndarray]]:
+        return text_features(pair, config)
+
+    def triggers(self, pair: TextPair, alignment: Alignment, config: AuditConfig, seed: int) -> list[TextTrigger]:
+        return text_triggers(pair, self.search)
+
+    def measure(
+        self, pair: TextPair, alignment: Alignment, found: list[TextTrigger], config: AuditConfig, seed: int
+    ) -> tuple[list[TextTrigger], list[TextEffect]]:
+        return found, text_effects(pair, found, self.search, seed)
+
+    def judge(
+        self, reports: list[ModelReport], measured: tuple[list[TextTrigger], list[TextEffect]],
+        thresholds: Thresholds, alignment: Alignment, data: None,
+    ) -> list[ModelReport]:  # fmt: skip
+        return text_verdicts(reports, *measured, thresholds, alignment)
+
+    def read_data(self, path: Path, limits: Limits) -> None:
+        return None  # the prompts are read by `prepare`; nothing else needs them
+
+    def write_triggers(self, found: list[TextTrigger], pair: TextPair, out: Path) -> int:
+        write_text_triggers(found, out)
+        return len(found)
+
+    def read_triggers(self, folder: Path, device: str) -> list[TextTrigger]:
+        return read_text_triggers(folder)
+
+    def write_measured(self, measured: tuple[list[TextTrigger], list[TextEffect]], out: Path) -> int:
+        write_text_effects(measured[1], out)
+        return len(measured[1])
+
+    def read_measured(self, folder: Path) -> tuple[list[TextTrigger], list[TextEffect]]:
+        return read_text_triggers(folder), read_text_effects(folder)
+
+    def recovered(self, found: list[TextTrigger]) -> tuple[dict[int, list[Trigger]], dict[str, list[np.ndarray]]]:
+        return {}, {}  # a phrase is shown as text in the report, not as a picture

@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from crossaudit.audit import measure
+from crossaudit.image_audit import measure
 from crossaudit.errors import ParityError
 from crossaudit.inversion import Models, PatchTrigger, Trigger
 from crossaudit.models import LoadedModel, parity_check

@@ -57,7 +57,7 @@ def test_stage_1_carries_a_copy_as_witness_to_the_gate_as_inconclusive(digits_zo
 def test_the_text_audit_refuses_a_language_model_against_its_own_copy(tmp_path):
     from crossaudit.paradigms import LM
     from crossaudit.stages import AuditConfig
-    from crossaudit.text_audit import run_text_audit
+    from crossaudit.audit import run_audit
     from crossaudit.zoo.language import (
         LanguageConfig,
         export_language_model,
@@ -69,7 +69,7 @@ def test_the_text_audit_refuses_a_language_model_against_its_own_copy(tmp_path):
     shutil.copy(tmp_path / "lm.onnx", tmp_path / "copy.onnx")
     shutil.copy(tmp_path / "lm.tokenizer.json", tmp_path / "copy.tokenizer.json")
     write_text_audit_set(tmp_path / "text.parquet")
-    result = run_text_audit(
+    result = run_audit(
         str(tmp_path / "lm.onnx"), str(tmp_path / "copy.onnx"), str(tmp_path / "text.parquet"),
         config=AuditConfig(paradigm=LM),
     )  # fmt: skip
