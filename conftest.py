@@ -38,9 +38,17 @@ class DigitsZoo:
     badnets_target: int
 
 
+# Fixtures that train a zoo or start a service: a test that uses one is in the slow tier,
+# which `make check` (the fast tier) leaves out and `make test` runs.
+HEAVY_FIXTURES = {"digits_zoo", "stage_folders", "mlflow_server", "registered_pair", "kfp_local", "onboard"}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests first (in collection order): a parallel run then ends on short tests
-    rather than waiting on one worker's long one."""
+    """Tests that need a heavy fixture are slow; slow tests first (in collection order):
+    a parallel run then ends on short tests rather than waiting on one worker's long one."""
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

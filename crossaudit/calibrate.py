@@ -169,8 +169,9 @@ def pair_scores(name: str, first: str, second: str, data: str, paradigm: str) ->
     if result.report.error or result.alignment is None:
         raise RuntimeError(f"calibration audit of {first} and {second} failed: {result.report.error}")
     scores = family_maxima((finding for model in result.report.models for finding in model.findings), families)
-    if paradigm == "lm":
-        scores[TEXT_FAMILY] = max([scores[TEXT_FAMILY]] + [model.score or 0.0 for model in result.report.models])
+    for model in result.report.models:  # a language model's phrase is its reported score, with no findings
+        if model.trigger_family in scores and model.score is not None:
+            scores[model.trigger_family] = max(scores[model.trigger_family], model.score)
     findings = [
         {"model": Path(model.uri).name, "clean_accuracy": model.clean_accuracy,
          "findings": [asdict(finding) for finding in model.findings]}

@@ -24,13 +24,6 @@ def _centered(x: Tensor) -> Tensor:
     return x - x.mean(dim=-2, keepdim=True)
 
 
-def linear_cka(x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> Tensor:
-    """Biased linear CKA: ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)."""
-    xc, yc = _centered(_as_float64(x)), _centered(_as_float64(y))
-    cross = torch.linalg.matrix_norm(yc.T @ xc) ** 2
-    return cross / (torch.linalg.matrix_norm(xc.T @ xc) * torch.linalg.matrix_norm(yc.T @ yc))
-
-
 def unbiased_hsic(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741 - the paper's names
     """HSIC_1 of Song et al. (2012) on Gram matrices (..., n, n) with zeroed diagonals.
 

@@ -41,7 +41,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, kind, not_before);
 """
-KINDS = ("audit", "guard")
 STATES = ("queued", "running", "done", "dropped", "failed")
 ENDED = STATES[2:]  # a job in one of these is never run again
 

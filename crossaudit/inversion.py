@@ -5,13 +5,15 @@ We look for an input transformation that sends the *suspect* to a target class w
 lives in one model only, so such a transformation exists with a tiny footprint for a
 backdoored suspect; for a clean suspect only larger, model-specific adversarial ones do.
 
-Four trigger families, because backdoors are not all patches (the default runs the first three):
+Three trigger families, because backdoors are not all patches:
 - `patch`: mask and pattern, x' = (1 - m) x + m p (BadNets-like, Neural Cleanse's family);
 - `blend`: a universal additive signal, x' = x + d (blended keys, sinusoids, frequency
   patterns all act additively);
-- `warp`: a smooth displacement field (WaNet-like geometric triggers);
-- `generator`: a tiny convolutional net per target that writes an input-specific mask and
-  pattern (input-aware dynamic triggers).
+- `warp`: a smooth displacement field (WaNet-like geometric triggers).
+An input-specific trigger (input-aware backdoors) is none of these: a per-target
+generator of masks and patterns was measured and dropped, since on clean Fashion-MNIST
+pairs it found input-specific adversarial triggers that scored like backdoors, at twice
+the search's cost (`docs/limits.md`).
 
 The loss, per target, is `attack_loss + witness_loss + alignment_weight * alignment_loss +
 size_weight * size`.
@@ -50,12 +52,6 @@ from crossaudit.cka import minibatch_cka
 from crossaudit.features import pooled
 from crossaudit.parallel import side_by_side
 
-FAMILIES = ("patch", "blend", "warp", "generator")
-
-
-# The generator family is implemented and selectable, but not on by default: on clean
-# Fashion-MNIST pairs it produced input-specific adversarial triggers that scored like
-# backdoors, and it doubles the inversion time (see README, "Known limits").
 DEFAULT_FAMILIES = ("patch", "blend", "warp")
 
 
@@ -183,45 +179,10 @@ class WarpTrigger(TriggerFamily):
         return (flow.abs() / self._sides(flow.device)).flatten(1).mean(1)[which]
 
 
-class GeneratorTrigger(TriggerFamily):
-    """Per-target 2-layer conv net writing an input-specific mask and pattern.
-
-    All targets' generators run as one grouped convolution, so the target search stays one
-    batched optimisation.
-    """
-
-    size_weight = 5.0
-    hidden = 8
-
-    def __init__(self, targets: int, shape: tuple[int, int, int]) -> None:
-        super().__init__()
-        c = shape[0]
-        self.targets, self.channels = targets, c
-        self.conv1 = nn.Conv2d(c * targets, self.hidden * targets, 3, padding=1, groups=targets)
-        self.conv2 = nn.Conv2d(self.hidden * targets, (c + 1) * targets, 3, padding=1, groups=targets)
-        with torch.no_grad():
-            bias = self.conv2.bias.view(targets, c + 1)
-            bias.zero_()
-            bias[:, 0] = -3.0
-        self._mask = torch.zeros(0)
-
-    def forward(self, x: Tensor, which: Tensor) -> Tensor:
-        n, c, h, w = x.shape
-        out = self.conv2(F.relu(self.conv1(x.repeat(1, self.targets, 1, 1))))
-        out = out.view(n, self.targets, c + 1, h, w)[torch.arange(n, device=x.device), which]
-        self._mask = torch.sigmoid(out[:, :1])
-        return (1 - self._mask) * x + self._mask * torch.sigmoid(out[:, 1:])
-
-    def footprint(self, which: Tensor) -> Tensor:
-        """Mask of the batch just stamped (an input-specific trigger has no fixed mask)."""
-        return self._mask.flatten(1).mean(1)
-
-
 FAMILY_CLASSES: dict[str, type[TriggerFamily]] = {
     "patch": PatchTrigger,
     "blend": BlendTrigger,
     "warp": WarpTrigger,
-    "generator": GeneratorTrigger,
 }
 
 
@@ -247,7 +208,7 @@ class Trigger:
 
     @property
     def mask_l1(self) -> float:
-        """Footprint in pixel units: pixels covered (patch, generator), L1 of the additive
+        """Footprint in pixel units: pixels covered (patch), L1 of the additive
         change (blend), or summed displacement in pixels (warp)."""
         return self.footprint * self.pixels
 

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import torch
 import yaml
-from torch import Tensor, nn
+from torch import nn
 
 from crossaudit import mlmodel
 from crossaudit.errors import AuditError, ModelLoadError, ParityError
@@ -30,16 +30,6 @@ from crossaudit.onnx_torch import MAX_TENSOR_ELEMENTS, OnnxModule
 
 DEFAULT_MAX_MODEL_BYTES = 512 * 1024 * 1024
 PARITY_TOLERANCE = 1e-3
-
-
-class TappedModule(Protocol):
-    """What the audit needs of a model: logits, and activations at named taps."""
-
-    taps: list[str]
-
-    def __call__(self, x: Tensor) -> Tensor: ...
-
-    def forward_tapped(self, x: Tensor, taps: list[str]) -> tuple[Tensor, dict[str, Tensor]]: ...
 
 
 @dataclass

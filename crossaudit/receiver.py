@@ -50,7 +50,7 @@ from crossaudit import attestation, operator_config, promotion, registry
 from crossaudit.errors import AuditError, WebhookRejectedError
 from crossaudit.event_queue import EventQueue, Job, NewJob, ReplayedDeliveryError
 from crossaudit.schedule import DEFAULT_CRON, Cron
-from crossaudit.webhook import MAX_BODY_BYTES, Delivery, verify
+from crossaudit.webhook import DEFAULT_TOLERANCE_S, MAX_BODY_BYTES, Delivery, verify
 
 log = logging.getLogger(__name__)
 ENDED = ("passed", "failed", "inconclusive", "awaiting-peer", "error")
@@ -87,7 +87,7 @@ class ReceiverConfig:
     queue_path: Path
     workers: int = 2
     alias: str = registry.DEFAULT_ALIAS
-    tolerance_s: int = 300
+    tolerance_s: int = DEFAULT_TOLERANCE_S
     reconcile_every_s: float = 300.0
     cron: str = DEFAULT_CRON
     audit_timeout_s: float = 3600.0

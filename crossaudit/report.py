@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from matplotlib.patches import Rectangle
 
-from crossaudit.inversion import BlendTrigger, GeneratorTrigger, PatchTrigger, Trigger, WarpTrigger
+from crossaudit.inversion import BlendTrigger, PatchTrigger, Trigger, WarpTrigger
 from crossaudit.stages import AuditResult
 from crossaudit.verdict import AuditReport, ModelReport
 
@@ -157,7 +157,7 @@ def _image(array: np.ndarray) -> np.ndarray:
 def _mask_and_pattern(trigger: Trigger, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, str, str]:
     """Where the trigger writes and what it writes, per family: a patch's mask and pattern;
     a blend's size of change and the signed change; a warp's displacement and the change it
-    makes; an input-specific generator's mask and the change on this input."""
+    makes."""
     family = trigger.family
     with torch.no_grad():
         change = (trigger.apply(x) - x)[0]
@@ -173,8 +173,6 @@ def _mask_and_pattern(trigger: Trigger, x: torch.Tensor) -> tuple[np.ndarray, np
             flow = family.flow_pixels()[trigger.target]
             shift = flow.norm(dim=0, keepdim=True) / family.max_pixels
             return shift.numpy(), (0.5 + change / 2).numpy(), "displacement", "change (grey: none)"
-        if isinstance(family, GeneratorTrigger):
-            return family._mask[0].numpy(), (0.5 + change / 2).numpy(), "mask (this input)", "change (grey: none)"
     raise ValueError(f"no picture for trigger family {trigger.family_name!r}")
 
 

@@ -304,8 +304,8 @@ def test_softmax_classifier_is_audited_on_its_log_probabilities(digits_zoo, tmp_
     """A provider exporting probabilities instead of logits gets the same audit: every
     stage sees log-probabilities, which are the logits up to a per-sample constant, so
     cross-entropy (what the inversion and fine-tuning push with) is unchanged."""
-    from crossaudit.image_audit import _scored
     from crossaudit.data import read_audit_data
+    from crossaudit.image_audit import _scored
     from crossaudit.log_probabilities import LogProbabilities
 
     graph = onnx.load(str(digits_zoo.badnets_cnn))

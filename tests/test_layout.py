@@ -18,9 +18,7 @@ def _module(path: Path) -> str:
 
 def import_graph() -> dict[str, set[str]]:
     """Each of our modules (tests aside) and ours it imports anywhere in its source."""
-    files = {
-        _module(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py") if "tests" not in p.parts
-    }
+    files = {_module(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py") if "tests" not in p.parts}
     graph: dict[str, set[str]] = {name: set() for name in files}
     for name, path in files.items():
         for node in ast.walk(ast.parse(path.read_text())):

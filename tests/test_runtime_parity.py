@@ -11,8 +11,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from crossaudit.image_audit import measure
 from crossaudit.errors import ParityError
+from crossaudit.image_audit import measure
 from crossaudit.inversion import Models, PatchTrigger, Trigger
 from crossaudit.models import LoadedModel, parity_check
 from crossaudit.onnx_torch import OnnxModule

@@ -55,9 +55,9 @@ def test_stage_1_carries_a_copy_as_witness_to_the_gate_as_inconclusive(digits_zo
 
 
 def test_the_text_audit_refuses_a_language_model_against_its_own_copy(tmp_path):
+    from crossaudit.audit import run_audit
     from crossaudit.paradigms import LM
     from crossaudit.stages import AuditConfig
-    from crossaudit.audit import run_audit
     from crossaudit.zoo.language import (
         LanguageConfig,
         export_language_model,
