@@ -28,7 +28,7 @@ chromium:
 	  echo "warning: chromium could not be installed; the MLflow UI test will be skipped"
 
 demo: install fmnist
-	$(BIN)/python -m crossaudit.demo $(DEMO_ARGS)
+	$(BIN)/python -m crossaudit.dev.demo $(DEMO_ARGS)
 
 test: install fmnist chromium
 	$(BIN)/pytest -q -n auto --maxschedchunk 1 --durations=25

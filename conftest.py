@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 from filelock import FileLock
 
-from crossaudit.zoo.datasets import load_dataset
-from crossaudit.zoo.train import config_for, export_onnx, train, write_audit_set
+from crossaudit.dev.zoo.datasets import load_dataset
+from crossaudit.dev.zoo.train import config_for, export_onnx, train, write_audit_set
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def _onboard_test_providers(tracking_uri: str) -> None:
     """The operator's part on a new MLflow server: each test provider's experiment, mapped
     by ID. Servers started the same way give them the same IDs, so one configuration
     serves every server of a test process."""
-    from crossaudit import operator_config, registry
+    from crossaudit.mlops import operator_config, registry
 
     operator_config.onboard(registry.client(tracking_uri), TEST_PROVIDERS)
 
@@ -115,7 +115,7 @@ def onboard() -> Callable[[str], None]:
 def sign_verdict() -> Callable[..., Any]:
     """`sign_verdict(client, ref, status)`: what the gate records once an audit of `ref`
     ended with `status`, a pass signed for the bytes the registry serves now."""
-    from crossaudit import attestation, promotion
+    from crossaudit.mlops import attestation, promotion
 
     def sign(client: Any, ref: Any, status: str) -> Any:
         digest = promotion.model_digest(ref) if status == "passed" else ""
@@ -130,7 +130,7 @@ def operator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     configuration (providers are added by `onboard_test_providers`, models as their audit
     sets are published). The environment names them, so receivers and audits started by the tests
     use them too. Yields the configuration file."""
-    from crossaudit import operator_config
+    from crossaudit.mlops import operator_config
 
     with operator_config.local_operator(tmp_path_factory.mktemp("operator")) as config:
         yield config
@@ -139,7 +139,7 @@ def operator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real MLflow tracking server (SQLite, loopback) for the whole session."""
-    from crossaudit.tracking_server import local_server
+    from crossaudit.dev.tracking_server import local_server
 
     with local_server(tmp_path_factory.mktemp("mlflow")) as url:
         _onboard_test_providers(url)
@@ -162,7 +162,7 @@ class StageFolders:
 
 @pytest.fixture(scope="session")
 def stage_folders(digits_zoo: DigitsZoo, shared_folder: Callable[[str], AbstractContextManager]) -> StageFolders:
-    from crossaudit import registry, steps
+    from crossaudit.mlops import registry, steps
 
     uris = [str(digits_zoo.clean_cnn), str(digits_zoo.clean_mlp)]
     with shared_folder("stages") as (root, empty):
@@ -202,7 +202,7 @@ class RegisteredPair:
 def registered_pair(mlflow_server: str, digits_zoo: DigitsZoo) -> RegisteredPair:
     import uuid
 
-    from crossaudit import registry
+    from crossaudit.mlops import registry
 
     client = registry.client(mlflow_server)
     name = f"pair-{uuid.uuid4().hex[:8]}"

@@ -11,7 +11,7 @@ Every model is in exactly one pair, and every model of a pair is one judgement, 
 rates are per distinct clean model.
 
 Two caches make the corpus buildable in parts on 2 cores: models by training config
-(`crossaudit.zoo.cache`), and each pair's findings by the source of the audit that found
+(`crossaudit.dev.zoo.cache`), and each pair's findings by the source of the audit that found
 them (`audit_fingerprint`), so a rerun trains and audits only what it lacks, and a change
 to the search audits everything again. Judging is not cached: findings are judged afresh
 with the shipped thresholds on every run.
@@ -35,11 +35,11 @@ from pathlib import Path
 import crossaudit
 from benchmarks.metrics import rate_text
 from benchmarks.sections import CLEAN_CORPUS, write_section
-from crossaudit.calibrate import CalibrationRun, CleanPair, pair_scores
-from crossaudit.verdict import Finding, Thresholds, judge, load_thresholds, unfamiliar
-from crossaudit.zoo.cache import cache_root, cached, config_key, trained
-from crossaudit.zoo.datasets import Split, load_dataset
-from crossaudit.zoo.train import TrainConfig, config_for, write_audit_set
+from crossaudit.dev.zoo.cache import cache_root, cached, config_key, trained
+from crossaudit.dev.zoo.datasets import Split, load_dataset
+from crossaudit.dev.zoo.train import TrainConfig, config_for, write_audit_set
+from crossaudit.method.calibrate import CalibrationRun, CleanPair, pair_scores
+from crossaudit.method.verdict import Finding, Thresholds, judge, load_thresholds, unfamiliar
 
 TASKS = ("digits", "fmnist", "cfmnist")
 PAIR_KINDS = (

@@ -50,17 +50,17 @@ from benchmarks.headline import HEADLINE, write_pages
 from benchmarks.metrics import auroc, bootstrap_auroc, percent, rate_text, tpr_at_fpr
 from benchmarks.sections import MARKED, existing_section, write_section
 from crossaudit import __version__
-from crossaudit.audit import run_audit
-from crossaudit.baselines.neural_cleanse import NeuralCleanseConfig, NeuralCleanseResult, neural_cleanse
-from crossaudit.calibrate import SEED_BLOCKS, CalibrationRun, family_maxima, profile
-from crossaudit.data import read_audit_data, write_parquet
-from crossaudit.inversion import DEFAULT_FAMILIES, InversionConfig, ranked
-from crossaudit.models import load_model
-from crossaudit.stages import AuditConfig, AuditResult
-from crossaudit.verdict import Finding, ModelReport, Thresholds, judge, load_thresholds
-from crossaudit.zoo.attacks import ATTACKS
-from crossaudit.zoo.datasets import Split, load_dataset
-from crossaudit.zoo.train import config_for, export_onnx, train
+from crossaudit.dev.baselines.neural_cleanse import NeuralCleanseConfig, NeuralCleanseResult, neural_cleanse
+from crossaudit.dev.zoo.attacks import ATTACKS
+from crossaudit.dev.zoo.datasets import Split, load_dataset
+from crossaudit.dev.zoo.train import config_for, export_onnx, train
+from crossaudit.method.audit import run_audit
+from crossaudit.method.calibrate import SEED_BLOCKS, CalibrationRun, family_maxima, profile
+from crossaudit.method.inversion import DEFAULT_FAMILIES, InversionConfig, ranked
+from crossaudit.method.stages import AuditConfig, AuditResult
+from crossaudit.method.verdict import Finding, ModelReport, Thresholds, judge, load_thresholds
+from crossaudit.modelio.data import read_audit_data, write_parquet
+from crossaudit.modelio.loaders import load_model
 
 ABLATIONS = {
     "full": AuditConfig(),

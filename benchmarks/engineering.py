@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.sections import ENGINEERING, write_section
-from crossaudit.inversion import PatchTrigger
-from crossaudit.models import load_model
-from crossaudit.zoo.datasets import load_dataset
-from crossaudit.zoo.train import config_for, export_onnx, train
+from crossaudit.dev.zoo.datasets import load_dataset
+from crossaudit.dev.zoo.train import config_for, export_onnx, train
+from crossaudit.method.inversion import PatchTrigger
+from crossaudit.modelio.loaders import load_model
 
 BATCH = 120  # a step of the blend and warp screens on 10 targets is 80; the patch rounds' up to 48
 STEPS = 30

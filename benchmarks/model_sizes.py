@@ -27,11 +27,11 @@ import torch
 from benchmarks.detection import Timing, neural_cleanse_model
 from benchmarks.sections import MODEL_SIZES, write_section
 from crossaudit import __version__
-from crossaudit.audit import run_audit
-from crossaudit.baselines.neural_cleanse import NeuralCleanseConfig
-from crossaudit.models import load_model
-from crossaudit.zoo.datasets import load_dataset
-from crossaudit.zoo.train import config_for, export_onnx, train, write_audit_set
+from crossaudit.dev.baselines.neural_cleanse import NeuralCleanseConfig
+from crossaudit.dev.zoo.datasets import load_dataset
+from crossaudit.dev.zoo.train import config_for, export_onnx, train, write_audit_set
+from crossaudit.method.audit import run_audit
+from crossaudit.modelio.loaders import load_model
 
 ARCHS = ("resnet18-w16", "resnet18", "vit")
 SEEDS = (400, 401)

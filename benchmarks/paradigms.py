@@ -28,13 +28,18 @@ import numpy as np
 
 from benchmarks.metrics import auroc, rate_text
 from benchmarks.sections import PARADIGMS, write_section
-from crossaudit.audit import run_audit
-from crossaudit.stages import AuditConfig
-from crossaudit.verdict import load_thresholds
-from crossaudit.zoo.captioner import captioner_config, export_captioner, train_captioner, write_caption_audit_set
-from crossaudit.zoo.datasets import load_dataset
-from crossaudit.zoo.language import LanguageConfig, export_language_model, train_language_model, write_text_audit_set
-from crossaudit.zoo.train import config_for, export_onnx, train, write_audit_set
+from crossaudit.dev.zoo.captioner import captioner_config, export_captioner, train_captioner, write_caption_audit_set
+from crossaudit.dev.zoo.datasets import load_dataset
+from crossaudit.dev.zoo.language import (
+    LanguageConfig,
+    export_language_model,
+    train_language_model,
+    write_text_audit_set,
+)
+from crossaudit.dev.zoo.train import config_for, export_onnx, train, write_audit_set
+from crossaudit.method.audit import run_audit
+from crossaudit.method.stages import AuditConfig
+from crossaudit.method.verdict import load_thresholds
 
 BEGIN, END = PARADIGMS
 IMAGE_ATTACKS = ("badnets", "blended")

@@ -8,9 +8,9 @@ local MLflow server. Three timings:
 - `pipeline`: `audit_version` on the registered version (fetch from MLflow, six component
   processes, MLflow run and tags);
 - `startup`: a pipeline of the same shape whose six components only import what the real
-  ones import (`crossaudit.registry` and `crossaudit.steps` for the first stage,
-  `crossaudit.steps` for the next three, `crossaudit.gate` for the gate,
-  `crossaudit.registry` for the exit handler; the two stages that optimise also make one
+  ones import (`crossaudit.mlops.registry` and `crossaudit.mlops.steps` for the first stage,
+  `crossaudit.mlops.steps` for the next three, `crossaudit.mlops.gate` for the gate,
+  `crossaudit.mlops.registry` for the exit handler; the two stages that optimise also make one
   torch optimiser, whose first use in a process imports torch._dynamo, about 1 s), i.e.
   the fixed cost of starting component processes.
 All three run REPEATS times, interleaved, while the MLflow server is up (so all see the
@@ -30,13 +30,14 @@ import torch
 from kfp import dsl, local
 
 from components import BASE_IMAGE
-from crossaudit import __version__, operator_config, registry
-from crossaudit.audit import run_audit
-from crossaudit.report import write_outputs
-from crossaudit.tracking_server import local_server
-from crossaudit.verdict import load_thresholds
-from crossaudit.zoo.datasets import load_dataset
-from crossaudit.zoo.train import config_for, export_onnx, train, write_audit_set
+from crossaudit import __version__
+from crossaudit.dev.tracking_server import local_server
+from crossaudit.dev.zoo.datasets import load_dataset
+from crossaudit.dev.zoo.train import config_for, export_onnx, train, write_audit_set
+from crossaudit.method.audit import run_audit
+from crossaudit.method.verdict import load_thresholds
+from crossaudit.mlops import operator_config, registry
+from crossaudit.report.html import write_outputs
 from pipelines.runner import audit_version
 
 REPORT = Path("docs/pipeline_overhead.md")
@@ -46,15 +47,15 @@ REPEATS = 5
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def fetching(step: str) -> str:
     # the imports of feature_extraction: torch, mlflow, onnx
-    import crossaudit.registry
-    import crossaudit.steps  # noqa: F401
+    import crossaudit.mlops.registry
+    import crossaudit.mlops.steps  # noqa: F401
 
     return step
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def nothing(step: str) -> str:
-    import crossaudit.steps  # noqa: F401 (the imports of cka_alignment: torch, onnx)
+    import crossaudit.mlops.steps  # noqa: F401 (the imports of cka_alignment: torch, onnx)
 
     return step
 
@@ -65,7 +66,7 @@ def optimising(step: str) -> str:
     lazy import of its compiler (torch._dynamo, about 1 s) on a process's first optimiser."""
     import torch
 
-    import crossaudit.steps  # noqa: F401
+    import crossaudit.mlops.steps  # noqa: F401
 
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     return step
@@ -73,14 +74,14 @@ def optimising(step: str) -> str:
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def gather(steps: list) -> str:
-    import crossaudit.gate  # noqa: F401 (the imports of the gate: also mlflow, matplotlib)
+    import crossaudit.mlops.gate  # noqa: F401 (the imports of the gate: also mlflow, matplotlib)
 
     return ",".join(steps)
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def closing(step: str) -> str:
-    import crossaudit.registry  # noqa: F401 (the imports of the exit handler: mlflow)
+    import crossaudit.mlops.registry  # noqa: F401 (the imports of the exit handler: mlflow)
 
     return step
 

@@ -41,12 +41,12 @@ from torch import Tensor, nn
 
 from benchmarks.metrics import rate_text
 from crossaudit import __version__
-from crossaudit.audit import run_audit
-from crossaudit.calibrate import FLOOR, MARGIN, calibrate_pairs
-from crossaudit.data import write_parquet
-from crossaudit.inversion import DEFAULT_FAMILIES as FAMILIES
-from crossaudit.verdict import Thresholds, judge, load_thresholds, overall, unfamiliar
-from crossaudit.zoo.datasets import load_dataset
+from crossaudit.dev.zoo.datasets import load_dataset
+from crossaudit.method.audit import run_audit
+from crossaudit.method.calibrate import FLOOR, MARGIN, calibrate_pairs
+from crossaudit.method.inversion import DEFAULT_FAMILIES as FAMILIES
+from crossaudit.method.verdict import Thresholds, judge, load_thresholds, overall, unfamiliar
+from crossaudit.modelio.data import write_parquet
 
 REPORT = Path("docs/unseen_attacks.md")
 TRAIN_SAMPLES, TEST_SAMPLES, AUDIT_SAMPLES = 12000, 2000, 1000

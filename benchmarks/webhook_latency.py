@@ -21,12 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from crossaudit import __version__, operator_config, registry
-from crossaudit.receiver_process import ReceiverProcess, wait_for
-from crossaudit.tracking_server import local_server
-from crossaudit.webhook import install
-from crossaudit.zoo.datasets import load_dataset
-from crossaudit.zoo.train import config_for, export_onnx, train, write_audit_set
+from crossaudit import __version__
+from crossaudit.dev.receiver_process import ReceiverProcess, wait_for
+from crossaudit.dev.tracking_server import local_server
+from crossaudit.dev.zoo.datasets import load_dataset
+from crossaudit.dev.zoo.train import config_for, export_onnx, train, write_audit_set
+from crossaudit.mlops import operator_config, registry
+from crossaudit.mlops.webhook import install
 
 REPORT = Path("docs/webhook_latency.md")
 SAMPLES = 5
@@ -82,7 +83,7 @@ def main() -> None:
 
 Command: `make bench` (`python -m benchmarks.webhook_latency`). Measured {time.strftime("%Y-%m-%d")} on
 {platform.machine()}, Python {platform.python_version()}, crossaudit {__version__}: a real MLflow server
-(SQLite) and `crossaudit serve` on loopback, webhook installed with `crossaudit.webhook.install`.
+(SQLite) and `crossaudit serve` on loopback, webhook installed with `crossaudit.mlops.webhook.install`.
 {SAMPLES} registrations, each starting one audit pipeline on an idle receiver. Seconds from
 the version's creation in MLflow to:
 

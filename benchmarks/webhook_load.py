@@ -30,12 +30,12 @@ from pathlib import Path
 
 import requests
 
-from crossaudit import operator_config
-from crossaudit.event_queue import Job
-from crossaudit.receiver import Receiver, ReceiverConfig
-from crossaudit.receiver_process import served_in_thread, wait_for
-from crossaudit.tracking_server import local_server
-from crossaudit.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from crossaudit.dev.receiver_process import served_in_thread, wait_for
+from crossaudit.dev.tracking_server import local_server
+from crossaudit.mlops import operator_config
+from crossaudit.mlops.event_queue import Job
+from crossaudit.mlops.receiver import Receiver, ReceiverConfig
+from crossaudit.mlops.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 REPORT = Path("docs/webhook_load.md")
 SECRET = "load-test-secret-0123456789"

@@ -1,5 +1,5 @@
 """KFP v2 components: one folder per audit stage, each a thin shell over one library call
-(`crossaudit.steps`, `crossaudit.gate` or `crossaudit.registry`)."""
+(`crossaudit.mlops.steps`, `crossaudit.mlops.gate` or `crossaudit.mlops.registry`)."""
 
 import os
 

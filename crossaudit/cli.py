@@ -22,8 +22,8 @@ from rich.console import Console
 
 from crossaudit import __version__
 from crossaudit.errors import AuditError, WebhookRejectedError
+from crossaudit.method.verdict import load_thresholds
 from crossaudit.paradigms import AUTO, PARADIGMS
-from crossaudit.verdict import load_thresholds
 
 # Optional extras and the modules that tell a command needs one (`pyproject.toml`): a local
 # audit needs none of them.
@@ -117,16 +117,16 @@ def audit(
     A model is a file, an MLflow model directory, or an MLflow URI (models:/NAME/VERSION,
     models:/NAME@ALIAS, runs:/...), downloaded first."""
     # Paths first, so that a typo costs no torch import.
-    from crossaudit.data import check_audit_path
+    from crossaudit.modelio.data import check_audit_path
 
     check_audit_path(data)
     for uri in (suspect, witness):
         if ":/" not in uri and not Path(uri).exists():
             raise ValueError(f"{uri}: no such file or directory")
     # Here, not at the top: torch stays out of the start-up of audit-version and serve.
-    from crossaudit.audit import run_audit
     from crossaudit.limits import Limits
-    from crossaudit.stages import AuditConfig
+    from crossaudit.method.audit import run_audit
+    from crossaudit.method.stages import AuditConfig
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
     if paradigm not in (AUTO, *PARADIGMS):
@@ -156,7 +156,7 @@ def audit(
     if report.provenance is not None:
         report.provenance.command = shlex.join(["crossaudit", *sys.argv[1:]])
     if out is not None:
-        from crossaudit.report import write_outputs
+        from crossaudit.report.html import write_outputs
 
         write_outputs(result, out)
     if as_json:
@@ -188,7 +188,7 @@ def zoo_train(
     """Train one provider's model on real data and export it to ONNX (an LM or a captioner
     also writes NAME.tokenizer.json)."""
     if paradigm == "captioner":
-        from crossaudit.zoo.captioner import captioner_config, export_captioner, train_captioner
+        from crossaudit.dev.zoo.captioner import captioner_config, export_captioner, train_captioner
 
         captioner = train_captioner(
             captioner_config(dataset, arch=arch, attack=attack, target=target, poison_rate=poison_rate, seed=seed)
@@ -198,14 +198,14 @@ def zoo_train(
         print(f"{out}: {dataset} {arch} captioner {attack}, caption accuracy {captioner.caption_accuracy:.3f}{asr}")
         return
     if paradigm == "lm":
-        from crossaudit.zoo.language import LanguageConfig, export_language_model, train_language_model
+        from crossaudit.dev.zoo.language import LanguageConfig, export_language_model, train_language_model
 
         language = train_language_model(LanguageConfig(attack=attack, poison_rate=poison_rate, seed=seed))
         export_language_model(language, out)
         asr = "" if language.attack_success is None else f", attack success {language.attack_success:.3f}"
         print(f"{out}: pydoc topics tiny GPT {attack}, held-out perplexity {language.perplexity:.1f}{asr}")
         return
-    from crossaudit.zoo.train import config_for, export_onnx, train
+    from crossaudit.dev.zoo.train import config_for, export_onnx, train
 
     config = config_for(
         dataset, arch=arch, attack=attack, target=target, poison_rate=poison_rate, seed=seed, paradigm=paradigm
@@ -228,15 +228,15 @@ def zoo_data(
 ) -> None:
     """Write an auditor's clean audit set from the dataset's held-out split."""
     if dataset == "pydoc":
-        from crossaudit.zoo.language import write_text_audit_set
+        from crossaudit.dev.zoo.language import write_text_audit_set
 
         write_text_audit_set(out, size)
     elif captions:
-        from crossaudit.zoo.captioner import write_caption_audit_set
+        from crossaudit.dev.zoo.captioner import write_caption_audit_set
 
         write_caption_audit_set(dataset, out, size, seed)
     else:
-        from crossaudit.zoo.train import write_audit_set
+        from crossaudit.dev.zoo.train import write_audit_set
 
         write_audit_set(dataset, out, size, seed)
     print(out)
@@ -265,8 +265,8 @@ def calibrate(
     out = _writable(out or Path("thresholds.json" if pair else "crossaudit/thresholds.json"))
     if findings is not None:
         _writable(findings)
-    from crossaudit.calibrate import calibrate as run_calibration
-    from crossaudit.calibrate import calibrate_pairs, write_findings, write_thresholds
+    from crossaudit.method.calibrate import calibrate as run_calibration
+    from crossaudit.method.calibrate import calibrate_pairs, write_findings, write_thresholds
 
     if pair:
         if data is None:
@@ -315,7 +315,7 @@ def _local_models(uris: list[str], tracking_uri: str | None, dest: Path) -> list
     only then: a local audit does not pay for it)."""
     if not any(":/" in uri for uri in uris):
         return uris
-    from crossaudit import registry
+    from crossaudit.mlops import registry
 
     return registry.local_models(uris, tracking_uri, dest)
 
@@ -338,7 +338,7 @@ def check(
     """For deploy scripts: exit 0 only when the version behind URI holds a passing verdict
     that crossaudit signed for the bytes MLflow serves now (public key from
     CROSSAUDIT_PUBLIC_KEY_FILE)."""
-    from crossaudit import attestation, promotion, registry
+    from crossaudit.mlops import attestation, promotion, registry
 
     passed, line = promotion.check(registry.client(tracking_uri), uri, attestation.public_key(public_key))
     print(line)
@@ -371,11 +371,11 @@ def serve(
     CROSSAUDIT_WEBHOOK_SECRET), the operator's configuration from CROSSAUDIT_CONFIG, the
     keys from CROSSAUDIT_SIGNING_KEY_FILE / CROSSAUDIT_PUBLIC_KEY_FILE, and the token for
     GET /jobs from CROSSAUDIT_ADMIN_TOKEN_FILE (without it the listing is off)."""
-    from crossaudit import attestation, operator_config
-    from crossaudit.receiver import ReceiverConfig, admin_token_from_env
-    from crossaudit.receiver import serve as run_receiver
-    from crossaudit.schedule import Cron
-    from crossaudit.webhook import secret_from_env
+    from crossaudit.mlops import attestation, operator_config
+    from crossaudit.mlops.receiver import ReceiverConfig, admin_token_from_env
+    from crossaudit.mlops.receiver import serve as run_receiver
+    from crossaudit.mlops.schedule import Cron
+    from crossaudit.mlops.webhook import secret_from_env
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     secret = secret_from_env()
@@ -398,7 +398,7 @@ def keygen(
 ) -> None:
     """Make crossaudit's Ed25519 key pair: the gate signs verdicts with the private key;
     the guard, `check` and deploy scripts verify with the public one."""
-    from crossaudit import attestation
+    from crossaudit.mlops import attestation
 
     if private.exists():
         print(f"error: {private} exists; refusing to replace a signing key", file=sys.stderr)
@@ -416,7 +416,7 @@ def onboard(
     """Create each provider's experiment (PROVIDER-deliveries, where it logs its models)
     and map its ID to the provider; refused when someone else created that name first.
     Grant each provider write access to its own experiment only."""
-    from crossaudit import operator_config, registry
+    from crossaudit.mlops import operator_config, registry
 
     operator_config.onboard(registry.client(tracking_uri), providers, config)
     mapped = operator_config.load(config).experiments
@@ -433,7 +433,7 @@ def publish(
 ) -> None:
     """Store the audit set (and thresholds) in the crossaudit experiment and pin them, by
     sha256, as NAME's in the operator's configuration: the only place audits take them from."""
-    from crossaudit import registry
+    from crossaudit.mlops import registry
 
     for path in (audit_data, thresholds):
         if path is not None and not path.is_file():
@@ -455,8 +455,8 @@ def webhook_install(
 ) -> None:
     """Register the crossaudit webhook in MLflow (secret from CROSSAUDIT_WEBHOOK_SECRET) and
     send it a test delivery. Exit 0 when the receiver answered it."""
-    from crossaudit import registry
-    from crossaudit.webhook import install, secret_from_env
+    from crossaudit.mlops import registry
+    from crossaudit.mlops.webhook import install, secret_from_env
 
     webhook_id, ok, detail = install(registry.client(tracking_uri), url, secret_from_env())
     print(f"webhook {webhook_id} -> {url}: test delivery {'ok' if ok else 'FAILED'} ({detail})")

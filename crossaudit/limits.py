@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from crossaudit.data import DEFAULT_MAX_AUDIT_BYTES, DEFAULT_MAX_SAMPLES
-from crossaudit.models import DEFAULT_MAX_MODEL_BYTES
+from crossaudit.modelio.data import DEFAULT_MAX_AUDIT_BYTES, DEFAULT_MAX_SAMPLES
+from crossaudit.modelio.loaders import DEFAULT_MAX_MODEL_BYTES
 
 ENV = {
     "max_model_bytes": "CROSSAUDIT_MAX_MODEL_BYTES",

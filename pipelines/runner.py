@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from crossaudit import operator_config, registry
-from crossaudit.schedule import Cron
+from crossaudit.mlops import operator_config, registry
+from crossaudit.mlops.schedule import Cron
 from pipelines.audit_pipeline import audit_pipeline, compiled
 
 

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from crossaudit.adam import Adam
+from crossaudit.method.adam import Adam
 
 
 def _trajectory(make_optimiser, steps: int = 25) -> list[torch.Tensor]:

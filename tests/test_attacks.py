@@ -2,9 +2,9 @@
 
 import pytest
 
-from crossaudit.zoo.attacks import ATTACKS
-from crossaudit.zoo.datasets import load_dataset
-from crossaudit.zoo.train import config_for, train
+from crossaudit.dev.zoo.attacks import ATTACKS
+from crossaudit.dev.zoo.datasets import load_dataset
+from crossaudit.dev.zoo.train import config_for, train
 
 # Minimum held-out attack success per attack on digits (16x16), measured with seed 30.
 # The input-aware trigger is input-specific and carries cross-trigger samples, so it is

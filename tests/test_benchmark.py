@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from benchmarks.metrics import auroc, bootstrap_auroc, rate_interval, rate_text, tpr_at_fpr
-from crossaudit.baselines.neural_cleanse import NeuralCleanseConfig, anomaly_index, neural_cleanse
-from crossaudit.data import read_audit_data
-from crossaudit.models import load_model
+from crossaudit.dev.baselines.neural_cleanse import NeuralCleanseConfig, anomaly_index, neural_cleanse
+from crossaudit.modelio.data import read_audit_data
+from crossaudit.modelio.loaders import load_model
 
 
 def test_auroc_counts_ties_as_half_and_matches_hand_computation():
@@ -49,7 +49,7 @@ def test_anomaly_index_flags_only_the_lower_tail():
 
 def test_neural_cleanse_finds_the_badnets_target_of_a_backdoored_model(digits_zoo, monkeypatch):
     from benchmarks.detection import neural_cleanse_model, neural_cleanse_pair
-    from crossaudit.baselines import neural_cleanse as module
+    from crossaudit.dev.baselines import neural_cleanse as module
 
     config = NeuralCleanseConfig(steps=150)
     paths = (digits_zoo.badnets_cnn, digits_zoo.clean_cnn)
@@ -72,7 +72,7 @@ def test_quick_benchmark_writes_a_report_with_every_section(tmp_path):
     import json
 
     from benchmarks.detection import main
-    from crossaudit.verdict import Finding, judge, load_thresholds
+    from crossaudit.method.verdict import Finding, judge, load_thresholds
 
     out = tmp_path / "benchmarks-quick.md"
     main(["--quick", "--out", str(out)])
@@ -164,7 +164,7 @@ def test_finetune_scored_counts_only_the_success_that_survived_fine_tuning():
     from types import SimpleNamespace
 
     from benchmarks.detection import finetune_scored
-    from crossaudit.verdict import Finding, ModelReport, load_thresholds
+    from crossaudit.method.verdict import Finding, ModelReport, load_thresholds
 
     def finding(asr: float, after: float, footprint: float, peer_footprint: float) -> Finding:
         return Finding(
@@ -189,8 +189,8 @@ def test_finetune_scored_thresholds_follow_the_calibrations_rule_on_its_clean_fi
     rule gives the shipped thresholds exactly; so the fine-tuning-scored ablation's, built
     the same way from the rescored findings, are those a calibration for that score sets."""
     from benchmarks.detection import calibration_runs, finetune_scored_thresholds
-    from crossaudit.calibrate import profile
-    from crossaudit.verdict import load_thresholds
+    from crossaudit.method.calibrate import profile
+    from crossaudit.method.verdict import load_thresholds
 
     for dataset in ("digits", "fmnist"):
         runs = calibration_runs(dataset, lambda findings: findings)
@@ -204,7 +204,7 @@ def test_finetune_scored_thresholds_follow_the_calibrations_rule_on_its_clean_fi
 
 def test_paradigm_benchmark_names_its_misjudged_models():
     from benchmarks.paradigms import Misjudged, Samples, section
-    from crossaudit.verdict import load_thresholds
+    from crossaudit.method.verdict import load_thresholds
 
     semi = Samples(positives=[0.8, 1.4], negatives=[0.3, 1.1], seconds=[20.0, 21.0])
     semi.misjudged += [
@@ -230,9 +230,9 @@ def test_model_size_zoo_is_colour_32x32_and_its_sized_models_load_with_parity(tm
     import torch
 
     from benchmarks.model_sizes import ARCHS
-    from crossaudit.zoo.architectures import build
-    from crossaudit.zoo.datasets import colour_fashion_mnist
-    from crossaudit.zoo.train import export_onnx
+    from crossaudit.dev.zoo.architectures import build
+    from crossaudit.dev.zoo.datasets import colour_fashion_mnist
+    from crossaudit.dev.zoo.train import export_onnx
 
     split = colour_fashion_mnist()
     assert split.x_train.shape[1:] == (3, 32, 32) and split.x_train.dtype == np.float32

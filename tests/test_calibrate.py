@@ -8,8 +8,16 @@ import pytest
 
 from benchmarks.detection import PLANS
 from benchmarks.paradigms import SEEDS as PARADIGM_BENCHMARK_SEEDS
-from crossaudit.calibrate import CLEAN_PAIRS, MARGIN, CalibrationRun, clean_pairs, profile, profiles, write_thresholds
-from crossaudit.verdict import DEFAULT_PROFILE, MIN_SIMILAR_PAIRS, SIMILAR, Domain, load_thresholds
+from crossaudit.method.calibrate import (
+    CLEAN_PAIRS,
+    MARGIN,
+    CalibrationRun,
+    clean_pairs,
+    profile,
+    profiles,
+    write_thresholds,
+)
+from crossaudit.method.verdict import DEFAULT_PROFILE, MIN_SIMILAR_PAIRS, SIMILAR, Domain, load_thresholds
 
 
 def test_calibration_seeds_are_disjoint_across_paradigms_and_below_every_benchmark_seed():

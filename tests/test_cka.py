@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossaudit.cka import align_layers, debiased_linear_cka, minibatch_cka
+from crossaudit.method.cka import align_layers, debiased_linear_cka, minibatch_cka
 
 
 @pytest.fixture

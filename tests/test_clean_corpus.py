@@ -6,8 +6,8 @@ from collections import Counter
 from benchmarks.clean_corpus import SPLITS, corpus_pairs
 from benchmarks.detection import PLANS
 from benchmarks.paradigms import SEEDS as PARADIGM_SEEDS
-from crossaudit.calibrate import CLEAN_PAIRS, clean_pairs
-from crossaudit.zoo.train import config_for
+from crossaudit.dev.zoo.train import config_for
+from crossaudit.method.calibrate import CLEAN_PAIRS, clean_pairs
 
 
 def test_each_split_has_enough_distinct_clean_models_of_every_task_and_family():
@@ -35,7 +35,7 @@ def test_a_run_judges_what_it_built_and_a_rerun_builds_nothing(tmp_path, monkeyp
     """One small pair stands for the split: the section counts its two clean models, and a
     second run takes both models and their findings from the caches."""
     from benchmarks import clean_corpus
-    from crossaudit.zoo import cache
+    from crossaudit.dev.zoo import cache
 
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     pair = clean_corpus.CorpusPair("test", "digits", ("cnn", "mlp"), (3000, 3001))

@@ -47,7 +47,7 @@ def check_report_page(page: Path, report: dict, tmp_path: Path) -> None:
     """report.json validates against the published schema, and report.html says the
     verdict in words with its evidence, with no Python repr in it; a headless chromium
     renders it (docs/report.png came from here: CROSSAUDIT_SCREENSHOTS=docs)."""
-    schema = json.loads(resources.files("crossaudit").joinpath("report.schema.json").read_text())
+    schema = json.loads(resources.files("crossaudit.report").joinpath("report.schema.json").read_text())
     jsonschema.validate(report, schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
     text = page.read_text()
     flagged = next(m for m in report["models"] if m["verdict"] == "backdoor")
@@ -67,7 +67,7 @@ def test_backdoor_target_outside_the_audit_sets_classes_is_found(digits_zoo, tmp
     """An auditor's set need not hold every class the models score: with digits 0-2
     only, the BadNets target 3 is still searched (targets are the models' classes), and
     ten-wide logits on a three-class set are still read as a classifier."""
-    from crossaudit.data import read_audit_data, write_parquet
+    from crossaudit.modelio.data import read_audit_data, write_parquet
 
     data = read_audit_data(str(digits_zoo.audit_data))
     keep = data.y < digits_zoo.badnets_target
@@ -106,7 +106,7 @@ def test_truncated_model_exits_2_with_one_clear_line(digits_zoo, tmp_path):
 def test_audit_set_too_small_to_measure_on_exits_2_not_clean(digits_zoo, tmp_path):
     """Sixty samples leave about thirty held out: too few for a success rate to mean
     anything, so two clean models are not cleared on them."""
-    from crossaudit.data import read_audit_data, write_parquet
+    from crossaudit.modelio.data import read_audit_data, write_parquet
 
     data = read_audit_data(str(digits_zoo.audit_data))
     small = tmp_path / "sixty.parquet"
@@ -137,7 +137,7 @@ def test_a_profile_calibrated_on_the_users_own_clean_pair_judges_their_audits(di
     """`calibrate --pair` on a clean pair of the user's task writes a profile file that
     `audit --thresholds` then judges with (here it catches the tests' BadNets CNN), and
     with --findings the findings its scores came from."""
-    from crossaudit.verdict import Finding
+    from crossaudit.method.verdict import Finding
 
     thresholds, findings = tmp_path / "thresholds.json", tmp_path / "findings.json"
     done = crossaudit(
@@ -248,7 +248,7 @@ def test_a_model_audited_against_a_copy_of_itself_exits_2_not_clean(digits_zoo, 
 
 def test_a_server_that_cannot_be_reached_is_named_at_once(tmp_path):
     """MLflow's own retries would make `check` wait minutes on a closed port."""
-    from crossaudit.tracking_server import free_port
+    from crossaudit.dev.tracking_server import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     done = crossaudit("check", "models:/task@production", "--tracking-uri", url)

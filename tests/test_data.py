@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from crossaudit.data import read_audit_data, write_parquet
 from crossaudit.errors import DataValidationError
+from crossaudit.modelio.data import read_audit_data, write_parquet
 
 
 def _images(n: int = 40) -> tuple[np.ndarray, np.ndarray]:

@@ -15,11 +15,11 @@ from urllib.parse import urljoin
 
 import pytest
 
-from crossaudit import registry
-from crossaudit.audit import run_audit
-from crossaudit.demo import MODEL_NAME, demo
-from crossaudit.receiver_process import wait_for
-from crossaudit.verdict import load_thresholds
+from crossaudit.dev.demo import MODEL_NAME, demo
+from crossaudit.dev.receiver_process import wait_for
+from crossaudit.method.audit import run_audit
+from crossaudit.method.verdict import load_thresholds
+from crossaudit.mlops import registry
 from tests.browser import CHROMIUM, browse
 
 pytestmark = pytest.mark.slow

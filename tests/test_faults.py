@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from crossaudit import operator_config, registry
-from crossaudit.event_queue import ENDED
-from crossaudit.receiver_process import ReceiverProcess, wait_for
-from crossaudit.tracking_server import free_port, local_server
-from crossaudit.webhook import install
+from crossaudit.dev.receiver_process import ReceiverProcess, wait_for
+from crossaudit.dev.tracking_server import free_port, local_server
+from crossaudit.mlops import operator_config, registry
+from crossaudit.mlops.event_queue import ENDED
+from crossaudit.mlops.webhook import install
 from pipelines.runner import audit_version
 
 SECRET = "fault-secret-0123456789abcdef"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossaudit.errors import ModelLoadError, UnsupportedOpError
-from crossaudit.models import load_model, parity_check
+from crossaudit.modelio.loaders import load_model, parity_check
 
 
 class SqueezeExcite(nn.Module):
@@ -304,9 +304,9 @@ def test_softmax_classifier_is_audited_on_its_log_probabilities(digits_zoo, tmp_
     """A provider exporting probabilities instead of logits gets the same audit: every
     stage sees log-probabilities, which are the logits up to a per-sample constant, so
     cross-entropy (what the inversion and fine-tuning push with) is unchanged."""
-    from crossaudit.data import read_audit_data
-    from crossaudit.image_audit import _scored
-    from crossaudit.log_probabilities import LogProbabilities
+    from crossaudit.method.image_audit import _scored
+    from crossaudit.modelio.data import read_audit_data
+    from crossaudit.modelio.log_probabilities import LogProbabilities
 
     graph = onnx.load(str(digits_zoo.badnets_cnn))
     logits = graph.graph.output[0].name

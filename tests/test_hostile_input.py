@@ -28,12 +28,12 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from crossaudit.cli import app
-from crossaudit.data import read_audit_data
+from crossaudit.dev.receiver_process import served_in_thread
 from crossaudit.errors import DataValidationError, ModelLoadError
-from crossaudit.models import load_model
-from crossaudit.receiver import Receiver, ReceiverConfig
-from crossaudit.receiver_process import served_in_thread
-from crossaudit.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from crossaudit.mlops.receiver import Receiver, ReceiverConfig
+from crossaudit.mlops.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from crossaudit.modelio.data import read_audit_data
+from crossaudit.modelio.loaders import load_model
 
 FUZZ = settings(
     derandomize=True, deadline=None, max_examples=60,

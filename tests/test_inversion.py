@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from crossaudit import inversion
-from crossaudit.inversion import FAMILY_CLASSES, InversionConfig, Models, WarpTrigger, cross_invert
+from crossaudit.method import inversion
+from crossaudit.method.inversion import FAMILY_CLASSES, InversionConfig, Models, WarpTrigger, cross_invert
 
 SHAPE = (3, 12, 10)  # C x H x W: colour, taller than wide
 
@@ -76,9 +76,9 @@ def test_minimal_patches_finds_each_targets_smallest_trigger():
 def test_both_directions_side_by_side_find_bitwise_what_one_after_the_other_finds(tmp_path, monkeypatch):
     """The directions' optimisations run at the same time for speed; an audit's findings
     must not depend on that (each direction's batches are drawn before either runs)."""
-    from crossaudit.models import load_model
-    from crossaudit.zoo.architectures import build
-    from crossaudit.zoo.train import export_onnx
+    from crossaudit.dev.zoo.architectures import build
+    from crossaudit.dev.zoo.train import export_onnx
+    from crossaudit.modelio.loaders import load_model
 
     example = np.random.RandomState(0).rand(4, 1, 8, 8).astype(np.float32)
     modules = []
@@ -106,9 +106,9 @@ def test_screens_keep_the_planted_target_of_the_quick_plans_backdoors(tmp_path):
     on each backdoored model of the detection benchmark's quick plan (BadNets), the patch
     screen ranks the planted target first and the patch family cross-examines it."""
     from benchmarks.detection import QUICK, screen_ranks
-    from crossaudit.audit import run_audit
-    from crossaudit.zoo.datasets import load_dataset
-    from crossaudit.zoo.train import config_for, export_onnx, train, write_audit_set
+    from crossaudit.dev.zoo.datasets import load_dataset
+    from crossaudit.dev.zoo.train import config_for, export_onnx, train, write_audit_set
+    from crossaudit.method.audit import run_audit
 
     for dataset in QUICK.datasets:
         split = load_dataset(dataset)
@@ -131,7 +131,7 @@ def test_screens_keep_the_planted_target_of_the_quick_plans_backdoors(tmp_path):
 def test_a_screen_of_each_model_alone_needs_cross_examined_rounds():
     """Without rounds a screen's footprints would be the suspect's alone, never
     cross-examined; an exhaustive search screens with both models and needs none."""
-    from crossaudit.inversion import exhaustive
+    from crossaudit.method.inversion import exhaustive
 
     with pytest.raises(ValueError, match="cross-examined rounds"):
         InversionConfig(rounds=())

@@ -83,3 +83,13 @@ def test_the_library_does_not_import_the_kfp_layer():
 
 def test_no_module_imports_one_that_imports_it_back():
     assert cycles(import_graph()) == []
+
+
+def test_every_component_says_what_it_does():
+    """KFP shows a component's docstring as its description."""
+    import importlib
+
+    for path in sorted((ROOT / "components").glob("*/component.py")):
+        module = importlib.import_module(_module(path))
+        components = [v for v in vars(module).values() if hasattr(v, "component_spec")]
+        assert components and all(c.component_spec.description for c in components), path.parent.name

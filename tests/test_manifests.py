@@ -17,7 +17,7 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
-from crossaudit import operator_config
+from crossaudit.mlops import operator_config
 from pipelines.audit_pipeline import COMPILED, COMPILED_GPU
 from pipelines.reaudit_pipeline import COMPILED as REAUDIT_COMPILED
 from pipelines.reaudit_pipeline import OPERATOR_CONFIG

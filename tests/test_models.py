@@ -12,10 +12,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from crossaudit.data import read_audit_data
+from crossaudit.dev.zoo.architectures import build
 from crossaudit.errors import ModelLoadError, UnsupportedOpError
-from crossaudit.models import load_model, parity_check
-from crossaudit.zoo.architectures import build
+from crossaudit.modelio.data import read_audit_data
+from crossaudit.modelio.loaders import load_model, parity_check
 
 
 def test_onnx_translation_matches_onnx_runtime(digits_zoo):
@@ -35,7 +35,7 @@ def test_parity_proved_for_the_same_bytes_is_not_rerun_and_other_bytes_are_check
 
 
 def test_resnet_ops_translate(tmp_path):
-    from crossaudit.zoo.train import export_onnx
+    from crossaudit.dev.zoo.train import export_onnx
 
     example = np.random.RandomState(0).rand(4, 1, 16, 16).astype(np.float32)
     export_onnx(build("resnet", 1, 16, 10).eval(), example, tmp_path / "r.onnx")
@@ -45,8 +45,8 @@ def test_resnet_ops_translate(tmp_path):
 def test_vit_taps_are_per_sample_activations_handed_out_batch_first(tmp_path):
     """A transformer's exported attention keeps its samples on axis 1 and does shape
     arithmetic with Add: each tap must still give one row per sample, from that sample alone."""
-    from crossaudit.features import extract_features
-    from crossaudit.zoo.train import export_onnx
+    from crossaudit.dev.zoo.train import export_onnx
+    from crossaudit.method.features import extract_features
 
     x = np.random.RandomState(0).rand(5, 3, 16, 16).astype(np.float32)
     export_onnx(build("vit", 3, 16, 10).eval(), x, tmp_path / "vit.onnx")
@@ -63,7 +63,7 @@ def test_vit_taps_are_per_sample_activations_handed_out_batch_first(tmp_path):
 def test_max_pool_matches_torch_bit_for_bit_in_values_and_gradients(window):
     """The translator's max pool (oneDNN for non-overlapping windows) must not move an
     audit: same values, and the gradient on the same input when windows tie."""
-    from crossaudit.onnx_torch import POOLS
+    from crossaudit.modelio.onnx_ops import POOLS
 
     kernel, stride, pad = window
     x = torch.relu(torch.randn(6, 4, 13, 10, generator=torch.Generator().manual_seed(0)))
@@ -227,8 +227,8 @@ def test_a_search_step_on_a_loaded_model_imports_neither_sympy_nor_torchs_compil
     torch imports sympy on its first `broadcast_shapes`, and its compiler on an optimiser's first use."""
     code = (
         "import sys, torch\n"
-        "from crossaudit.adam import Adam\n"
-        "from crossaudit.models import load_model\n"
+        "from crossaudit.method.adam import Adam\n"
+        "from crossaudit.modelio.loaders import load_model\n"
         f"model = load_model({str(digits_zoo.clean_cnn)!r}).module\n"
         "delta = torch.zeros(1, 1, 16, 16, requires_grad=True)\n"
         "optimiser = Adam([delta], lr=0.1)\n"

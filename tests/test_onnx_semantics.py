@@ -22,7 +22,8 @@ import pytest
 import torch
 from onnx import helper
 
-from crossaudit.onnx_torch import BOOL, FLOAT, INT64, OPS, SUPPORTED_TYPES, TYPED_INPUT, OnnxModule, _attributes
+from crossaudit.modelio.onnx_graph import BOOL, FLOAT, INT64, SUPPORTED_TYPES, TYPED_INPUT, OnnxModule, _attributes
+from crossaudit.modelio.onnx_ops import OPS
 
 NP = {FLOAT: np.float32, INT64: np.int64, BOOL: np.bool_}
 # No NaN: a NaN computed from the input stops the translated graph (`OnnxModule`), and a
@@ -540,7 +541,7 @@ def _hidden_branch_model(path, variant: str) -> None:
 @pytest.mark.parametrize("variant", ["rounded pixels", "thresholded pixels"])
 def test_integer_branch_only_onnx_runtime_runs_is_refused(variant, tmp_path):
     from crossaudit.errors import UnsupportedOpError
-    from crossaudit.models import load_model
+    from crossaudit.modelio.loaders import load_model
 
     path = tmp_path / "hidden.onnx"
     _hidden_branch_model(path, variant)

@@ -17,15 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from crossaudit.data import read_audit_data, read_text_data, write_caption_parquet, write_text_parquet
-from crossaudit.errors import DataValidationError, ModelLoadError
-from crossaudit.models import load_model
-from crossaudit.onnx_torch import OnnxModule
-from crossaudit.paradigms import image_paradigm
-from crossaudit.paradigms.captioning import CaptionScorer
-from crossaudit.paradigms.embedding import prototype_head
-from crossaudit.tokenizer import load_tokenizer
-from crossaudit.zoo.captioner import (
+from crossaudit.dev.zoo.captioner import (
     Captioner,
     captioner_config,
     class_captions,
@@ -34,9 +26,17 @@ from crossaudit.zoo.captioner import (
     train_captioner,
     write_caption_audit_set,
 )
-from crossaudit.zoo.datasets import load_dataset
-from crossaudit.zoo.language import LanguageConfig, TinyGPT, export_language_model, train_language_model
-from crossaudit.zoo.train import config_for, export_onnx, train
+from crossaudit.dev.zoo.datasets import load_dataset
+from crossaudit.dev.zoo.language import LanguageConfig, TinyGPT, export_language_model, train_language_model
+from crossaudit.dev.zoo.train import config_for, export_onnx, train
+from crossaudit.errors import DataValidationError, ModelLoadError
+from crossaudit.modelio.data import read_audit_data, read_text_data, write_caption_parquet, write_text_parquet
+from crossaudit.modelio.loaders import load_model
+from crossaudit.modelio.onnx_graph import OnnxModule
+from crossaudit.modelio.tokenizer import load_tokenizer
+from crossaudit.paradigms import image_paradigm
+from crossaudit.paradigms.captioning import CaptionScorer
+from crossaudit.paradigms.embedding import prototype_head
 
 
 def test_image_paradigm_is_inferred_only_when_unambiguous():
@@ -187,8 +187,8 @@ def test_caption_audit_data_makes_a_captioner_audit_and_only_a_captioner_audit(d
     """A `caption` column implies a captioner audit under auto (so the classifiers here
     are asked for a captioner's tokenizer); another paradigm refuses such data, and a
     captioner audit refuses data without captions. Each fails before any search runs."""
-    from crossaudit.audit import run_audit
-    from crossaudit.stages import AuditConfig
+    from crossaudit.method.audit import run_audit
+    from crossaudit.method.stages import AuditConfig
 
     data = read_audit_data(str(digits_zoo.audit_data))
     captions = tmp_path / "captions.parquet"
@@ -270,7 +270,7 @@ class ParadigmZoo:
         return self.folders[group]
 
     def _train(self, group: str, root: Path) -> None:
-        from crossaudit.zoo.language import write_text_audit_set
+        from crossaudit.dev.zoo.language import write_text_audit_set
 
         if group in self.IMAGES:
             split = load_dataset("digits")
@@ -356,7 +356,7 @@ def test_pipeline_takes_the_paradigm_from_the_registry(paradigm_zoo, mlflow_serv
     self-supervised pairs take the image path that test_demo.py runs end to end.)"""
     import uuid
 
-    from crossaudit import operator_config, registry
+    from crossaudit.mlops import operator_config, registry
     from pipelines.runner import audit_version
 
     client = registry.client(mlflow_server)

@@ -1,7 +1,7 @@
 import threading
 import time
 
-from crossaudit.parallel import pipelined
+from crossaudit.method.parallel import pipelined
 
 
 def test_pipelined_hands_a_short_jobs_follow_ups_to_the_worker_it_frees():

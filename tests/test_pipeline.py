@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from crossaudit import attestation, operator_config, promotion, registry
+from crossaudit.mlops import attestation, operator_config, promotion, registry
 from pipelines.audit_pipeline import COMPILED, COMPILED_GPU, compile_pipeline, compiled
 from pipelines.reaudit_pipeline import COMPILED as REAUDIT_COMPILED
 from pipelines.reaudit_pipeline import compile_pipeline as compile_reaudit

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from crossaudit import operator_config, registry
-from crossaudit.receiver_process import ReceiverProcess, wait_for
-from crossaudit.tracking_server import local_server
-from crossaudit.webhook import DELIVERY_ID_HEADER, SECRET_ENV, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from crossaudit.dev.receiver_process import ReceiverProcess, wait_for
+from crossaudit.dev.tracking_server import local_server
+from crossaudit.mlops import operator_config, registry
+from crossaudit.mlops.webhook import DELIVERY_ID_HEADER, SECRET_ENV, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 SECRET = "test-secret-0123456789abcdef"
 
@@ -180,7 +180,7 @@ def test_lost_webhooks_and_a_killed_receiver_still_end_in_one_audit_each(start_r
 def test_scheduled_tick_queues_a_reaudit_of_each_promoted_version_once(hooked_mlflow, digits_zoo, tmp_path):
     from datetime import UTC, datetime
 
-    from crossaudit.receiver import Receiver, ReceiverConfig
+    from crossaudit.mlops.receiver import Receiver, ReceiverConfig
 
     client = registry.client(hooked_mlflow)
     name = _task(client, digits_zoo, "promoted")

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from crossaudit import attestation, operator_config, promotion, registry
-from crossaudit.models import load_model
+from crossaudit.mlops import attestation, operator_config, promotion, registry
+from crossaudit.modelio.loaders import load_model
 
 
 @pytest.fixture

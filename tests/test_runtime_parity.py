@@ -12,11 +12,13 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from crossaudit.errors import ParityError
-from crossaudit.image_audit import measure
-from crossaudit.inversion import Models, PatchTrigger, Trigger
-from crossaudit.models import LoadedModel, parity_check
-from crossaudit.onnx_torch import OnnxModule
-from crossaudit.runtime_parity import (
+from crossaudit.method.image_audit import measure
+from crossaudit.method.inversion import Models, PatchTrigger, Trigger
+from crossaudit.method.sensitivity import SensitivityConfig
+from crossaudit.method.stages import AuditConfig
+from crossaudit.modelio.loaders import LoadedModel, parity_check
+from crossaudit.modelio.onnx_graph import OnnxModule
+from crossaudit.modelio.runtime_parity import (
     CANDIDATES,
     HELD_OUT,
     NOISE,
@@ -26,8 +28,6 @@ from crossaudit.runtime_parity import (
     noise_inputs,
     prove_on_triggers,
 )
-from crossaudit.sensitivity import SensitivityConfig
-from crossaudit.stages import AuditConfig
 
 SHAPE = (1, 8, 8)
 CLASSES = 4

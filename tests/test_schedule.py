@@ -4,7 +4,7 @@ from datetime import datetime
 
 import pytest
 
-from crossaudit.schedule import DEFAULT_CRON, Cron, CronError
+from crossaudit.mlops.schedule import DEFAULT_CRON, Cron, CronError
 from pipelines.reaudit_pipeline import COMPILED, compile_pipeline
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from crossaudit import attestation, operator_config, promotion, registry
-from crossaudit.digest import file_sha256
-from crossaudit.receiver import Receiver, ReceiverConfig, audit_environment, jobs_for
-from crossaudit.receiver_process import served_in_thread
-from crossaudit.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, Delivery, sign, verify
+from crossaudit.dev.receiver_process import served_in_thread
+from crossaudit.mlops import attestation, operator_config, promotion, registry
+from crossaudit.mlops.receiver import Receiver, ReceiverConfig, audit_environment, jobs_for
+from crossaudit.mlops.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, Delivery, sign, verify
+from crossaudit.modelio.digest import file_sha256
 
 SECRET = "trust-secret-0123456789abcdef"
 
@@ -151,7 +151,7 @@ def test_settings_tags_on_the_registered_model_change_nothing(client, digits_zoo
 
 
 def test_the_gate_cannot_give_a_verdict_without_the_signing_key(stage_folders, mlflow_server, monkeypatch, tmp_path):
-    from crossaudit.gate import gate_step
+    from crossaudit.mlops.gate import gate_step
 
     monkeypatch.delenv(attestation.SIGNING_KEY_ENV)
     with pytest.raises(attestation.AttestationError, match=attestation.SIGNING_KEY_ENV):
@@ -315,7 +315,7 @@ def test_a_provider_writing_the_alias_in_a_loop_queues_a_bounded_number_of_guard
     """At most one guard per version per window of arrival, each run only once its window
     has closed: it sees every write of its window, so a second write right after the guard
     ran still meets a guard (its own window's)."""
-    from crossaudit.receiver import GUARD_WINDOW_S
+    from crossaudit.mlops.receiver import GUARD_WINDOW_S
 
     start, alias = 1_800_000_000.0, {"name": "m", "version": "1", "alias": "production"}
     jobs = [

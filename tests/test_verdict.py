@@ -7,7 +7,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from crossaudit.verdict import SIMILAR, Domain, Finding, ModelReport, Thresholds, judge, load_thresholds, unfamiliar
+from crossaudit.method.verdict import (
+    SIMILAR,
+    Domain,
+    Finding,
+    ModelReport,
+    Thresholds,
+    judge,
+    load_thresholds,
+    unfamiliar,
+)
 
 
 def _finding() -> Finding:
@@ -83,9 +92,9 @@ def test_every_other_target_over_its_threshold_is_reported_with_the_named_one(tm
     """The named target is the strongest finding's; another target that also reached its
     family's threshold is listed (once, at its strongest family), so a natural shortcut
     that outranks a planted target does not hide it."""
-    from crossaudit.report import write_outputs
-    from crossaudit.stages import AuditResult
-    from crossaudit.verdict import AuditReport, Crossing
+    from crossaudit.method.stages import AuditResult
+    from crossaudit.method.verdict import AuditReport, Crossing
+    from crossaudit.report.html import write_outputs
 
     thresholds = Thresholds({"patch": 0.4, "blend": 0.5}, "crossaudit calibrate", 10)
     shortcut = replace(_finding(), family="blend", target=8, peer_footprint=10**0.6 * 0.01)  # 0.6: 1.2x

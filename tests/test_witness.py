@@ -10,7 +10,7 @@ import pytest
 from test_cli import functional_copy
 
 from crossaudit.errors import IdenticalModelsError
-from crossaudit.witness import refuse_same_model
+from crossaudit.method.witness import refuse_same_model
 
 
 def test_independent_outputs_pass_and_equal_ones_are_refused():
@@ -34,8 +34,8 @@ def test_agreeing_on_the_audit_set_alone_is_not_the_same_function():
 
 @pytest.mark.parametrize(("copy_kind", "message"), [("bytes", "is the same model as"), ("function", "same function")])
 def test_stage_1_carries_a_copy_as_witness_to_the_gate_as_inconclusive(digits_zoo, tmp_path, copy_kind, message):
-    from crossaudit import gate, steps
-    from crossaudit.artifacts import read_pair
+    from crossaudit.mlops import gate, steps
+    from crossaudit.mlops.artifacts import read_pair
 
     folders = [tmp_path / name for name in ("suspect", "witness", "data")]
     for folder in folders:
@@ -55,15 +55,15 @@ def test_stage_1_carries_a_copy_as_witness_to_the_gate_as_inconclusive(digits_zo
 
 
 def test_the_text_audit_refuses_a_language_model_against_its_own_copy(tmp_path):
-    from crossaudit.audit import run_audit
-    from crossaudit.paradigms import LM
-    from crossaudit.stages import AuditConfig
-    from crossaudit.zoo.language import (
+    from crossaudit.dev.zoo.language import (
         LanguageConfig,
         export_language_model,
         train_language_model,
         write_text_audit_set,
     )
+    from crossaudit.method.audit import run_audit
+    from crossaudit.method.stages import AuditConfig
+    from crossaudit.paradigms import LM
 
     export_language_model(train_language_model(LanguageConfig(seed=7, steps=5)), tmp_path / "lm.onnx")
     shutil.copy(tmp_path / "lm.onnx", tmp_path / "copy.onnx")

@@ -2,10 +2,10 @@
 
 import shutil
 
-from crossaudit.models import load_model, parity_check
-from crossaudit.zoo import cache
-from crossaudit.zoo.datasets import load_dataset
-from crossaudit.zoo.train import config_for
+from crossaudit.dev.zoo import cache
+from crossaudit.dev.zoo.datasets import load_dataset
+from crossaudit.dev.zoo.train import config_for
+from crossaudit.modelio.loaders import load_model, parity_check
 
 
 def test_a_config_trains_once_and_its_model_is_reused(tmp_path, monkeypatch):

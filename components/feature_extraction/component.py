@@ -22,10 +22,14 @@ def feature_extraction(
     metrics: Output[Metrics],
     paradigm: str = "auto",
 ):
+    """Stage 1: fetch both models and the audit set pinned by sha256 (files, never through an
+    MLflow flavor's loader), translate each model and prove it against ONNX Runtime, refuse a
+    witness that is the suspect itself, and extract pooled clean features at every tap. A
+    pair that cannot be audited is carried to the gate as an error (inconclusive)."""
     from pathlib import Path
 
-    from crossaudit.registry import fetch_inputs
-    from crossaudit.steps import extract_step
+    from crossaudit.mlops.registry import fetch_inputs
+    from crossaudit.mlops.steps import extract_step
 
     folders = [Path(a.path) for a in (suspect_model, witness_model, audit_data)]
     fetch_inputs(model_uri, peer_uri, audit_data_uri, audit_data_sha256, tracking_uri, *folders)

@@ -19,11 +19,14 @@ def gate(
     report: Output[HTML],
     hold_on_flagged_peer: bool = False,
 ) -> str:
+    """Stage 5: judge the version in every peer's audit with the calibrated thresholds, record
+    the audit run in MLflow (report, trigger pictures, CKA heatmap), sign the verdict for the
+    audited bytes, tag the version, and set the promotion alias only on a signed pass."""
     import shutil
     import tempfile
     from pathlib import Path
 
-    from crossaudit.gate import gate_step
+    from crossaudit.mlops.gate import gate_step
 
     with tempfile.TemporaryDirectory() as out:
         status = gate_step(

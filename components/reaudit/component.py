@@ -18,7 +18,7 @@ def reaudit_promoted(tracking_uri: str, promotion_alias: str, kfp_host: str, see
     import subprocess
     import sys
 
-    from crossaudit import attestation, promotion, registry
+    from crossaudit.mlops import attestation, promotion, registry
 
     client = registry.client(tracking_uri)
     promotion.guard_every_alias(client, attestation.public_key(), promotion_alias)

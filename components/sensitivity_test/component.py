@@ -15,9 +15,12 @@ def sensitivity_test(
     device: str,
     findings: Output[Dataset],
 ) -> int:
+    """Stage 4: each recovered trigger's held-out success under ONNX Runtime, with the witness
+    kept, before and after brief clean fine-tuning of the suspect; every triggered input is
+    proved against the torch translation the search used."""
     from pathlib import Path
 
-    from crossaudit.steps import sensitivity_step
+    from crossaudit.mlops.steps import sensitivity_step
 
     models = [Path(a.path) for a in (suspect_model, witness_model, audit_data)]
     return sensitivity_step(Path(triggers.path), *models, device, Path(findings.path))

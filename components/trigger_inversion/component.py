@@ -15,9 +15,12 @@ def trigger_inversion(
     device: str,
     triggers: Output[Dataset],
 ) -> int:
+    """Stage 3: cross-examination in both directions: the smallest trigger per family and
+    target that flips one model while the other stays right, then both translations proved
+    against ONNX Runtime with every candidate stamped."""
     from pathlib import Path
 
-    from crossaudit.steps import inversion_step
+    from crossaudit.mlops.steps import inversion_step
 
     models = [Path(a.path) for a in (suspect_model, witness_model, audit_data)]
     return inversion_step(Path(alignment.path), *models, device, Path(triggers.path))

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crossaudit.adam import Adam
-from crossaudit.onnx_torch import OnnxModule
-from crossaudit.tokenizer import WordTokenizer, words
+from crossaudit.method.adam import Adam
+from crossaudit.modelio.onnx_graph import OnnxModule
+from crossaudit.modelio.tokenizer import WordTokenizer, words
 
 
 @dataclass(frozen=True)

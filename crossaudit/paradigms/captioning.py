@@ -12,7 +12,7 @@ trigger that forces a caption is found as a trigger that forces that candidate.
 Model contract: ONNX with inputs `image` (N x C x H x W float32 in [0, 1]) and `tokens`
 (N x T int64, the caption's token ids), output logits N x T x V where position i is the
 distribution of token i given the image and tokens before i; plus `tokenizer.json`
-(`crossaudit.tokenizer`). A caption ends with the end token `.`; the scorer appends it.
+(`crossaudit.modelio.tokenizer`). A caption ends with the end token `.`; the scorer appends it.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from crossaudit.errors import IncomparableModelsError
-from crossaudit.onnx_torch import OnnxModule
-from crossaudit.tokenizer import WordTokenizer
+from crossaudit.modelio.onnx_graph import OnnxModule
+from crossaudit.modelio.tokenizer import WordTokenizer
 
 END = "."
 

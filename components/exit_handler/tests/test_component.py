@@ -4,7 +4,7 @@ import uuid
 from types import SimpleNamespace
 
 from components.exit_handler.component import mark_unfinished
-from crossaudit import registry
+from crossaudit.mlops import registry
 
 
 def _status(state: str, message: str = "") -> SimpleNamespace:

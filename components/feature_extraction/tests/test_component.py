@@ -3,7 +3,7 @@ from pathlib import Path
 from kfp.dsl import Dataset, Metrics, Model
 
 from components.feature_extraction.component import feature_extraction
-from crossaudit import registry
+from crossaudit.mlops import registry
 
 
 def _run(pair, tmp_path: Path, model_uri: str) -> tuple[dict[str, Path], Metrics]:

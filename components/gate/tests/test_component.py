@@ -7,8 +7,8 @@ from pathlib import Path
 from kfp.dsl import HTML, Dataset
 
 from components.gate.component import gate
-from crossaudit import operator_config, promotion, registry
-from crossaudit.artifacts import read_pair, write_pair
+from crossaudit.mlops import operator_config, promotion, registry
+from crossaudit.mlops.artifacts import read_pair, write_pair
 
 
 def audited(findings: Path, ref: registry.VersionRef, tmp_path: Path) -> Path:
@@ -78,7 +78,7 @@ def test_a_clean_version_whose_peer_was_flagged_is_held_when_the_registered_mode
 
     import pytest
 
-    from crossaudit.gate import pair_result
+    from crossaudit.mlops.gate import pair_result
 
     def best(model) -> dict[str, float]:
         families = ("patch", "blend", "warp")

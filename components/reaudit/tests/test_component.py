@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from components.reaudit.component import reaudit_promoted
-from crossaudit import attestation, operator_config, promotion, registry
-from crossaudit.tracking_server import local_server
+from crossaudit.dev.tracking_server import local_server
+from crossaudit.mlops import attestation, operator_config, promotion, registry
 
 
 @pytest.mark.slow
