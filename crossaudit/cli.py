@@ -246,7 +246,11 @@ def zoo_data(
 def calibrate(
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="thresholds.json to write (default: the package's; with --pair, ./thresholds.json)"),
+        typer.Option(
+            "--out",
+            help="thresholds.json to write (default: crossaudit/thresholds.json in a source checkout; "
+            "with --pair, ./thresholds.json)",
+        ),
     ] = None,
     paradigm: Annotated[str, typer.Option("--paradigm", help="supervised, semi, ssl, lm or captioner")] = "supervised",
     pair: Annotated[

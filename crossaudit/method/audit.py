@@ -38,7 +38,7 @@ from crossaudit.method.verdict import (
     unfamiliar,
 )
 from crossaudit.modelio.data import is_text_data
-from crossaudit.modelio.digest import file_sha256
+from crossaudit.modelio.digest import artifact_digest, file_sha256
 from crossaudit.paradigms import AUTO, LM
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,15 @@ def auditor_for(paradigm: str, data_path: str | Path | None = None) -> ParadigmA
     which tells them apart from the models' outputs."""
     text = paradigm == LM or (paradigm == AUTO and data_path is not None and is_text_data(data_path))
     return TextAudit() if text else ImageAudit()
+
+
+def _digest(path: Path) -> str | None:
+    """A file's sha256, or a directory's digest over its files; None for what is neither
+    (a missing path, or a link, which an artifact may not hold)."""
+    try:
+        return file_sha256(path) if path.is_file() else artifact_digest(path) if path.is_dir() else None
+    except (OSError, AuditError):
+        return None
 
 
 def run_audit(
@@ -72,6 +81,7 @@ def run_audit(
         __version__, seed, REPORT_SCHEMA_VERSION,
     )  # fmt: skip
     result = AuditResult(report)
+    report.provenance = Provenance(data_path, _digest(Path(data_path)), [_digest(Path(uri)) for uri in uris])
     pair: PreparedPair | None = None
     try:
         auditor = auditor_for(config.paradigm, data_path)
@@ -81,7 +91,7 @@ def run_audit(
         report.paradigm = pair.paradigm
         thresholds = thresholds or load_thresholds(paradigm=pair.paradigm)
         check_paradigm(thresholds, pair.paradigm)
-        report.provenance = Provenance.of(data_path, file_sha256(Path(data_path)), thresholds)
+        report.provenance.judged_by(thresholds)
         result.data = pair.data
         report.models = list(pair.reports)
         report.clean_agreement = pair.agreement

@@ -169,7 +169,9 @@ def load_thresholds(profile: str | None = None, paradigm: str | None = None, pat
         default = next(iter(raw["profiles"]))
     name = profile or default
     if name not in raw["profiles"]:
-        raise ValueError(f"unknown threshold profile {name!r}; calibrated profiles: {sorted(raw['profiles'])}")
+        raise ValueError(
+            f"unknown threshold profile {name!r}; calibrated profiles: {', '.join(sorted(raw['profiles']))}"
+        )
     chosen = raw["profiles"][name]
     similar = chosen.get("similar")
     thresholds = Thresholds(
@@ -191,6 +193,8 @@ def load_thresholds(profile: str | None = None, paradigm: str | None = None, pat
 def _read_thresholds_file(path: Path) -> tuple[bytes, dict]:
     """A thresholds file as `crossaudit calibrate` writes it (its bytes and what they
     hold), or a clear error."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such thresholds file")
     try:
         text = path.read_bytes()
         raw = json.loads(text)
@@ -330,9 +334,9 @@ class ModelReport:
             target += "; also over threshold: " + ", ".join(f"class {c.target}" for c in self.also_over_threshold)
         if self.threshold_multiple is None:
             return f"{self.uri}: {self.verdict}{target}"
-        shown = math.floor(100 * self.threshold_multiple + 1e-6) / 100  # rounded down, as `multiple`
         return (
-            f"{self.uri}: {self.verdict} (score {self.score} = {shown:.2f}x its threshold {self.threshold}, "
+            f"{self.uri}: {self.verdict} (score {self.score} = {shown_multiple(self.threshold_multiple)} "
+            f"its threshold {self.threshold}, "
             f"profile {self.threshold_profile}{target})"
         )
 
@@ -377,6 +381,12 @@ def judge(uri: str, findings: list[Finding], thresholds: Thresholds, similarity:
     )
 
 
+def shown_multiple(ratio: float) -> str:
+    """A threshold multiple to two decimals, rounded down as `multiple` rounds it: 0.999
+    reads 0.99x, never 1.00x, since 1x or more is a backdoor."""
+    return f"{math.floor(100 * ratio + 1e-6) / 100:.2f}x"
+
+
 def multiple(score: float, threshold: float) -> float:
     """A score as a multiple of its threshold, as reports give it: rounded down, so that
     a score under its threshold never reads as 1 (`judge` flags at 1 or more)."""
@@ -418,20 +428,24 @@ def overall(models: list[ModelReport]) -> Verdict:
 @dataclass
 class Provenance:
     """Where a verdict came from, so that a reviewer can reproduce it: the audit set and
-    the thresholds by their bytes' sha256, the command that calibrated the thresholds,
-    the command that ran the audit, and when the verdict was made."""
+    the models by their bytes' sha256 (also when they were refused: an inconclusive report
+    names what it could not audit), the thresholds that judged them, with the command that
+    calibrated them, the command that ran the audit, and when."""
 
     audit_set: str
-    audit_set_sha256: str
-    thresholds: str
-    thresholds_sha256: str
-    calibrated_by: str
+    audit_set_sha256: str | None  # None when there was no such file
+    # Each model as given: the sha256 of its file, or of an MLflow model directory the
+    # digest over its files that a verdict is signed for (`digest.artifact_digest`).
+    models_sha256: list[str | None]
+    thresholds: str | None = None  # set once a profile judged the pair
+    thresholds_sha256: str | None = None
+    calibrated_by: str | None = None
     command: str | None = None  # the command line, or the pipeline step, that audited
     audited_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
-    @classmethod
-    def of(cls, audit_set: str, audit_set_sha256: str, thresholds: Thresholds) -> Provenance:
-        return cls(audit_set, audit_set_sha256, thresholds.source, thresholds.sha256, thresholds.calibrated_by)
+    def judged_by(self, thresholds: Thresholds) -> None:
+        self.thresholds, self.thresholds_sha256 = thresholds.source, thresholds.sha256
+        self.calibrated_by = thresholds.calibrated_by
 
 
 @dataclass

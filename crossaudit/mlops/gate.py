@@ -54,10 +54,11 @@ def pair_result(
         record.error, None if record.paradigm == AUTO else record.paradigm,
     )  # fmt: skip
     result = AuditResult(report)
+    report.provenance = Provenance(*audit_set, list(record.artifact_sha256 or [None, None]))
     if record.error is None:
         auditor = auditor_for(record.paradigm)
         thresholds = load_thresholds(profile or None, record.paradigm, thresholds_file)
-        report.provenance = Provenance.of(*audit_set, thresholds)
+        report.provenance.judged_by(thresholds)
         result.alignment = read_alignment(folder)
         report.alignment = result.alignment.summary()
         report.models = auditor.judge(reports, auditor.read_measured(folder), thresholds, result.alignment, data)

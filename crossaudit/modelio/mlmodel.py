@@ -23,7 +23,7 @@ from crossaudit.errors import ModelLoadError
 PYTORCH_REFUSED = (
     "PyTorch archives (pt2) and pickled PyTorch models are not accepted: torch's loaders can unpickle bytes "
     "the provider chose, which runs the provider's code. Export the model to ONNX instead, e.g. "
-    "torch.onnx.export(model, example, 'model.onnx', dynamo=True, dynamic_shapes=...)"
+    "torch.onnx.export(model, (example,), 'model.onnx', dynamo=True, dynamic_shapes=({0: torch.export.Dim('batch')},))"
 )
 SERVED_PACKAGES = frozenset({"mlflow", "mlflow-skinny", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "protobuf"})
 BUILD_PACKAGES = frozenset({"pip", "setuptools", "wheel"})

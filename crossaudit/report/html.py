@@ -27,7 +27,7 @@ from matplotlib.patches import Rectangle
 
 from crossaudit.method.inversion import BlendTrigger, PatchTrigger, Trigger, WarpTrigger
 from crossaudit.method.stages import AuditResult
-from crossaudit.method.verdict import AuditReport, ModelReport
+from crossaudit.method.verdict import AuditReport, ModelReport, shown_multiple
 
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("crossaudit.report", "templates"),
@@ -96,7 +96,7 @@ def _target(model: ModelReport) -> str:
 
 
 def _how_sure(model: ModelReport) -> str:
-    return "-" if model.threshold_multiple is None else f"{model.threshold_multiple:.2f}x"
+    return "-" if model.threshold_multiple is None else shown_multiple(model.threshold_multiple)
 
 
 def _words(model: ModelReport, peer: str) -> tuple[str, str, str]:
@@ -256,7 +256,7 @@ def _model_view(model: ModelReport, peer: str, picture: Path | None) -> dict[str
             _shown(model.sensitivity, 3),
         ],
         "crossings": ", ".join(
-            f"class {c.target} ({c.family}, {c.score / c.threshold:.2f}x)" for c in model.also_over_threshold
+            f"class {c.target} ({c.family}, {shown_multiple(c.score / c.threshold)})" for c in model.also_over_threshold
         ),
         "picture": _embedded(picture) if picture else None,
         "trigger_text": model.trigger_text if model.verdict == "backdoor" else None,
@@ -285,13 +285,14 @@ def render_html(report: AuditReport, heatmap: Path | None, pictures: dict[int, P
     aligned = [(names.get(k, k), _shown(v)) for k, v in alignment.items()]
     if report.clean_agreement is not None:
         aligned.append(("clean agreement (both models right)", _shown(report.clean_agreement, 3)))
-    provenance = []
+    provenance: list[tuple[str, str]] = []
     if report.provenance is not None:
         p = report.provenance
         provenance = [
-            ("audit set", p.audit_set), ("audit set sha256", p.audit_set_sha256),
-            ("thresholds", p.thresholds), ("thresholds sha256", p.thresholds_sha256 or "-"),
-            ("thresholds calibrated by", p.calibrated_by), ("audited by", p.command or "-"),
+            ("audit set", p.audit_set), ("audit set sha256", _shown(p.audit_set_sha256)),
+            *((f"model {i + 1} sha256 ({uris[i]})", _shown(digest)) for i, digest in enumerate(p.models_sha256)),
+            ("thresholds", _shown(p.thresholds)), ("thresholds sha256", _shown(p.thresholds_sha256 or None)),
+            ("thresholds calibrated by", _shown(p.calibrated_by)), ("audited by", _shown(p.command)),
             ("audited at (UTC)", p.audited_at),
         ]  # fmt: skip
     provenance += [("paradigm", _shown(report.paradigm)), ("seed", str(report.seed)), ("crossaudit", report.version)]
