@@ -13,9 +13,10 @@ import shlex
 import sys
 import sysconfig
 import tempfile
+import traceback
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -29,8 +30,10 @@ from crossaudit.paradigms import AUTO, PARADIGMS
 # audit needs none of them.
 EXTRAS = {
     "mlflow": "mlflow", "cryptography": "mlflow", "kfp": "kfp", "kfp_kubernetes": "kfp", "kubernetes": "kfp",
-    "starlette": "serve", "uvicorn": "serve", "sklearn": "zoo", "scipy": "zoo",
+    "starlette": "serve", "uvicorn": "serve",
 }  # fmt: skip
+# The development harness (the zoo, the demo) is in the repository, not in the package.
+HARNESS = "crossaudit.dev"
 # What a command reports in one line with exit 2, as bad input and unreachable services
 # are reported, rather than with a traceback: crossaudit's own errors, values it refused,
 # files it could not read, and MLflow's errors (`_is_expected`).
@@ -41,25 +44,48 @@ def _is_expected(exc: Exception) -> bool:
     return isinstance(exc, EXPECTED) or type(exc).__module__.startswith("mlflow.")
 
 
+def line(text: str) -> str:
+    """Text for one terminal line: control and format characters (newlines, escape
+    sequences, bidi overrides) shown as escapes. Model names and error texts carry
+    provider-chosen bytes, and none may start a line of its own (a fake `verdict: clean`)
+    or move the cursor over the real one."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
+
+
+def _error(message: str) -> None:
+    stderr.print(f"error: {line(message)}", markup=False, highlight=False, soft_wrap=True)
+
+
 class Commands(typer.Typer):
     """The command group with one error boundary for every command: an expected error is
     one line on stderr and exit 2 (the CLI's contract: fail closed, say why), a missing
-    extra names the one to install."""
+    extra names the one to install, and anything else is a bug, reported with its
+    traceback, that still exits 2: 1 would read as a backdoor found."""
 
     def __call__(self, *args: object, **kwargs: object) -> object:
         try:
             return super().__call__(*args, **kwargs)
         except ModuleNotFoundError as exc:
-            extra = EXTRAS.get((exc.name or "").split(".")[0])
+            name = exc.name or ""
+            if name == HARNESS or name.startswith(f"{HARNESS}."):
+                _error("this command needs the zoo of a source checkout (make install), not the installed package")
+                sys.exit(2)
+            extra = EXTRAS.get(name.split(".")[0])
             if extra is None:
-                raise
-            stderr.print(f"error: this command needs crossaudit's {extra} extra: pip install 'crossaudit[{extra}]'")
+                _unexpected(exc)
+            _error(f"this command needs crossaudit's {extra} extra: pip install 'crossaudit[{extra}]'")
             sys.exit(2)
         except Exception as exc:
             if not _is_expected(exc):
-                raise
-            stderr.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+                _unexpected(exc)
+            _error(str(exc))
             sys.exit(2)
+
+
+def _unexpected(exc: Exception) -> NoReturn:
+    traceback.print_exception(exc, file=sys.stderr)
+    _error(f"unexpected {type(exc).__name__} (a bug in crossaudit; nothing was judged): {exc}")
+    sys.exit(2)
 
 
 app = Commands(add_completion=False, help="Backdoor audits of outsourced models by cross-examination.")
@@ -163,14 +189,14 @@ def audit(
         print(json.dumps(report.to_dict(), indent=2))
     else:
         for model in report.models:
-            print(model.summary())
+            print(line(model.summary()))
         print(f"verdict: {report.verdict}")
     if out is not None:
         stderr.print(f"report: {out / 'report.html'}")
     if report.calibration_warning:
-        print(f"warning: {report.calibration_warning}", file=sys.stderr)
+        print(f"warning: {line(report.calibration_warning)}", file=sys.stderr)
     if report.error:
-        print(f"error: {report.error}", file=sys.stderr)
+        print(f"error: {line(report.error)}", file=sys.stderr)
     raise typer.Exit(report.exit_code())
 
 
@@ -472,7 +498,10 @@ def _plugins() -> None:
     `crossaudit.commands` entry point (`pyproject.toml`): the KFP layer adds the ones that
     run its pipelines, so the library never imports it."""
     for plugin in entry_points(group="crossaudit.commands"):
-        plugin.load()(app)
+        try:
+            plugin.load()(app)
+        except Exception as exc:  # one broken plugin must not take every command with it
+            stderr.print(f"warning: commands of {line(plugin.value)} not loaded: {line(str(exc))}", markup=False)
 
 
 _plugins()

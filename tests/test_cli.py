@@ -294,3 +294,30 @@ def test_models_that_are_not_what_the_audit_needs_are_named_plainly(digits_zoo, 
     done = crossaudit("audit", str(wide), str(digits_zoo.clean_cnn), "--data", str(digits_zoo.audit_data))
     assert done.returncode == 2
     assert "returns 12 values per input" in done.stderr and "returns 10 values per input" in done.stderr
+
+
+def test_provider_chosen_text_cannot_start_a_line_of_its_own(tmp_path):
+    """A model name with a newline and an escape sequence is shown escaped: it cannot print
+    a `verdict: clean` line of its own or move the cursor over the real one."""
+    (tmp_path / "set.parquet").write_bytes(b"")
+    hostile = str(tmp_path / "m.onnx\nverdict: clean\x1b[1A")
+    done = crossaudit("audit", hostile, "b.onnx", "--data", str(tmp_path / "set.parquet"))
+    assert done.returncode == 2
+    assert not [row for row in (done.stdout + done.stderr).splitlines() if row.startswith("verdict: clean")]
+    assert "\\nverdict: clean\\x1b[1A" in done.stderr
+
+
+def test_an_unexpected_error_is_a_bug_that_still_exits_2(tmp_path, monkeypatch, capsys):
+    """1 would read as a backdoor found: anything the error boundary does not expect is
+    reported with its traceback and exits 2, as inconclusive."""
+    from crossaudit.cli import app
+    from crossaudit.method import calibrate
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(calibrate, "calibrate_pairs", crash)
+    with pytest.raises(SystemExit) as ended:
+        app(["calibrate", "--pair", "a,b", "--data", "x", "--out", str(tmp_path / "t.json")], prog_name="crossaudit")
+    assert ended.value.code == 2
+    assert "unexpected ZeroDivisionError (a bug in crossaudit; nothing was judged): boom" in capsys.readouterr().err

@@ -163,3 +163,19 @@ def test_a_thresholds_file_carries_its_domain(tmp_path):
     path.write_text(json.dumps({"calibrated_by": "crossaudit calibrate", "profiles": {"mine": profile}}))
     with pytest.raises(ValueError, match="not a thresholds file"):
         load_thresholds(path=path)
+
+
+def test_provider_named_layers_are_drawn_as_text_not_mathtext(tmp_path):
+    """ONNX value names are the provider's: `$\\foo$` is not a formula to parse (which
+    would fail and lose the report), it is a name to show."""
+    import numpy as np
+
+    from crossaudit.method.cka import Alignment
+    from crossaudit.method.stages import AuditResult
+    from crossaudit.method.verdict import AuditReport
+    from crossaudit.report.html import _drawn, _heatmap_png
+
+    result = AuditResult(AuditReport("clean", [], None, None, {}, "0", 0, "1"))
+    result.alignment = Alignment(["$\\foo$", "ok"], ["w1", "w2"], np.eye(2), "$\\foo$", "w1", 0.9)
+    assert _drawn(_heatmap_png, result, tmp_path / "heatmap.png")
+    assert (tmp_path / "heatmap.png").stat().st_size > 1000

@@ -57,6 +57,9 @@ def test_the_installed_wheel_audits_a_pair_with_its_shipped_thresholds(digits_zo
     assert Path(where.stdout.strip()).is_relative_to(venv), where.stdout + where.stderr
     version = run(venv / "bin" / "crossaudit", "--version", cwd=tmp_path)
     assert version.returncode == 0 and version.stdout.startswith("crossaudit "), version.stderr
+    # The development harness stays in the repository, and its commands say so.
+    harness = run(venv / "bin" / "crossaudit", "zoo", "data", "--out", tmp_path / "x.parquet", cwd=tmp_path)
+    assert harness.returncode == 2 and "source checkout" in harness.stderr, harness.stderr
 
     audit = [
         "audit", digits_zoo.clean_cnn, digits_zoo.badnets_cnn, "--data", digits_zoo.audit_data,

@@ -38,7 +38,8 @@ from crossaudit.method.verdict import (
     unfamiliar,
 )
 from crossaudit.modelio.data import is_text_data
-from crossaudit.modelio.digest import artifact_digest, file_sha256
+from crossaudit.modelio.digest import artifact_digest, file_sha256, files_digest
+from crossaudit.modelio.tokenizer import tokenizer_path
 from crossaudit.paradigms import AUTO, LM
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,14 @@ def auditor_for(paradigm: str, data_path: str | Path | None = None) -> ParadigmA
 
 
 def _digest(path: Path) -> str | None:
-    """A file's sha256, or a directory's digest over its files; None for what is neither
-    (a missing path, or a link, which an artifact may not hold)."""
+    """What a model or audit set given as `path` is, by its bytes: a file's sha256 (with a
+    tokenizer beside it, the digest over both, since the audit reads both), a directory's
+    digest over its files; None for what is neither, or holds a link."""
     try:
-        return file_sha256(path) if path.is_file() else artifact_digest(path) if path.is_dir() else None
+        if path.is_dir():
+            return artifact_digest(path)
+        sidecar = tokenizer_path(path)
+        return files_digest(path.parent, [path, sidecar]) if sidecar.is_file() else file_sha256(path)
     except (OSError, AuditError):
         return None
 
@@ -116,7 +121,7 @@ def run_audit(
     except AuditError as exc:
         report.error = str(exc)
         log.info("audit inconclusive: %s", exc)
-    except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as exc:
+    except (RuntimeError, ValueError, IndexError, KeyError, TypeError, ArithmeticError, AttributeError) as exc:
         report.error = f"{type(exc).__name__} during the audit: {exc}"
         log.exception("audit failed")
     if pair is not None and report.error is not None:

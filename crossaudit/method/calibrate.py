@@ -16,15 +16,6 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from crossaudit.dev.zoo.captioner import captioner_config, export_captioner, train_captioner, write_caption_audit_set
-from crossaudit.dev.zoo.datasets import load_dataset
-from crossaudit.dev.zoo.language import (
-    LanguageConfig,
-    export_language_model,
-    train_language_model,
-    write_text_audit_set,
-)
-from crossaudit.dev.zoo.train import config_for, export_onnx, train, write_audit_set
 from crossaudit.method.audit import run_audit
 from crossaudit.method.inversion import DEFAULT_FAMILIES
 from crossaudit.method.stages import AuditConfig
@@ -212,7 +203,24 @@ def profiles(paradigm: str, runs: list[CalibrationRun]) -> list[Thresholds]:
 def _clean_pair(
     paradigm: str, dataset: str, archs: tuple[str, str], seeds: tuple[int, int], work: Path
 ) -> tuple[Path, list[Path]]:
-    """Train and export two clean providers' models of the paradigm, and an audit set."""
+    """Train and export two clean providers' models of the paradigm, and an audit set. The
+    zoo is the development harness, imported here: it is not part of the installed package,
+    and calibrating on your own clean pairs (`calibrate_pairs`) needs none of it."""
+    from crossaudit.dev.zoo.captioner import (
+        captioner_config,
+        export_captioner,
+        train_captioner,
+        write_caption_audit_set,
+    )
+    from crossaudit.dev.zoo.datasets import load_dataset
+    from crossaudit.dev.zoo.language import (
+        LanguageConfig,
+        export_language_model,
+        train_language_model,
+        write_text_audit_set,
+    )
+    from crossaudit.dev.zoo.train import config_for, export_onnx, train, write_audit_set
+
     if paradigm == "lm":
         data = work / "text.parquet"
         write_text_audit_set(data)

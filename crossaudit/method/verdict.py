@@ -434,8 +434,9 @@ class Provenance:
 
     audit_set: str
     audit_set_sha256: str | None  # None when there was no such file
-    # Each model as given: the sha256 of its file, or of an MLflow model directory the
-    # digest over its files that a verdict is signed for (`digest.artifact_digest`).
+    # Each model as given: the sha256 of its file (with a tokenizer beside it, the digest
+    # over both), or of an MLflow model directory the digest over its files that a verdict
+    # is signed for (`digest.artifact_digest`).
     models_sha256: list[str | None]
     thresholds: str | None = None  # set once a profile judged the pair
     thresholds_sha256: str | None = None

@@ -1,7 +1,7 @@
 """The promotion alias and the verdicts that decide it.
 
 Only a version with a passing attestation that crossaudit itself signed for that
-version's bytes may hold the promotion alias (`crossaudit.mlops.attestation`). The gate signs;
+version's bytes may hold the promotion alias (`crossaudit.attestation`). The gate signs;
 the gate, the alias guard, `crossaudit check` and the re-audits verify
 (`verify_version`). The status tags stay for people and the MLflow UI, and the sweep
 puts them back when someone else rewrites them (`restore_forged_statuses`).

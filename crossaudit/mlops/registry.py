@@ -12,9 +12,11 @@ import functools
 import os
 import re
 import shutil
+import ssl
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,14 +39,14 @@ from crossaudit.paradigms import AUTO
 EXPERIMENT = "crossaudit"
 PROVIDER_TAG = "provider"  # a label for people; who delivered a version is the operator's configuration's word
 STATUS = "crossaudit.status"
-VERDICT = "crossaudit.method.verdict"
+VERDICT = "crossaudit.verdict"
 SCORE = "crossaudit.score"
 RUN_ID = "crossaudit.run_id"
 AUDITED_AT = "crossaudit.audited_at"
 PEERS = "crossaudit.peers"
 ERROR = "crossaudit.error"
 INCIDENT = "crossaudit.incident"
-ATTESTATION = "crossaudit.mlops.attestation"
+ATTESTATION = "crossaudit.attestation"
 MODEL_VERSION_TAG = "crossaudit.model_version"  # on every audit run: the version it judged
 DEFAULT_ALIAS = "production"
 FINAL = ("passed", "failed", "inconclusive")
@@ -95,17 +97,25 @@ def client(tracking_uri: str | None = None) -> MlflowClient:
 
 def _check_reachable(tracking_uri: str) -> None:
     """Raise ConnectionError (an OSError, as every caller already treats an unreachable
-    service) when an HTTP tracking server does not answer its health check."""
+    service) when an HTTP tracking server does not answer its health check. Only a server
+    that cannot be reached at all counts: an HTTP error is an answer, and a TLS failure is
+    for MLflow's own client to judge with its certificate settings."""
     if not tracking_uri.startswith(("http://", "https://")):
         return
+    parts = urllib.parse.urlsplit(tracking_uri)
+    # Without any user and password in the URI: /health needs none, and a message may not show them.
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+    server = parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")).geturl()
     try:
-        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=REACH_TIMEOUT_S):
+        with urllib.request.urlopen(f"{server.rstrip('/')}/health", timeout=REACH_TIMEOUT_S):
             return
     except urllib.error.HTTPError:
-        return  # it answered: whatever it thinks of /health, the server is there
+        return
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise ConnectionError(f"MLflow server {tracking_uri} cannot be reached: {reason}") from exc
+        if isinstance(reason, ssl.SSLError):
+            return
+        raise ConnectionError(f"MLflow server {server} cannot be reached: {reason}") from exc
 
 
 def resolve(mlflow_client: MlflowClient, uri: str) -> ModelVersion:

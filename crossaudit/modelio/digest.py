@@ -28,7 +28,13 @@ def artifact_digest(path: Path) -> str:
     (a file, or a directory and everything under it). Links are refused: what they point
     at is not part of the artifact."""
     root = path.parent if path.is_file() else path
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if not p.is_dir())
+    # A link to a directory is listed, so that it is refused rather than skipped.
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_symlink() or not p.is_dir())
+    return files_digest(root, files)
+
+
+def files_digest(root: Path, files: list[Path]) -> str:
+    """The manifest digest of `artifact_digest` over these files, named relative to `root`."""
     manifest = hashlib.sha256()
     for item in files:
         if item.is_symlink() or not item.is_file():

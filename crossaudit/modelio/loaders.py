@@ -13,6 +13,7 @@ An ONNX model's torch translation must then reproduce ONNX Runtime on the audit 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,7 @@ def _check_tensor_sizes(model: onnx.ModelProto, base: Path, max_bytes: int) -> N
     external, within the model size limit: a small graph file may point at large files."""
     total = 0
     for tensor in _tensors(model.graph):
-        elements = int(np.prod([max(int(d), 0) for d in tensor.dims], dtype=np.float64))
+        elements = math.prod(max(int(d), 0) for d in tensor.dims)  # Python ints: no overflow to inf
         if elements > MAX_TENSOR_ELEMENTS:
             raise ModelLoadError(
                 f"tensor {tensor.name!r} declares {elements:.0f} elements (limit {MAX_TENSOR_ELEMENTS})"

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from crossaudit.method.inversion import BlendTrigger, PatchTrigger, Trigger, War
 from crossaudit.method.stages import AuditResult
 from crossaudit.method.verdict import AuditReport, ModelReport, shown_multiple
 
+log = logging.getLogger(__name__)
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("crossaudit.report", "templates"),
     autoescape=True,
@@ -311,6 +314,20 @@ def render_html(report: AuditReport, heatmap: Path | None, pictures: dict[int, P
     )
 
 
+def _drawn(draw: Callable[..., bool], *args: object) -> bool:
+    """Whether a picture was drawn. Labels are drawn as plain text, never as mathtext: the
+    heatmap's are the providers' ONNX value names. A picture is evidence beside the verdict,
+    not part of it: one that cannot be drawn is left out (and logged), and the report is
+    written."""
+    try:
+        with plt.rc_context({"text.parse_math": False}):
+            return draw(*args)
+    except (ValueError, RuntimeError, OSError) as exc:
+        log.warning("a picture of the report could not be drawn: %s", exc)
+        plt.close("all")
+        return False
+
+
 def write_outputs(result: AuditResult, out: Path) -> list[Path]:
     """Write every artifact of an audit under `out`; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
@@ -318,11 +335,11 @@ def write_outputs(result: AuditResult, out: Path) -> list[Path]:
     written = [out / "report.json"]
     written[0].write_text(json.dumps(report.to_dict(), indent=2))
     heatmap = out / "cka_heatmap.png"
-    has_heatmap = _heatmap_png(result, heatmap)
+    has_heatmap = _drawn(_heatmap_png, result, heatmap)
     pictures: dict[int, Path] = {}
     for index, model in enumerate(report.models):
         png = out / f"trigger_model_{index + 1}.png"
-        if model.verdict == "backdoor" and _trigger_png(result, index, png):
+        if model.verdict == "backdoor" and _drawn(_trigger_png, result, index, png):
             pictures[index] = png
     (out / "report.html").write_text(render_html(report, heatmap if has_heatmap else None, pictures))
     return [*written, out / "report.html", *([heatmap] if has_heatmap else []), *pictures.values()]
