@@ -70,6 +70,9 @@ class Commands(typer.Typer):
             if name == HARNESS or name.startswith(f"{HARNESS}."):
                 _error("this command needs the zoo of a source checkout (make install), not the installed package")
                 sys.exit(2)
+            if name.split(".")[0] == "onnxruntime":
+                _error("audits need ONNX Runtime: pip install 'crossaudit[cpu]' ('crossaudit[gpu]' with CUDA)")
+                sys.exit(2)
             extra = EXTRAS.get(name.split(".")[0])
             if extra is None:
                 _unexpected(exc)

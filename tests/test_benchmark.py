@@ -68,6 +68,7 @@ def test_neural_cleanse_finds_the_badnets_target_of_a_backdoored_model(digits_zo
     assert (alone.mask_l1, alone.anomaly_index) == (clean.mask_l1, clean.anomaly_index)
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_a_report_with_every_section(tmp_path):
     import json
 

@@ -321,3 +321,22 @@ def test_an_unexpected_error_is_a_bug_that_still_exits_2(tmp_path, monkeypatch, 
         app(["calibrate", "--pair", "a,b", "--data", "x", "--out", str(tmp_path / "t.json")], prog_name="crossaudit")
     assert ended.value.code == 2
     assert "unexpected ZeroDivisionError (a bug in crossaudit; nothing was judged): boom" in capsys.readouterr().err
+
+
+def test_a_missing_runtime_or_extra_names_what_to_install(tmp_path, monkeypatch, capsys):
+    """crossaudit depends on neither ONNX Runtime package (they install the same module):
+    without one, an audit says which extra to install, and exits 2."""
+    import sys
+
+    from crossaudit.cli import app
+    from crossaudit.method import calibrate
+
+    def needs_runtime(*args: object, **kwargs: object) -> None:
+        import onnxruntime  # noqa: F401
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if neither package were installed
+    monkeypatch.setattr(calibrate, "calibrate_pairs", needs_runtime)
+    with pytest.raises(SystemExit) as ended:
+        app(["calibrate", "--pair", "a,b", "--data", "x", "--out", str(tmp_path / "t.json")], prog_name="crossaudit")
+    assert ended.value.code == 2
+    assert "pip install 'crossaudit[cpu]'" in capsys.readouterr().err

@@ -344,8 +344,14 @@ def test_gpu_image_installs_onnxruntime_gpu_at_a_pinned_version():
         line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line
     )  # fmt: skip
     assert re.fullmatch(r"\d+\.\d+\.\d+", pins["onnxruntime-gpu"])
-    installs = [
-        line for line in (ROOT / "images" / "Dockerfile.gpu").read_text().splitlines()
-        if "pip install" in line and "onnxruntime-gpu" in line
-    ]  # fmt: skip
-    assert installs and all("-c /tmp/gpu-constraints.txt" in line for line in installs)
+    installs = [line for line in (ROOT / "images" / "Dockerfile.gpu").read_text().splitlines() if "pip install" in line]
+    extras = [line for line in installs if "'.[" in line]
+    assert extras == [line for line in extras if "gpu]'" in line and "-c /tmp/gpu-constraints.txt" in line] != []
+    assert not [line for line in installs if "cpu" in line.split("'.[")[-1]], "never both runtimes"
+
+
+def test_cpu_image_installs_torchs_cpu_build_and_the_cpu_runtime():
+    """torch's PyPI wheel is the multi-GB CUDA build; its CPU index has the same version."""
+    text = (ROOT / "images" / "Dockerfile").read_text()
+    assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in text
+    assert "'.[serve,cpu]'" in text
