@@ -53,10 +53,10 @@ def auditor_for(paradigm: str, data_path: str | Path | None = None) -> ParadigmA
     return TextAudit() if text else ImageAudit()
 
 
-def _digest(path: Path) -> str | None:
-    """What a model or audit set given as `path` is, by its bytes: a file's sha256 (with a
-    tokenizer beside it, the digest over both, since the audit reads both), a directory's
-    digest over its files; None for what is neither, or holds a link."""
+def _model_digest(path: Path) -> str | None:
+    """What a model given as `path` is, by its bytes: a file's sha256 (with a tokenizer
+    beside it, the digest over both, since the audit reads both), a directory's digest over
+    its files; None for what is neither, or holds a link."""
     try:
         if path.is_dir():
             return artifact_digest(path)
@@ -64,6 +64,11 @@ def _digest(path: Path) -> str | None:
         return files_digest(path.parent, [path, sidecar]) if sidecar.is_file() else file_sha256(path)
     except (OSError, AuditError):
         return None
+
+
+def _data_digest(path: Path) -> str | None:
+    """The audit set's sha256; None when there is no such file."""
+    return file_sha256(path) if path.is_file() else None
 
 
 def run_audit(
@@ -86,7 +91,7 @@ def run_audit(
         __version__, seed, REPORT_SCHEMA_VERSION,
     )  # fmt: skip
     result = AuditResult(report)
-    report.provenance = Provenance(data_path, _digest(Path(data_path)), [_digest(Path(uri)) for uri in uris])
+    report.provenance = Provenance(data_path, _data_digest(Path(data_path)), [_model_digest(Path(uri)) for uri in uris])
     pair: PreparedPair | None = None
     try:
         auditor = auditor_for(config.paradigm, data_path)

@@ -32,7 +32,7 @@ from crossaudit.method.sensitivity import (
     attack_effect,
     fine_tuned_copy,
 )
-from crossaudit.method.stages import MIN_HELD_OUT, AuditConfig
+from crossaudit.method.stages import AuditConfig
 from crossaudit.method.verdict import (
     Finding,
     ModelReport,
@@ -59,6 +59,10 @@ from crossaudit.paradigms.captioning import CaptionScorer, caption_tokens
 from crossaudit.paradigms.embedding import prototype_head
 
 log = logging.getLogger(__name__)
+# Success rates are measured on held-out samples that both models get right: with fewer
+# than this many, one sample moves a rate by over 2 points and a clean verdict would rest
+# on noise, so the audit is inconclusive instead (an audit set of roughly 120 or more).
+MIN_HELD_OUT = 50
 # A captioner's parity check runs on this many images (each with its true caption).
 PARITY_SAMPLES = 256
 # A trigger moves a captioner's whole caption through its decoder, and the search gets

@@ -23,12 +23,6 @@ from crossaudit.method.verdict import AuditReport, ModelReport, Thresholds
 from crossaudit.modelio.data import AuditData
 from crossaudit.paradigms import AUTO
 
-# Success rates are measured on held-out samples that both models get right: with fewer
-# than this many, one sample moves a rate by over 2 points and a clean verdict would rest
-# on noise, so the audit is inconclusive instead (an audit set of roughly 120 or more).
-MIN_HELD_OUT = 50
-
-
 Progress = Callable[[str], None]
 
 
